@@ -1,0 +1,274 @@
+"""
+Direct Preference Optimization (DPO) and Identity Preference Optimization (IPO), in one file.
+
+Given pairs (x, y_chosen, y_rejected), DPO trains a policy pi_theta against a frozen
+reference pi_ref with no reward model and no sampling (Rafailov et al. 2023,
+"Direct Preference Optimization: Your Language Model is Secretly a Reward Model"):
+
+    h      = [log pi(y_c|x) - log pi_ref(y_c|x)] - [log pi(y_r|x) - log pi_ref(y_r|x)]
+    L_DPO  = -log sigmoid(beta * h)                                   (DPO paper, Eq. 7)
+    reward = beta * log(pi(y|x) / pi_ref(y|x))            (the implicit reward, Eq. 5)
+    grad L = -beta * sigmoid(-beta * h) * [grad log pi(y_c|x) - grad log pi(y_r|x)]
+                                                  (DPO paper, Section 4, "What does the DPO update do?")
+
+Its optimum, for Bradley-Terry preferences with rewards r, is pi_ref(y|x) exp(r(x,y)/beta) / Z(x)
+(DPO paper, Eq. 4). Two variants:
+- conservative DPO (label smoothing eps, for preferences flipped with probability eps;
+  Mitchell 2023, "A note on DPO with noisy preferences"):
+      L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+- IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+  Preferences", Eq. 17): L = (h - 1/(2 beta))^2, which stops at a finite margin even when the
+  preferences are deterministic, where DPO pushes pi(y_r) all the way to 0.
+
+In reading order: log-probabilities of completions, pairs to tensors, the losses, the frozen
+reference, the training step and loop. Read next: train_toy.py, which runs all of this.
+"""
+
+import copy
+
+import torch
+
+
+# -----------------------------------------------------------------------------
+# Log-probabilities of completions
+
+def next_token_logprobs(logits):
+    """log pi(. | x, y_<t) over the vocabulary at every position that predicts a token.
+
+    A causal LM's logits at position t score the token at t+1, so the last position
+    (which would score a token beyond the sequence) is dropped. Computed in float32
+    whatever the model's dtype, because the sums below are over many tokens."""
+    return logits[:, :-1, :].float().log_softmax(dim=-1)  # (B, T-1, V)
+
+
+def summed_logps(logprobs, labels, loss_mask):
+    """Sum over the masked tokens of log pi(token); logprobs from next_token_logprobs."""
+    token_logps = logprobs.gather(2, labels[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T-1): log pi(y_t)
+    return (token_logps * loss_mask[:, 1:]).sum(dim=-1)  # (B,)
+
+
+def sequence_logps(logits, labels, loss_mask):
+    """log pi(y|x) = sum over response tokens of log pi(y_t | x, y_<t), one number per row.
+
+    logits (B, T, V) from the model; labels (B, T) are the input ids themselves;
+    loss_mask (B, T) is 1 on response tokens, 0 on prompt tokens and padding, which
+    therefore contribute nothing."""
+    return summed_logps(next_token_logprobs(logits), labels, loss_mask)
+
+
+def mean_token_kl(policy_logprobs, reference_logprobs):
+    """Mean over response positions of the exact KL(pi || pi_ref) = sum_v pi(v) log(pi(v)/pi_ref(v)).
+    Both (N, V): log-probabilities over the vocabulary at the N response positions."""
+    return (policy_logprobs.exp() * (policy_logprobs - reference_logprobs)).sum(dim=-1).mean()
+
+
+# -----------------------------------------------------------------------------
+# Pairs to tensors
+
+def encode_completion(enc, prompt, response, add_eos=True):
+    """Token ids of prompt and response, tokenised *separately*.
+
+    Tokenising prompt + response as one string could merge the last prompt
+    characters with the first response characters into one BPE token, and then
+    the response would no longer be exactly the tokens being scored. Tokenised
+    apart, the response tokens are exactly enc.encode(response) (+ <|endoftext|>,
+    which marks where the completion ends)."""
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"empty prompt {prompt!r}: every pair needs a prompt to condition on")
+    if not isinstance(response, str) or not response:
+        raise ValueError(f"empty response {response!r} (prompt {prompt!r}): there would be no token to score")
+    response_ids = enc.encode(response) + ([enc.eot_token] if add_eos else [])
+    return enc.encode(prompt), response_ids
+
+
+def encode_pairs(enc, pairs, block_size, add_eos=True):
+    """Tokenise preference pairs into one right-padded batch.
+
+    pairs: a list of dicts with string fields "prompt", "chosen", "rejected".
+    Returns {"input_ids", "loss_mask"}, both (2N, T): rows 0..N-1 are the chosen
+    completions and rows N..2N-1 the rejected ones, in the same order, so that the
+    policy scores both halves of every pair in one forward pass.
+    A pair longer than block_size is an error (rather than silently truncated)."""
+    if len(pairs) == 0:
+        raise ValueError("no preference pairs: need at least one {prompt, chosen, rejected}")
+    rows = []
+    for side in ("chosen", "rejected"):
+        for i, pair in enumerate(pairs):
+            prompt_ids, response_ids = encode_completion(enc, pair["prompt"], pair[side], add_eos)
+            length = len(prompt_ids) + len(response_ids)
+            if length > block_size:
+                raise ValueError(
+                    f"pair {i}: prompt ({len(prompt_ids)} tokens) + {side} ({len(response_ids)} tokens) "
+                    f"is {length} tokens, longer than the model's context of {block_size}; shorten it")
+            rows.append((prompt_ids, response_ids))
+    T = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), T), enc.eot_token, dtype=torch.long)  # padding: masked out below
+    loss_mask = torch.zeros((len(rows), T), dtype=torch.float32)
+    for row, (prompt_ids, response_ids) in enumerate(rows):
+        ids = prompt_ids + response_ids
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        loss_mask[row, len(prompt_ids):len(ids)] = 1.0
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+# -----------------------------------------------------------------------------
+# The losses
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta=0.1, loss_type="dpo", label_smoothing=0.0):
+    """The per-pair DPO / conservative DPO / IPO loss, from four tensors of log-probs.
+
+    Args:
+        policy_chosen_logps: (N,) log pi(y_chosen | x), summed over the completion's tokens.
+        policy_rejected_logps: (N,) log pi(y_rejected | x).
+        reference_chosen_logps: (N,) log pi_ref(y_chosen | x).
+        reference_rejected_logps: (N,) log pi_ref(y_rejected | x).
+        beta: strength of the KL penalty towards the reference (> 0). Small beta lets the
+            policy move far; IPO's target margin is 1/(2 beta).
+        loss_type: "dpo" (DPO paper, Eq. 7) or "ipo" (IPO paper, Eq. 17).
+        label_smoothing: eps in [0, 0.5), the assumed probability that a preference label
+            is flipped (conservative DPO); "dpo" only.
+
+    Returns:
+        (losses, chosen_rewards, rejected_rewards), each (N,), not averaged. The rewards
+        are DPO's implicit rewards beta * (log pi - log pi_ref) (DPO paper, Eq. 5),
+        detached: they are for reporting, not for the gradient.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0 (it scales the KL penalty), got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "dpo":
+        # logsigmoid, not log(sigmoid(.)): stays finite for h = +-1e4
+        losses = (-(1 - label_smoothing) * torch.nn.functional.logsigmoid(beta * h)
+                  - label_smoothing * torch.nn.functional.logsigmoid(-beta * h))
+    elif loss_type == "ipo":
+        if label_smoothing != 0.0:
+            raise ValueError("label_smoothing is for loss_type='dpo'; IPO is already robust to noisy labels")
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO paper, Eq. 17, on summed log-probs
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use 'dpo' or 'ipo'")
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+# -----------------------------------------------------------------------------
+# The frozen reference
+
+def make_reference(policy):
+    """A frozen copy of the policy: pi_ref in every formula above.
+
+    It is a separate object (not the policy with gradients switched off), in eval
+    mode so that dropout never changes its outputs, with requires_grad False on
+    every parameter, and it is never handed to the optimizer."""
+    reference = copy.deepcopy(policy).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
+@torch.no_grad()
+def precompute_reference(reference, data, batch_size=8, with_kl=True):
+    """Everything DPO needs from the reference, computed once before training.
+
+    The reference is frozen and the data do not change, so log pi_ref(y|x) is the same
+    number at every step: computing it once instead of at every step removes a third of
+    the forward passes (policy chosen + rejected remain). For the KL report the
+    reference's whole next-token distribution at each response position is kept too:
+    (tokens, vocab) floats per completion, cheap for small data; pass with_kl=False
+    for large data sets.
+
+    Returns {"logps": (2N,), "token_logprobs": list of 2N tensors (n_i, V) or None}."""
+    n_rows = data["input_ids"].size(0)
+    device = next(reference.parameters()).device
+    logps, token_logprobs = torch.zeros(n_rows), []
+    for start in range(0, n_rows, batch_size):
+        input_ids = data["input_ids"][start:start + batch_size].to(device)
+        loss_mask = data["loss_mask"][start:start + batch_size].to(device)
+        logprobs = next_token_logprobs(reference(input_ids))  # (b, T-1, V)
+        logps[start:start + batch_size] = summed_logps(logprobs, input_ids, loss_mask).cpu()
+        if with_kl:
+            for row in range(input_ids.size(0)):
+                token_logprobs.append(logprobs[row][loss_mask[row, 1:].bool()])  # (n_i, V), stays on device
+    return {"logps": logps, "token_logprobs": token_logprobs if with_kl else None}
+
+
+# -----------------------------------------------------------------------------
+# The training step and loop
+
+def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothing=0.0, max_grad_norm=1.0):
+    """One DPO update on a batch of pairs; returns this step's numbers as floats.
+
+    batch: input_ids and loss_mask (2B, T), chosen rows first then rejected, on the
+    policy's device; reference_logps (2B,); reference_token_logprobs (N, V) or None.
+    The policy runs once, on chosen and rejected together."""
+    logits = policy(batch["input_ids"])  # (2B, T, V): the only forward pass of the step
+    logprobs = next_token_logprobs(logits)  # (2B, T-1, V)
+    logps = summed_logps(logprobs, batch["input_ids"], batch["loss_mask"])  # (2B,)
+    n = logps.size(0) // 2
+    reference_logps = batch["reference_logps"]
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        logps[:n], logps[n:], reference_logps[:n], reference_logps[n:],
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    loss = losses.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+    optimizer.step()
+
+    with torch.no_grad():
+        if batch.get("reference_token_logprobs") is not None:
+            response_logprobs = logprobs.detach()[batch["loss_mask"][:, 1:].bool()]  # (N, V)
+            kl = mean_token_kl(response_logprobs, batch["reference_token_logprobs"])
+        else:
+            kl = torch.tensor(float("nan"), device=loss.device)
+        margins = chosen_rewards - rejected_rewards
+        numbers = torch.stack([loss.detach(), (margins > 0).float().mean(), margins.mean(),
+                               chosen_rewards.mean(), rejected_rewards.mean(), kl, grad_norm])
+    names = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "kl", "grad_norm")
+    return dict(zip(names, numbers.tolist()))  # one device-to-host copy per step
+
+
+def make_batch(data, reference_cache, pair_index, device):
+    """The tensors dpo_step needs for pairs `pair_index`, on `device`, trimmed of all-padding columns."""
+    n_pairs = data["input_ids"].size(0) // 2
+    rows = torch.cat([pair_index, pair_index + n_pairs])  # the chosen rows, then their rejected partners
+    T = int(data["loss_mask"][rows].nonzero()[:, 1].max()) + 1  # up to the last response token of any row
+    batch = {"input_ids": data["input_ids"][rows, :T].to(device),
+             "loss_mask": data["loss_mask"][rows, :T].to(device),
+             "reference_logps": reference_cache["logps"][rows].to(device)}
+    if reference_cache["token_logprobs"] is not None:
+        batch["reference_token_logprobs"] = torch.cat([reference_cache["token_logprobs"][r] for r in rows.tolist()])
+    return batch
+
+
+def train_dpo(policy, reference, data, optimizer, epochs=3, batch_size=2, seed=0, beta=0.1, loss_type="dpo",
+              label_smoothing=0.0, max_grad_norm=1.0, on_step=None):
+    """DPO over `data` (from encode_pairs) for some epochs of shuffled batches.
+
+    Returns the list of per-step metric dicts; on_step(metrics) is called after each step."""
+    # Dropout off in both models: with it, log pi would be noisy, the policy and the
+    # reference would disagree at step 0 although they are the same network, and the
+    # first loss would not be log 2. Eval mode turns dropout off without touching gradients.
+    policy.eval()
+    reference.eval()
+    device = next(policy.parameters()).device
+    reference_cache = precompute_reference(reference, data)
+    n_pairs = data["input_ids"].size(0) // 2
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
+    history = []
+    for epoch in range(epochs):
+        order = torch.randperm(n_pairs, generator=generator)
+        for start in range(0, n_pairs, batch_size):
+            batch = make_batch(data, reference_cache, order[start:start + batch_size], device)
+            metrics = dpo_step(policy, optimizer, batch, beta=beta, loss_type=loss_type,
+                               label_smoothing=label_smoothing, max_grad_norm=max_grad_norm)
+            metrics.update(step=len(history) + 1, epoch=epoch + 1)
+            history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
+    return history
