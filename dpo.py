@@ -234,12 +234,16 @@ def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothin
 
 
 def make_batch(data, reference_cache, pair_index, device):
-    """The tensors dpo_step needs for pairs `pair_index`, on `device`, trimmed of all-padding columns."""
+    """The tensors dpo_step needs for pairs `pair_index`, on `device`.
+
+    Rows keep the data set's full padded length rather than being trimmed to the batch's
+    longest: with the same shapes as when the reference was computed, the kernels add up
+    in the same order, so at step 0 the policy's log-probs equal the cached reference's
+    to the last bit and the first loss is exactly log 2 (trimmed, they differ by ~1e-6)."""
     n_pairs = data["input_ids"].size(0) // 2
     rows = torch.cat([pair_index, pair_index + n_pairs])  # the chosen rows, then their rejected partners
-    T = int(data["loss_mask"][rows].nonzero()[:, 1].max()) + 1  # up to the last response token of any row
-    batch = {"input_ids": data["input_ids"][rows, :T].to(device),
-             "loss_mask": data["loss_mask"][rows, :T].to(device),
+    batch = {"input_ids": data["input_ids"][rows].to(device),
+             "loss_mask": data["loss_mask"][rows].to(device),
              "reference_logps": reference_cache["logps"][rows].to(device)}
     if reference_cache["token_logprobs"] is not None:
         batch["reference_token_logprobs"] = torch.cat([reference_cache["token_logprobs"][r] for r in rows.tolist()])
@@ -247,9 +251,10 @@ def make_batch(data, reference_cache, pair_index, device):
 
 
 def train_dpo(policy, reference, data, optimizer, epochs=3, batch_size=2, seed=0, beta=0.1, loss_type="dpo",
-              label_smoothing=0.0, max_grad_norm=1.0, on_step=None):
+              label_smoothing=0.0, max_grad_norm=1.0, reference_cache=None, on_step=None):
     """DPO over `data` (from encode_pairs) for some epochs of shuffled batches.
 
+    reference_cache: precompute_reference(reference, data), if the caller has it already.
     Returns the list of per-step metric dicts; on_step(metrics) is called after each step."""
     # Dropout off in both models: with it, log pi would be noisy, the policy and the
     # reference would disagree at step 0 although they are the same network, and the
@@ -257,7 +262,8 @@ def train_dpo(policy, reference, data, optimizer, epochs=3, batch_size=2, seed=0
     policy.eval()
     reference.eval()
     device = next(policy.parameters()).device
-    reference_cache = precompute_reference(reference, data)
+    if reference_cache is None:
+        reference_cache = precompute_reference(reference, data)
     n_pairs = data["input_ids"].size(0) // 2
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
     history = []
@@ -267,7 +273,7 @@ def train_dpo(policy, reference, data, optimizer, epochs=3, batch_size=2, seed=0
             batch = make_batch(data, reference_cache, order[start:start + batch_size], device)
             metrics = dpo_step(policy, optimizer, batch, beta=beta, loss_type=loss_type,
                                label_smoothing=label_smoothing, max_grad_norm=max_grad_norm)
-            metrics.update(step=len(history) + 1, epoch=epoch + 1)
+            metrics.update(step=len(history) + 1, epoch=epoch + 1, tokens=batch["input_ids"].numel())
             history.append(metrics)
             if on_step is not None:
                 on_step(metrics)
