@@ -32,19 +32,9 @@ import torch
 # -----------------------------------------------------------------------------
 # Log-probabilities of completions
 
-def next_token_logprobs(logits):
-    """log pi(. | x, y_<t) over the vocabulary at every position that predicts a token.
-
-    A causal LM's logits at position t score the token at t+1, so the last position
-    (which would score a token beyond the sequence) is dropped. Computed in float32
-    whatever the model's dtype, because the sums below are over many tokens."""
-    return logits[:, :-1, :].float().log_softmax(dim=-1)  # (B, T-1, V)
-
-
-def summed_logps(logprobs, labels, loss_mask):
-    """Sum over the masked tokens of log pi(token); logprobs from next_token_logprobs."""
-    token_logps = logprobs.gather(2, labels[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T-1): log pi(y_t)
-    return (token_logps * loss_mask[:, 1:]).sum(dim=-1)  # (B,)
+def at_least_float32(x):
+    """float16 / bfloat16 logits are summed in float32; float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def sequence_logps(logits, labels, loss_mask):
@@ -52,13 +42,36 @@ def sequence_logps(logits, labels, loss_mask):
 
     logits (B, T, V) from the model; labels (B, T) are the input ids themselves;
     loss_mask (B, T) is 1 on response tokens, 0 on prompt tokens and padding, which
-    therefore contribute nothing."""
-    return summed_logps(next_token_logprobs(logits), labels, loss_mask)
+    therefore contribute nothing. A causal LM's logits at position t score the token at
+    t+1, hence the shift: the last position scores a token beyond the sequence, and the
+    first token is scored by no position. Computed in at least float32 whatever the
+    model's dtype, because the sums run over many tokens."""
+    logprobs = at_least_float32(logits[:, :-1, :]).log_softmax(dim=-1)  # (B, T-1, V): log pi(. | x, y_<t)
+    token_logps = logprobs.gather(2, labels[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T-1): log pi(y_t)
+    return (token_logps * loss_mask[:, 1:]).sum(dim=-1)  # (B,)
+
+
+def score_completions(model, input_ids, loss_mask):
+    """sequence_logps(model(input_ids), input_ids, loss_mask), computed where it is cheap.
+
+    The model is asked for logits only at the N positions that score a response token,
+    so the output head and log-softmax skip the prompt and the padding. Returns
+    (logps (B,), token_logprobs (N, V)): the latter is the log-distribution over the
+    vocabulary at each scored position, which the KL report needs."""
+    scored = loss_mask[:, 1:].bool()  # (B, T-1): which next tokens are response tokens
+    scoring_positions = torch.nn.functional.pad(scored, (0, 1))  # (B, T): position t scores token t+1
+    token_logprobs = at_least_float32(model(input_ids, logits_at=scoring_positions)).log_softmax(dim=-1)  # (N, V)
+    targets = input_ids[:, 1:][scored]  # (N,), the same row-major order
+    token_logps = token_logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
+    # back to (B, T-1) and sum each row (not index_add, whose CUDA sums are not deterministic)
+    logps = torch.zeros(scored.shape, dtype=token_logps.dtype, device=token_logps.device)
+    return logps.masked_scatter(scored, token_logps).sum(dim=-1), token_logprobs
 
 
 def mean_token_kl(policy_logprobs, reference_logprobs):
     """Mean over response positions of the exact KL(pi || pi_ref) = sum_v pi(v) log(pi(v)/pi_ref(v)).
-    Both (N, V): log-probabilities over the vocabulary at the N response positions."""
+    Both (N, V): log-probabilities over the vocabulary at the N response positions
+    (token_logprobs of score_completions)."""
     return (policy_logprobs.exp() * (policy_logprobs - reference_logprobs)).sum(dim=-1).mean()
 
 
@@ -189,16 +202,27 @@ def precompute_reference(reference, data, batch_size=8, with_kl=True):
     for start in range(0, n_rows, batch_size):
         input_ids = data["input_ids"][start:start + batch_size].to(device)
         loss_mask = data["loss_mask"][start:start + batch_size].to(device)
-        logprobs = next_token_logprobs(reference(input_ids))  # (b, T-1, V)
-        logps[start:start + batch_size] = summed_logps(logprobs, input_ids, loss_mask).cpu()
-        if with_kl:
-            for row in range(input_ids.size(0)):
-                token_logprobs.append(logprobs[row][loss_mask[row, 1:].bool()])  # (n_i, V), stays on device
+        batch_logps, batch_token_logprobs = score_completions(reference, input_ids, loss_mask)
+        logps[start:start + batch_size] = batch_logps.cpu()
+        if with_kl:  # split the (N, V) rows back into one tensor per completion
+            token_logprobs += list(batch_token_logprobs.split(loss_mask[:, 1:].sum(dim=1).long().tolist()))
     return {"logps": logps, "token_logprobs": token_logprobs if with_kl else None}
 
 
 # -----------------------------------------------------------------------------
 # The training step and loop
+
+def make_optimizer(policy, lr, weight_decay=0.01):
+    """AdamW (Loshchilov & Hutter 2019) over the policy's parameters, never the reference's.
+
+    The fused kernel updates each parameter in one pass over memory instead of a dozen
+    element-wise passes; on a 124M model that is most of an optimizer step. Older torch
+    builds without it get the ordinary implementation."""
+    try:
+        return torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
+
 
 def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothing=0.0, max_grad_norm=1.0):
     """One DPO update on a batch of pairs; returns this step's numbers as floats.
@@ -206,24 +230,24 @@ def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothin
     batch: input_ids and loss_mask (2B, T), chosen rows first then rejected, on the
     policy's device; reference_logps (2B,); reference_token_logprobs (N, V) or None.
     The policy runs once, on chosen and rejected together."""
-    logits = policy(batch["input_ids"])  # (2B, T, V): the only forward pass of the step
-    logprobs = next_token_logprobs(logits)  # (2B, T-1, V)
-    logps = summed_logps(logprobs, batch["input_ids"], batch["loss_mask"])  # (2B,)
+    # last step's gradients go before the forward pass, not after it: they are
+    # a model's worth of memory that would otherwise sit beside the activations
+    optimizer.zero_grad(set_to_none=True)
+    # the only forward pass of the step: chosen and rejected rows together
+    logps, token_logprobs = score_completions(policy, batch["input_ids"], batch["loss_mask"])  # (2B,), (N, V)
     n = logps.size(0) // 2
     reference_logps = batch["reference_logps"]
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         logps[:n], logps[n:], reference_logps[:n], reference_logps[n:],
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     loss = losses.mean()
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
     optimizer.step()
 
     with torch.no_grad():
         if batch.get("reference_token_logprobs") is not None:
-            response_logprobs = logprobs.detach()[batch["loss_mask"][:, 1:].bool()]  # (N, V)
-            kl = mean_token_kl(response_logprobs, batch["reference_token_logprobs"])
+            kl = mean_token_kl(token_logprobs.detach(), batch["reference_token_logprobs"])
         else:
             kl = torch.tensor(float("nan"), device=loss.device)
         margins = chosen_rewards - rejected_rewards

@@ -34,7 +34,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -145,7 +145,13 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx):
+    def forward(self, idx, logits_at=None):
+        """Logits (B, T, vocab_size) for token ids idx (B, T).
+
+        logits_at: optional (B, T) bool mask; then only those positions are scored and the
+        result is (N, vocab_size), N = logits_at.sum(), in row-major order. DPO needs logits
+        only where they score a completion's tokens, and the output head is about a third of
+        GPT-2 small's compute, so skipping the prompt positions is a real saving."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(
@@ -157,7 +163,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)  # (B, T, C)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        if logits_at is not None:
+            x = x[logits_at]  # (N, C)
+        return self.lm_head(x)  # (B, T, vocab_size), or (N, vocab_size)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

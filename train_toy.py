@@ -22,7 +22,6 @@ Read first: model.py, dpo.py. Read next: test_dpo.py.
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -137,8 +136,8 @@ def sft_warmup(model, enc, pairs, steps, lr, log):
 def pair_logps(model, data):
     """log pi(completion | prompt) for every row of `data` (chosen rows, then rejected)."""
     device = next(model.parameters()).device
-    return dpo.sequence_logps(model(data["input_ids"].to(device)), data["input_ids"].to(device),
-                              data["loss_mask"].to(device)).cpu()
+    logps, _ = dpo.score_completions(model, data["input_ids"].to(device), data["loss_mask"].to(device))
+    return logps.cpu()
 
 
 @torch.no_grad()
@@ -280,7 +279,7 @@ def run(args):
     print(f"{args.loss.upper()} (beta {args.beta}, lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
           f"seed {args.seed})" + (f"; IPO's target: a log-ratio margin of 1/(2 beta) = {1 / (2 * args.beta):g} "
                                   "nats over the reference's" if args.loss == "ipo" else ""))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
+    optimizer = dpo.make_optimizer(policy, lr=args.lr)
     t0 = time.perf_counter()
     history = dpo.train_dpo(policy, reference, data, optimizer, epochs=args.epochs, batch_size=args.batch_size,
                             seed=args.seed, beta=args.beta, loss_type=args.loss,

@@ -1,0 +1,193 @@
+"""
+How fast is one DPO step, and how close to the floor? A benchmark, not a test.
+
+On GPT-2 124M shapes with random weights (no download needed), in one process, on the
+same tokens, it times three ways of taking a training step:
+
+  (a) straightforward: four forward passes per step (policy and reference, chosen and
+      rejected, the reference under no_grad) and PyTorch's default AdamW;
+  (b) this project's dpo.dpo_step: the policy runs once on chosen and rejected together,
+      the reference log-probs were computed once before training (dpo.precompute_reference);
+  (c) the floor: one forward + backward + optimizer step of the policy on the same tokens,
+      with a plain next-token loss and no reference at all.
+
+and prints seconds per step, tokens per second, the ratios, and the peak memory of each
+phase above the `import torch` baseline, next to the unavoidable part: policy + reference
++ gradients + AdamW's two moments = 5 x the parameter bytes.
+
+    python bench.py                 # CPU or CUDA, whichever --device auto finds
+    python bench.py --steps 5 --device cpu
+
+Read first: dpo.py.
+"""
+
+import argparse
+import gc
+import resource
+import sys
+import time
+
+import torch
+
+import dpo
+from model import GPT, GPTConfig, resolve_device
+
+# -----------------------------------------------------------------------------
+# Peak memory of one phase
+
+
+def current_rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak_memory(device):
+    """Start a new peak: CUDA's counter, or on Linux the process's high-water mark (VmHWM),
+    which writing 5 to /proc/self/clear_refs resets."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False  # not Linux: only the whole run's peak (ru_maxrss) is known
+
+
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def baseline_memory_bytes(device):
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes()
+
+
+# -----------------------------------------------------------------------------
+# The three steps
+
+
+def straightforward_step(policy, reference, optimizer, batch, beta):
+    """(a): what one writes first. Four forward passes, each half of the batch on its own."""
+    n = batch["input_ids"].size(0) // 2
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    policy_chosen = dpo.sequence_logps(policy(ids[:n]), ids[:n], mask[:n])
+    policy_rejected = dpo.sequence_logps(policy(ids[n:]), ids[n:], mask[n:])
+    with torch.no_grad():
+        reference_chosen = dpo.sequence_logps(reference(ids[:n]), ids[:n], mask[:n])
+        reference_rejected = dpo.sequence_logps(reference(ids[n:]), ids[n:], mask[n:])
+    losses, _, _ = dpo.dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=beta)
+    optimizer.zero_grad(set_to_none=True)
+    losses.mean().backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    optimizer.step()
+
+
+def floor_step(policy, optimizer, batch):
+    """(c): the least any training step on these completions costs: one forward, one backward,
+    one update, with the completions' next-token loss (logits only where they score one)."""
+    ids, scored = batch["input_ids"], batch["loss_mask"][:, 1:].bool()
+    logits = policy(ids, logits_at=torch.nn.functional.pad(scored, (0, 1)))  # (N, V)
+    loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][scored])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def random_batch(n_pairs, prompt_len, response_len, vocab_size, generator):
+    """n_pairs pairs sharing a prompt, chosen rows first: the layout dpo.encode_pairs makes."""
+    T = prompt_len + response_len
+    prompts = torch.randint(vocab_size, (n_pairs, prompt_len), generator=generator)
+    responses = torch.randint(vocab_size, (2 * n_pairs, response_len), generator=generator)
+    input_ids = torch.cat([prompts.repeat(2, 1), responses], dim=1)  # (2B, T)
+    loss_mask = torch.zeros(2 * n_pairs, T)
+    loss_mask[:, prompt_len:] = 1.0
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+def time_steps(step, n_steps, device):
+    """Seconds per step over n_steps, after one untimed warm-up step."""
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n_steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Time the DPO step against the straightforward loop and the floor.")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per phase, after one warm-up (3)")
+    parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step (2, as train_toy.py)")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (32)")
+    parser.add_argument("--response-len", type=int, default=32, help="tokens of each completion (32)")
+    parser.add_argument("--lr", type=float, default=5e-5)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    baseline = baseline_memory_bytes(device)
+    torch.manual_seed(0)
+
+    policy = GPT(GPTConfig()).to(device).eval()  # GPT-2 124M shapes; eval: dropout off, as in DPO
+    reference = dpo.make_reference(policy)
+    n_params = sum(p.numel() for p in policy.parameters())
+    param_bytes = n_params * 4
+    data = random_batch(args.pairs, args.prompt_len, args.response_len, policy.config.vocab_size,
+                        torch.Generator().manual_seed(0))
+    batch = {key: value.to(device) for key, value in data.items()}
+    tokens = batch["input_ids"].numel()
+    print(f"GPT-2 124M shapes ({n_params:,} parameters, random weights) on {device}, threads "
+          f"{torch.get_num_threads()}; {args.pairs} pairs x ({args.prompt_len} prompt + {args.response_len} "
+          f"completion tokens) = {tokens} tokens per step; {args.steps} timed steps per phase")
+
+    results = {}
+
+    def phase(name, make_optimizer, make_step):
+        exact_peak = reset_peak_memory(device)
+        optimizer = make_optimizer()
+        seconds = time_steps(make_step(optimizer), args.steps, device)
+        results[name] = (seconds, peak_memory_bytes(device) - baseline, exact_peak)
+        for p in policy.parameters():
+            p.grad = None
+        del optimizer
+
+    phase("(a) straightforward: 4 forwards, default AdamW",
+          lambda: torch.optim.AdamW(policy.parameters(), lr=args.lr),
+          lambda opt: lambda: straightforward_step(policy, reference, opt, batch, beta=0.1))
+
+    def dpo_phase(opt):
+        cache = dpo.precompute_reference(reference, data)  # once, before training, as train_dpo does
+        full = dpo.make_batch(data, cache, torch.arange(args.pairs), device)
+        return lambda: dpo.dpo_step(policy, opt, full, beta=0.1)
+
+    phase("(b) dpo.dpo_step: 1 forward, cached reference", lambda: dpo.make_optimizer(policy, lr=args.lr), dpo_phase)
+    phase("(c) floor: 1 forward + backward + step", lambda: dpo.make_optimizer(policy, lr=args.lr),
+          lambda opt: lambda: floor_step(policy, opt, batch))
+
+    print(f"\n{'phase':<48} {'s/step':>8} {'tokens/s':>9} {'peak above baseline':>20}")
+    for name, (seconds, peak, exact) in results.items():
+        print(f"{name:<48} {seconds:>8.3f} {tokens / seconds:>9.0f} {peak / 1e9:>16.2f} GB" + ("" if exact else " *"))
+    (a, _, _), (b, peak_b, _), (c, _, _) = results.values()
+    budget = 5 * param_bytes
+    print(f"\n(a) / (b) = {a / b:.2f}x faster   (b) / (c) = {b / c:.2f}x the floor")
+    print(f"(b) peak above the import-torch baseline: {peak_b / 1e9:.2f} GB = {peak_b / budget:.2f} x "
+          f"(policy + reference + gradients + AdamW state = 5 x {param_bytes / 1e9:.3f} GB = {budget / 1e9:.2f} GB)")
+    if not all(exact for _, _, exact in results.values()):
+        print("* the peak memory of the whole run so far: this system cannot reset the peak between phases")
+    return results
+
+
+if __name__ == "__main__":
+    main()

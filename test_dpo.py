@@ -1,0 +1,1806 @@
+"""
+The proof: every formula of this project checked against something independent of it.
+
+    pytest test_dpo.py          (about 30 s on a 2-core CPU; no network)
+
+Sections, in reading order (the same order as the code):
+1. The model: model.py's GPT-2 against a separate numpy GPT-2 forward pass (picoGPT style)
+   that reads the Hugging Face tensors directly; safetensors files written and read by
+   hand here; loading both real checkpoint layouts; downloading from a fake hub on
+   127.0.0.1 that answers the way huggingface.co does.
+2. Losses and gradients: DPO (Rafailov et al. 2023, Eq. 7), conservative DPO (Mitchell
+   2023) and IPO (Azar et al. 2023, Eq. 17) against hand-computed numbers, closed-form
+   gradients, gradcheck, the DPO paper's gradient identity and finite differences on a
+   tiny GPT; masking, batching, the frozen reference, one forward pass per step.
+3. Theory on a bandit: DPO's population optimum is pi_ref exp(r / beta) / Z (DPO paper,
+   Eq. 4); with deterministic preferences DPO drives pi(y_rejected) to 0, IPO stops at its
+   closed form.
+4. Bradley-Terry (bt.py): recovers known strengths, KKT, closed forms, non-existent MLEs.
+5. End to end: `train_toy.py --model tiny` goes from 0/4 to 4/4 for DPO and IPO, writes a
+   checkpoint and metrics, and repeats itself exactly with the same seed.
+
+Tests that need the GPT-2 tokenizer skip with a reason when tiktoken cannot load it
+offline: set TIKTOKEN_CACHE_DIR (see README.md).
+"""
+
+import contextlib
+import copy
+import hashlib
+import http.server
+import inspect
+import json
+import math
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import urllib.parse
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dpo
+from bt import fit_bradley_terry, win_probability
+from dpo import dpo_loss
+from model import GPT, GPTConfig, hub_cache_dir, load_safetensors, save_safetensors
+
+# =============================================================================
+# 1. The model: GPT-2 against an independent numpy forward pass, safetensors, loading, the hub
+# =============================================================================
+# Tests for model.py: GPT-2 forward pass, checkpoint loading and saving, generation, download.
+#
+# Every check compares model.py against something written here independently of it:
+# - `gpt2`, a numpy GPT-2 forward pass after picoGPT (Jay Mody), reading the Hugging Face
+#   tensors exactly as the hub stores them (Conv1D weights are (in, out), so x @ W + b);
+# - `write_safetensors` / `read_safetensors`, a tiny safetensors writer and reader
+#   (format: 8-byte little-endian header length N, N bytes of JSON, then raw data);
+# - `FakeHub`, an HTTP server that answers like huggingface.co (a 302 to a CDN for
+#   model.safetensors, with the sha256 only in X-Linked-Etag; a 200 with a git-sha1 ETag
+#   for config.json).
+# The facts these fakes imitate are in ../shared/GPT2_CHECKPOINT.md. Read model.py next.
+
+
+# ---------------------------------------------------------------------------
+# An independent GPT-2 forward pass in numpy (after picoGPT).
+
+def gelu(x):
+    """GPT-2's "gelu_new": the tanh approximation (the exact erf GELU breaks parity)."""
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def layer_norm(x, g, b, eps=1e-5):
+    mean, var = x.mean(axis=-1, keepdims=True), x.var(axis=-1, keepdims=True)
+    return g * (x - mean) / np.sqrt(var + eps) + b
+
+
+def linear(x, w, b):
+    return x @ w + b  # w is (in, out): the Conv1D orientation of the checkpoint
+
+
+def causal_self_attention(x, c_attn, c_proj, n_head):  # x: (T, C)
+    q, k, v = np.split(linear(x, *c_attn), 3, axis=-1)  # 3 x (T, C)
+    mask = np.triu(np.full((len(x), len(x)), -np.inf), k=1)  # token t sees tokens 0..t only
+    heads = [softmax(qh @ kh.T / np.sqrt(qh.shape[-1]) + mask) @ vh  # (T, C / n_head)
+             for qh, kh, vh in zip(*(np.split(a, n_head, axis=-1) for a in (q, k, v)))]
+    return linear(np.hstack(heads), *c_proj)  # (T, C)
+
+
+def mlp(x, c_fc, c_proj):
+    return linear(gelu(linear(x, *c_fc)), *c_proj)  # (T, 4C) -> (T, C)
+
+
+def gpt2(tokens, p, n_head):
+    """Logits (T, V) of one token sequence; p maps hub names ("h.0.attn.c_attn.weight") to arrays."""
+    def wb(name):
+        return p[name + ".weight"], p[name + ".bias"]
+    x = p["wte.weight"][tokens] + p["wpe.weight"][: len(tokens)]  # (T, C)
+    for i in range(len({k.split(".")[1] for k in p if k.startswith("h.")})):
+        h = f"h.{i}."
+        x = x + causal_self_attention(layer_norm(x, *wb(h + "ln_1")), wb(h + "attn.c_attn"),
+                                      wb(h + "attn.c_proj"), n_head)
+        x = x + mlp(layer_norm(x, *wb(h + "ln_2")), wb(h + "mlp.c_fc"), wb(h + "mlp.c_proj"))
+    return layer_norm(x, *wb("ln_f")) @ p["wte.weight"].T  # (T, V): the head is tied to wte
+
+
+def numpy_logits(params, n_head, idx):
+    """gpt2() on each row of idx (B, T), in float64 so that only model.py's rounding shows.
+    (Called "numpy" rather than "reference": in DPO the reference is the frozen model.)"""
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    return np.stack([gpt2(np.asarray(row), p64, n_head) for row in idx])  # (B, T, V)
+
+
+def model_logits(model, idx):
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(idx))).double().numpy()
+
+
+# ---------------------------------------------------------------------------
+# A test-side safetensors writer and reader (struct + json only).
+
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+             "I64": np.int64, "I32": np.int32, "U8": np.uint8}
+NP_TO_ST = {np.dtype(v): k for k, v in ST_DTYPES.items()}
+
+
+def safetensors_bytes(header, data, align=False):
+    """A safetensors file: 8-byte little-endian length N, N bytes of JSON header, then data."""
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if align:  # what transformers' writer does: pad with spaces so the data is 8-byte aligned
+        text += b" " * (-len(text) % 8)
+    elif len(text) % 8 == 0:  # like the hub's gpt2 file, whose data starts at byte 14,291
+        text += b" "
+    assert (len(text) % 8 == 0) == align
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def write_safetensors(path, arrays, align=False):
+    """Write numpy arrays back to back, in dict order, with {"format": "pt"} metadata."""
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, a in arrays.items():
+        raw = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": NP_TO_ST[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    Path(path).write_bytes(safetensors_bytes(header, b"".join(chunks), align))
+
+
+def bf16_to_float32(raw):
+    """BF16 is the top half of a float32's bits."""
+    return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def read_safetensors(path):
+    """Return (header, {name: np.ndarray}); BF16 is widened to float32."""
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    arrays = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            begin, end = info["data_offsets"]
+            a = (bf16_to_float32(data[begin:end]) if info["dtype"] == "BF16"
+                 else np.frombuffer(data[begin:end], ST_DTYPES[info["dtype"]]))
+            arrays[name] = a.reshape(info["shape"])
+    return header, arrays
+
+
+# ---------------------------------------------------------------------------
+# Test-side GPT-2 checkpoints in the two real layouts.
+
+TINY = dict(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=32)
+TINY_CONFIG = GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=2, n_embd=16)
+COMMIT = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
+
+
+def hub_config(n_layer, n_head, n_embd, vocab_size, n_positions):
+    """config.json as openai-community/gpt2 has it, resized."""
+    return {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
+            "attn_pdrop": 0.1, "bos_token_id": vocab_size - 1, "embd_pdrop": 0.1,
+            "eos_token_id": vocab_size - 1, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+            "model_type": "gpt2", "n_ctx": n_positions, "n_embd": n_embd, "n_head": n_head,
+            "n_layer": n_layer, "n_positions": n_positions, "resid_pdrop": 0.1,
+            "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+            "summary_type": "cls_index", "summary_use_proj": True,
+            "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+            "vocab_size": vocab_size}
+
+
+def random_gpt2_params(config, seed=0):
+    """Random float32 weights named and shaped as in the hub's model.safetensors (no masks).
+
+    The scales keep activations O(1), so that a formula slip (erf GELU, a missing transpose,
+    a wrong eps) moves the logits far more than float32 rounding does."""
+    rng = np.random.default_rng(seed)
+    C, L = config["n_embd"], config["n_layer"]
+
+    def normal(*shape, mean=0.0, std=1.0):
+        return (mean + std * rng.standard_normal(shape)).astype(np.float32)
+
+    p = {"wte.weight": normal(config["vocab_size"], C, std=2 * C**-0.5),  # logits O(1)
+         "wpe.weight": normal(config["n_positions"], C, std=0.5)}
+    for i in range(L):
+        for name, (n_in, n_out) in {"ln_1": (0, C), "attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C),
+                                    "ln_2": (0, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}.items():
+            p[f"h.{i}.{name}.weight"] = (normal(n_in, n_out, std=n_in**-0.5) if n_in  # Conv1D: (in, out)
+                                         else normal(n_out, mean=1.0, std=0.2))  # layer norm gain
+            p[f"h.{i}.{name}.bias"] = normal(n_out, std=0.2)
+    p["ln_f.weight"], p["ln_f.bias"] = normal(C, mean=1.0, std=0.2), normal(C, std=0.2)
+    return p
+
+
+def write_checkpoint(directory, params, config, layout="hub", lm_head=False):
+    """Write config.json + model.safetensors the way the hub ("hub") or transformers'
+    save_pretrained ("transformers") does; see ../shared/GPT2_CHECKPOINT.md."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if layout == "hub":  # no prefix, causal-mask buffers, data not 8-byte aligned
+        mask = np.tril(np.ones((config["n_positions"],) * 2, np.float32))[None, None]  # (1, 1, P, P)
+        tensors = {**params, **{f"h.{i}.attn.bias": mask for i in range(config["n_layer"])}}
+    else:  # "transformer." prefix, no masks, header padded to a multiple of 8
+        tensors = {"transformer." + k: v for k, v in params.items()}
+    if lm_head:
+        tensors["lm_head.weight"] = params["wte.weight"]
+    write_safetensors(directory / "model.safetensors", tensors, align=(layout == "transformers"))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def random_tokens(B=2, T=32, V=61, seed=0):
+    return np.random.default_rng(seed).integers(0, V, (B, T))
+
+
+def assert_matches_numpy(model, params, n_head, idx, atol=1e-5):
+    np.testing.assert_allclose(model_logits(model, idx), numpy_logits(params, n_head, idx),
+                               rtol=0, atol=atol)
+
+
+# ---------------------------------------------------------------------------
+# The network: size, shapes, tying.
+
+def count_params(C, L, V, P):
+    """GPT-2's parameters: embeddings, 12C^2 + 13C per block, the final layer norm."""
+    return V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C
+
+
+def test_default_config_is_gpt2_124m_with_124439808_parameters():
+    """The tied head is counted once: the hub file's 548,090,880 data bytes / 4 floats,
+    minus its 12 causal masks of 1024 x 1024, is 124,439,808."""
+    with torch.device("meta"):  # shapes only, no memory
+        model = GPT(GPTConfig())
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 124_439_808 == count_params(C=768, L=12, V=50257, P=1024)
+
+
+def test_tiny_model_has_as_many_parameters_as_the_hub_checkpoint_has_floats():
+    """Every checkpoint tensor (masks aside) is a parameter, and nothing else is."""
+    params = random_gpt2_params(hub_config(**TINY))
+    model = GPT(TINY_CONFIG)
+    assert sum(p.numel() for p in model.parameters()) == sum(a.size for a in params.values())
+
+
+def test_lm_head_is_tied_to_token_embedding():
+    """GPT-2 has no separate output matrix: logits = x @ wte.T (the checkpoint has no lm_head)."""
+    model = GPT(TINY_CONFIG)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_logits_have_shape_batch_time_vocab():
+    """The model scores every position, not only the last (DPO needs all of them)."""
+    logits = GPT(TINY_CONFIG)(torch.zeros(3, 7, dtype=torch.long))
+    assert logits.shape == (3, 7, 61)
+
+
+def test_sequence_longer_than_block_size_raises_value_error():
+    """wpe has block_size rows; a longer input must fail loudly, naming both numbers."""
+    with pytest.raises(ValueError) as err:
+        GPT(TINY_CONFIG)(torch.zeros(1, 33, dtype=torch.long))
+    assert "33" in str(err.value) and "32" in str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# from_pretrained against the numpy GPT-2.
+
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_from_pretrained_directory_matches_numpy_gpt2(tmp_path, layout, lm_head):
+    """Both real layouts load: hub (no prefix, mask buffers, unaligned data) and
+    transformers (prefix, padded header), with or without a redundant lm_head.weight."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config)
+    write_checkpoint(tmp_path / "ckpt", params, config, layout, lm_head)
+    model = GPT.from_pretrained(str(tmp_path / "ckpt"))
+    assert not model.training  # dropout off: logits must be deterministic
+    assert model.lm_head.weight is model.transformer.wte.weight  # still one tensor, for training
+    assert_matches_numpy(model, params, config["n_head"], random_tokens())
+
+
+def test_from_pretrained_bare_safetensors_file_uses_config_json_beside_it(tmp_path):
+    """n_head=2 cannot come from shapes (16 / 64 is not whole); config.json must supply it."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config, seed=1)
+    write_checkpoint(tmp_path, params, config)
+    model = GPT.from_pretrained(str(tmp_path / "model.safetensors"))
+    assert_matches_numpy(model, params, config["n_head"], random_tokens())
+
+
+def test_from_pretrained_bare_file_without_config_infers_config_from_shapes(tmp_path):
+    """n_layer, n_embd, vocab_size and block_size are in the shapes; with GPT-2's n_embd=768,
+    n_head=12 is GPT-2's (head size 64)."""
+    config = hub_config(n_layer=1, n_head=12, n_embd=768, vocab_size=61, n_positions=8)
+    params = random_gpt2_params(config)
+    write_checkpoint(tmp_path, params, config)
+    (tmp_path / "config.json").unlink()
+    model = GPT.from_pretrained(str(tmp_path / "model.safetensors"))
+    assert_matches_numpy(model, params, 12, random_tokens(T=8))
+
+
+def test_from_pretrained_float64_matches_numpy_gpt2_to_1e_9(tmp_path):
+    """In float64 rounding is gone, so even small slips (eps 1e-6, a GELU variant) would show."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config)
+    write_checkpoint(tmp_path, params, config)
+    model = GPT.from_pretrained(str(tmp_path), dtype=torch.float64)
+    assert model.transformer.wte.weight.dtype == torch.float64
+    assert_matches_numpy(model, params, config["n_head"], random_tokens(), atol=1e-9)
+
+
+def test_numpy_gpt2_tells_tanh_gelu_from_erf_gelu(monkeypatch):
+    """The parity checks above can fail: the erf GELU moves these logits by more than 1e-4."""
+    config = hub_config(**TINY)
+    params, idx = random_gpt2_params(config), random_tokens(B=1)
+    tanh_logits = numpy_logits(params, config["n_head"], idx)
+    monkeypatch.setitem(globals(), "gelu", lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2))))
+    assert np.abs(numpy_logits(params, config["n_head"], idx) - tanh_logits).max() > 1e-4
+
+
+# ---------------------------------------------------------------------------
+# from_pretrained refuses checkpoints that do not fit.
+
+def load_edited_checkpoint(directory, edit):
+    """Write the tiny hub checkpoint with edit(tensors) applied, then load it."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config)
+    edit(params)
+    write_checkpoint(directory, params, config)
+    return GPT.from_pretrained(str(directory))
+
+
+def test_from_pretrained_missing_tensor_raises_value_error_naming_it(tmp_path):
+    """A silently random-initialised layer would be a wrong model that still runs."""
+    with pytest.raises(ValueError, match=re.escape("h.1.mlp.c_fc.bias")):
+        load_edited_checkpoint(tmp_path, lambda p: p.pop("h.1.mlp.c_fc.bias"))
+
+
+def test_from_pretrained_unexpected_tensor_raises_value_error_naming_it(tmp_path):
+    """An unknown tensor means the file is not the architecture we think it is."""
+    def add(p):
+        p["h.0.mlp.c_gate.weight"] = np.zeros((16, 64), np.float32)
+    with pytest.raises(ValueError, match=re.escape("h.0.mlp.c_gate.weight")):
+        load_edited_checkpoint(tmp_path, add)
+
+
+def test_from_pretrained_shape_mismatch_raises_value_error_naming_tensor_and_shapes(tmp_path):
+    """config.json says 32 positions, the file's wpe has 31: say which tensor and both shapes."""
+    def shrink(p):
+        p["wpe.weight"] = p["wpe.weight"][:31]
+    with pytest.raises(ValueError) as err:
+        load_edited_checkpoint(tmp_path, shrink)
+    message = str(err.value)
+    assert "wpe.weight" in message
+    assert re.search(r"31\D{1,4}16", message) and re.search(r"32\D{1,4}16", message), message
+
+
+# ---------------------------------------------------------------------------
+# safetensors: round trip, independent parsing, malformed files, atomic writes.
+
+def test_save_safetensors_round_trip_and_header_parsed_independently(tmp_path):
+    """dtype strings, shapes and contiguous offsets are what the format spec says; values,
+    dtypes and metadata survive; a transposed view is written by value, not by storage."""
+    path = tmp_path / "t.safetensors"
+    w = torch.randn(3, 5)
+    tensors = {"f32": torch.randn(2, 3), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2).bfloat16(),
+               "transposed": w.t(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    save_safetensors(tensors, path, metadata={"format": "pt", "note": "hello"})
+
+    header, arrays = read_safetensors(path)
+    assert header["__metadata__"] == {"format": "pt", "note": "hello"}
+    assert {k: v["dtype"] for k, v in header.items() if k != "__metadata__"} == {
+        "f32": "F32", "f16": "F16", "bf16": "BF16", "transposed": "F32", "scalar": "F32", "empty": "F32"}
+    assert {k: v["shape"] for k, v in header.items() if k != "__metadata__"} == {
+        k: list(t.shape) for k, t in tensors.items()}
+    spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no gaps
+    n_header = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert 8 + n_header + spans[-1][1] == path.stat().st_size
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(arrays[name], t.float().numpy())
+
+    loaded = load_safetensors(path)
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+
+
+def test_save_safetensors_round_trip_float64_and_int64(tmp_path):
+    """F64 and I64 (token ids, cached log-probs) are plain little-endian numbers."""
+    tensors = {"f64": torch.randn(3, dtype=torch.float64), "i64": torch.tensor([[-1, 2**40], [3, 50256]])}
+    save_safetensors(tensors, tmp_path / "t.safetensors")
+    header, arrays = read_safetensors(tmp_path / "t.safetensors")
+    assert header["f64"]["dtype"] == "F64" and header["i64"]["dtype"] == "I64"
+    np.testing.assert_array_equal(arrays["i64"], tensors["i64"].numpy())
+    loaded = load_safetensors(tmp_path / "t.safetensors")
+    assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
+
+
+def test_load_safetensors_reads_hand_written_f16_and_bf16_at_unaligned_offsets(tmp_path):
+    """A 6-byte F16 tensor first pushes the F32 and BF16 data off any alignment."""
+    f16 = np.array([1.5, -2.0, 65504.0], np.float16)
+    f32 = np.array([[0.1, -3e38], [1e-45, 7.0]], np.float32)
+    bf16_bits = np.array([0x3FC0, 0xC000, 0x7F80], np.uint16)  # 1.5, -2.0, +inf
+    data = f16.tobytes() + f32.tobytes() + bf16_bits.tobytes()
+    header = {"__metadata__": {"format": "pt"},
+              "half": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+              "single": {"dtype": "F32", "shape": [2, 2], "data_offsets": [6, 22]},
+              "brain": {"dtype": "BF16", "shape": [3], "data_offsets": [22, 28]}}
+    (tmp_path / "t.safetensors").write_bytes(safetensors_bytes(header, data))
+    loaded = load_safetensors(tmp_path / "t.safetensors")
+    assert loaded["half"].dtype == torch.float16 and loaded["brain"].dtype == torch.bfloat16
+    np.testing.assert_array_equal(loaded["half"].numpy(), f16)
+    np.testing.assert_array_equal(loaded["single"].numpy(), f32)
+    np.testing.assert_array_equal(loaded["brain"].float().numpy(), [1.5, -2.0, np.inf])
+
+
+def one_tensor(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+EIGHT_BYTES = np.arange(2, dtype=np.float32).tobytes()
+MALFORMED = {  # name: (file bytes, what the message must say)
+    "shorter than the length prefix": (b"\x10\x00\x00", r"(?i)truncat|short|small|header"),
+    "truncated data": (safetensors_bytes({"a": one_tensor(shape=[4], offsets=[0, 16])}, EIGHT_BYTES * 2)[:-5],
+                       r"(?i)truncat|short|offset|range|beyond|exceed|end"),
+    "header length past the end": (struct.pack("<Q", 1000) + b'{"a":1}', r"(?i)header"),
+    "header length above 100 MB": (struct.pack("<Q", 2**62) + b"{}", r"(?i)header"),
+    "header not JSON": (struct.pack("<Q", 5) + b"{oops", r"(?i)json"),
+    "header a JSON list": (safetensors_bytes([1, 2], b""), r"(?i)object|dict|mapping"),
+    "offsets overlap": (safetensors_bytes({"a": one_tensor(offsets=[0, 8]), "b": one_tensor(offsets=[4, 12])},
+                                          EIGHT_BYTES + EIGHT_BYTES[:4]), r"(?i)overlap|contiguous|offset"),
+    "gap between tensors": (safetensors_bytes({"a": one_tensor(offsets=[0, 8]), "b": one_tensor(offsets=[12, 20])},
+                                              EIGHT_BYTES * 2 + EIGHT_BYTES[:4]), r"(?i)gap|contiguous|offset"),
+    "offsets past the data": (safetensors_bytes({"a": one_tensor(offsets=[8, 16])}, EIGHT_BYTES),
+                              r"(?i)offset|range|beyond|exceed|truncat|gap|contiguous"),
+    "end before begin": (safetensors_bytes({"a": one_tensor(offsets=[8, 0])}, EIGHT_BYTES),
+                         r"(?i)offset|range|order|byte|size"),
+    "byte count != numel * itemsize": (safetensors_bytes({"a": one_tensor(shape=[3], offsets=[0, 8])}, EIGHT_BYTES),
+                                       r"(?i)byte|size|numel|shape"),
+    "unknown dtype": (safetensors_bytes({"a": one_tensor(dtype="X3")}, EIGHT_BYTES), r"(?i)dtype|X3"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_load_safetensors_rejects_malformed_file_with_value_error_naming_path(tmp_path, case):
+    """A broken download must say what is wrong and where, not crash deep inside numpy/json."""
+    content, pattern = MALFORMED[case]
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=pattern) as err:
+        load_safetensors(path)
+    assert str(path) in str(err.value)
+
+
+def test_save_safetensors_replaces_the_file_atomically(tmp_path):
+    """Written to a temporary file, then os.replace'd: a reader that has the old file open
+    keeps reading the old bytes, and only the target file remains."""
+    path = tmp_path / "x.safetensors"
+    save_safetensors({"a": torch.ones(3)}, path)
+    old = path.read_bytes()
+    with open(path, "rb") as reader:
+        save_safetensors({"a": torch.zeros(300)}, path)
+        assert reader.read() == old
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_failed_save_safetensors_keeps_old_file_and_leaves_no_temp_files(tmp_path):
+    """A save that dies half-way must not destroy the previous checkpoint or leave debris.
+    A meta tensor has a dtype and a shape but no bytes, so writing it fails mid-file."""
+    path = tmp_path / "x.safetensors"
+    save_safetensors({"a": torch.ones(3)}, path)
+    for bad in ("not a tensor", torch.empty(3, device="meta")):
+        for target in (path, tmp_path / "new.safetensors"):
+            with pytest.raises(Exception):  # any error, as long as it is raised
+                save_safetensors({"a": torch.zeros(3), "b": bad}, target)
+            assert os.listdir(tmp_path) == ["x.safetensors"]
+            assert torch.equal(load_safetensors(path)["a"], torch.ones(3))
+
+
+# ---------------------------------------------------------------------------
+# save_pretrained writes what the hub serves.
+
+def test_save_pretrained_writes_hub_layout_that_numpy_gpt2_reproduces(tmp_path):
+    """No prefix, no lm_head, Conv1D (in, out) weights: the numpy GPT-2, which reads
+    the hub layout, must reproduce the model's own logits from the saved file alone."""
+    torch.manual_seed(0)
+    model = GPT(TINY_CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial layer norms and biases too
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "gpt2"
+    assert {k: config[k] for k in TINY} == TINY
+
+    header, arrays = read_safetensors(tmp_path / "model.safetensors")
+    assert header["__metadata__"]["format"] == "pt"
+    expected = {k: v.shape for k, v in random_gpt2_params(hub_config(**TINY)).items()}
+    masks = {k for k in arrays if re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", k)}  # optional buffers
+    assert {k: a.shape for k, a in arrays.items() if k not in masks} == expected
+    assert arrays["h.0.attn.c_attn.weight"].shape == (16, 48)  # (in, out), not nn.Linear's (out, in)
+    params = {k: a for k, a in arrays.items() if k not in masks}
+    assert_matches_numpy(model, params, TINY["n_head"], random_tokens())
+
+
+def test_save_pretrained_then_from_pretrained_round_trips_exactly(tmp_path):
+    """Loading a hub checkpoint and saving it gives back the same tensors bit for bit,
+    and reloading the saved directory gives identical logits."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config)
+    model = GPT.from_pretrained(str(write_checkpoint(tmp_path / "in", params, config)))
+    model.save_pretrained(tmp_path / "out")
+    _, arrays = read_safetensors(tmp_path / "out" / "model.safetensors")
+    for name, a in params.items():
+        np.testing.assert_array_equal(arrays[name], a, err_msg=name)
+    again = GPT.from_pretrained(str(tmp_path / "out"))
+    assert np.array_equal(model_logits(again, random_tokens()), model_logits(model, random_tokens()))
+
+
+# ---------------------------------------------------------------------------
+# generate
+
+def numpy_greedy(params, n_head, prompt, n_new):
+    """Append argmax of the last position's logits, n_new times, using the numpy model."""
+    seq = list(prompt)
+    for _ in range(n_new):
+        seq.append(int(numpy_logits(params, n_head, [seq])[0, -1].argmax()))
+    return seq
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)])
+def test_greedy_generate_equals_argmax_loop_of_numpy_gpt2(tmp_path, sampling):
+    """temperature 0 is greedy decoding; so is sampling restricted to the top 1 token."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config)
+    model = GPT.from_pretrained(str(write_checkpoint(tmp_path, params, config)))
+    prompt = random_tokens(B=2, T=5)
+    out = model.generate(torch.as_tensor(prompt), max_new_tokens=10, **sampling)
+    assert out.shape == (2, 15)
+    for row, p in zip(out.tolist(), prompt):
+        assert row == numpy_greedy(params, config["n_head"], p, 10)
+
+
+# ---------------------------------------------------------------------------
+# Downloading from the hub, against a fake hub on 127.0.0.1.
+
+def git_blob_sha1(data):
+    """The ETag the hub gives files stored in git (config.json): git's object id."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class FakeHub:
+    files: dict  # filename -> bytes
+    repo: str = "openai-community/gpt2"  # where the files live; another name = a renamed repo
+    truncate: bool = False  # the CDN promises the whole file, sends half, hangs up
+    linked_etag: str = ""  # override X-Linked-Etag (a wrong sha256)
+    requests: list = field(default_factory=list)
+
+
+class FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    """Answers like huggingface.co; HTTP/1.0, so every connection closes after one answer."""
+
+    def do_HEAD(self):
+        self.answer(send_body=False)
+
+    def do_GET(self):
+        self.answer(send_body=True)
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def send(self, status, headers, body=b"", send_body=True):
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": headers.get("Content-Length", len(body))}.items():
+            self.send_header(key, str(value))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def answer(self, send_body):
+        hub = self.server.hub
+        hub.requests.append((self.command, self.path))
+        path = urllib.parse.urlsplit(self.path).path
+        m = re.fullmatch(r"/(.+)/resolve/main/([^/]+)", path)
+        if path.startswith("/cdn/") and path[5:] in hub.files:  # the CDN: its own, different ETag
+            data = hub.files[path[5:]]
+            headers = {"ETag": f'"{hashlib.sha256(b"cdn" + data).hexdigest()}"', "Content-Length": len(data)}
+            self.send(200, headers, data[: len(data) // 2] if hub.truncate else data, send_body)
+        elif m and m[1] != hub.repo:  # renamed repo: a relative redirect to the new hub path
+            self.send(307, {"Location": f"/{hub.repo}/resolve/main/{m[2]}"})
+        elif m and m[2] == "config.json":  # small file in git: 200 directly
+            data = hub.files["config.json"]
+            self.send(200, {"ETag": f'"{git_blob_sha1(data)}"', "X-Repo-Commit": COMMIT}, data, send_body)
+        elif m and m[2] in hub.files:  # LFS file: 302 to the CDN; the hub's facts only here
+            data, port = hub.files[m[2]], self.server.server_address[1]
+            cdn = f"http://localhost:{port}/cdn/{m[2]}?X-Amz-Signature=f00d"  # same server, another host name
+            self.send(302, {"Location": cdn,
+                            "X-Linked-Etag": f'"{hub.linked_etag or hashlib.sha256(data).hexdigest()}"',
+                            "X-Linked-Size": len(data), "X-Repo-Commit": COMMIT})
+        else:
+            self.send(404, {"X-Error-Code": "EntryNotFound"})
+
+
+@contextlib.contextmanager
+def serving(hub):
+    """Run the fake hub in a daemon thread; yield its URL; always shut it down."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
+    server.hub = hub
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def closed_port_url():
+    """A URL where nothing listens: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def files_under(root):
+    """Every file and symlink below root, relative to it, sorted."""
+    return sorted(str(Path(d, f).relative_to(root)) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache at $HF_HOME/hub under tmp_path; no other hub setting leaks in."""
+    for var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME", "HF_ENDPOINT",
+                "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    return tmp_path / "hf" / "hub"
+
+
+@pytest.fixture
+def tiny_repo(tmp_path):
+    """(params, config, files) of a tiny checkpoint in the hub layout, as the hub would serve it."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config)
+    directory = write_checkpoint(tmp_path / "upload", params, config)
+    files = {name: (directory / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    return params, config, files
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"HF_HUB_CACHE": "/a", "HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/a"),
+    ({"HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/b/hub"),
+    ({"XDG_CACHE_HOME": "/c"}, "/c/huggingface/hub"),
+    ({"HOME": "/home/u"}, "/home/u/.cache/huggingface/hub"),
+])
+def test_hub_cache_dir_follows_huggingface_hub_precedence(monkeypatch, env, expected):
+    """The same order huggingface_hub uses, so an existing cache is found and reused."""
+    for var in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert Path(hub_cache_dir()) == Path(expected)
+
+
+def test_from_pretrained_gpt2_downloads_into_hub_cache_then_reuses_it_offline(hub_cache, tiny_repo, monkeypatch):
+    """The cache after a download looks like huggingface_hub's (blob named by sha256,
+    relative symlink, refs/main), and a second call needs no network at all."""
+    params, config, files = tiny_repo
+    hub = FakeHub(files)
+    with serving(hub) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
+        assert any("/cdn/model.safetensors" in path for _, path in hub.requests)
+        n_requests = len(hub.requests)
+        GPT.from_pretrained("gpt2")
+        assert len(hub.requests) == n_requests  # answered from the cache
+
+    repo = "models--openai-community--gpt2"
+    sha256, sha1 = hashlib.sha256(files["model.safetensors"]).hexdigest(), git_blob_sha1(files["config.json"])
+    assert files_under(hub_cache) == sorted([
+        f"{repo}/blobs/{sha256}", f"{repo}/blobs/{sha1}", f"{repo}/refs/main",
+        f"{repo}/snapshots/{COMMIT}/config.json", f"{repo}/snapshots/{COMMIT}/model.safetensors"])
+    assert (hub_cache / repo / "refs" / "main").read_text().strip() == COMMIT
+    assert (hub_cache / repo / "blobs" / sha256).read_bytes() == files["model.safetensors"]
+    for name, blob in [("model.safetensors", sha256), ("config.json", sha1)]:
+        assert os.readlink(hub_cache / repo / "snapshots" / COMMIT / name) == f"../../blobs/{blob}"
+
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())  # server gone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
+
+
+@pytest.mark.parametrize("fault", ["truncate", "wrong sha256"])
+def test_failed_download_raises_and_leaves_nothing_cached(hub_cache, tiny_repo, monkeypatch, fault):
+    """A half or corrupt file must never look like a cached model; config.json, which did
+    download correctly, may stay."""
+    _, _, files = tiny_repo
+    wrong = hashlib.sha256(b"some other file").hexdigest()
+    hub = FakeHub(files, truncate=(fault == "truncate"), linked_etag=wrong if fault == "wrong sha256" else "")
+    with serving(hub) as url, pytest.raises((RuntimeError, ValueError)) as err:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        GPT.from_pretrained("gpt2")
+    if fault == "wrong sha256":
+        assert "sha256" in str(err.value).lower()
+    repo = "models--openai-community--gpt2"
+    config_files = {f"{repo}/blobs/{git_blob_sha1(files['config.json'])}", f"{repo}/refs/main",
+                    f"{repo}/snapshots/{COMMIT}/config.json"}
+    assert set(files_under(hub_cache.parent)) <= config_files
+
+
+def test_from_pretrained_follows_relative_redirect_of_renamed_repo(hub_cache, tiny_repo, monkeypatch):
+    """A renamed repo answers 307 with a relative Location on the hub itself."""
+    params, config, files = tiny_repo
+    hub = FakeHub(files, repo="openai-community/gpt2-renamed")
+    with serving(hub) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        model = GPT.from_pretrained("gpt2")
+    assert any(path.startswith("/openai-community/gpt2-renamed/") for _, path in hub.requests)
+    assert_matches_numpy(model, params, config["n_head"], random_tokens())
+
+
+@pytest.mark.parametrize("value", ["1", "on", "Yes", "TRUE"])
+def test_offline_and_not_cached_raises_file_not_found_saying_where_to_put_it(hub_cache, monkeypatch, value):
+    """Offline means no network; the message tells the user where the file should be."""
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    with pytest.raises(FileNotFoundError) as err:
+        GPT.from_pretrained("gpt2")
+    assert str(hub_cache) in str(err.value) and "--weights" in str(err.value)
+
+
+def test_connection_refused_raises_runtime_error_with_url_and_weights_hint(hub_cache, monkeypatch):
+    """No network: say which URL failed and how to use a local file instead."""
+    url = closed_port_url()
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    with pytest.raises(RuntimeError) as err:
+        GPT.from_pretrained("gpt2")
+    assert f"{url}/openai-community/gpt2/resolve/main/" in str(err.value)
+    assert "--weights" in str(err.value)
+
+
+def test_existing_hub_cache_is_used_without_network_preferring_refs_main(tmp_path, hub_cache, tiny_repo,
+                                                                          monkeypatch):
+    """A cache made by huggingface_hub is reused as is; of several snapshots, refs/main's wins."""
+    params, config, files = tiny_repo
+    stale = write_checkpoint(tmp_path / "stale", random_gpt2_params(config, seed=7), config)
+    repo = hub_cache / "models--openai-community--gpt2"
+    for commit, model_bytes in [("1" * 40, (stale / "model.safetensors").read_bytes()),
+                                ("5" * 40, files["model.safetensors"]),
+                                ("9" * 40, (stale / "model.safetensors").read_bytes())]:
+        sha256 = hashlib.sha256(model_bytes).hexdigest()
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / sha256).write_bytes(model_bytes)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "model.safetensors").symlink_to(f"../../blobs/{sha256}")
+        (repo / "snapshots" / commit / "config.json").write_bytes(files["config.json"])
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("5" * 40)
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
+
+
+# =============================================================================
+# 2. Losses and gradients: DPO, conservative DPO and IPO against closed forms and finite differences
+# =============================================================================
+# Tests for dpo.py, losses and gradients: the DPO / conservative DPO / IPO losses, their
+# gradients, the log-probabilities they are computed from, the frozen reference, and the
+# training step and loop.
+#
+# Every check is against something independent of dpo.py: a closed form, a number worked
+# out by hand (the arithmetic is in a comment), a finite difference, a separate backward
+# pass, a plain loop over positions, or torch.distributions. The equations:
+#     h      = [log pi(y_c) - log pi_ref(y_c)] - [log pi(y_r) - log pi_ref(y_r)]
+#     DPO    L = -log sigmoid(beta h)                              (Rafailov et al. 2023, Eq. 7)
+#     cDPO   L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (Mitchell 2023)
+#     IPO    L = (h - 1/(2 beta))^2                                (Azar et al. 2023, Eq. 17)
+#     reward = beta (log pi(y) - log pi_ref(y))                    (Rafailov et al. 2023, Eq. 5)
+
+
+LOG2 = math.log(2)  # -log sigmoid(0) = log(1 + e^0) = log 2
+
+
+class CharTokenizer:
+    """A stand-in for tiktoken: one token per character of " abc...z", id 0 is <|endoftext|>."""
+    alphabet = " abcdefghijklmnopqrstuvwxyz"
+    eot_token = 0
+
+    def encode(self, text):
+        return [1 + self.alphabet.index(c) for c in text]  # " " -> 1, "a" -> 2, ..., "z" -> 27
+
+
+PAIRS = [
+    {"prompt": "the cat", "chosen": " sat", "rejected": " ran away"},
+    {"prompt": "a dog", "chosen": " barked", "rejected": " hid"},
+    {"prompt": "birds", "chosen": " sing", "rejected": " fly south"},
+    {"prompt": "fish", "chosen": " swim", "rejected": " walk"},
+    {"prompt": "the sun", "chosen": " is hot", "rejected": " is cold"},
+]
+
+
+def tiny_policy(seed=0, dropout=0.0, dtype=torch.float32):
+    """A 2-layer GPT over CharTokenizer's 28 tokens. Token embeddings of std 0.5 (GPT-2 uses
+    0.02) make its next-token distributions far from uniform, so that differences show."""
+    torch.manual_seed(seed)
+    config = GPTConfig(block_size=32, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=dropout)
+    policy = GPT(config).to(dtype)
+    with torch.no_grad():
+        policy.transformer.wte.weight.normal_(0.0, 0.5)  # tied to lm_head: scales the logits
+    return policy
+
+
+def perturb(model, std=0.05, seed=1):
+    """Move every weight a little, so that a policy differs from its reference (h != 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def count_forwards(model):
+    """Record the input of every forward call of `model` (a forward hook)."""
+    inputs = []
+    model.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    return inputs
+
+
+def four_logps(h_values, dtype=torch.float64):
+    """Policy/reference chosen/rejected log-probs whose h = (pc - rc) - (pr - rr) is h_values."""
+    h = torch.tensor(h_values, dtype=dtype)
+    pc, pr = -5.0 + h / 2, -5.0 - h / 2  # h/2 - (-h/2) = h
+    rc, rr = torch.full_like(h, -5.0), torch.full_like(h, -5.0)
+    return [t.clone().requires_grad_(True) for t in (pc, pr, rc, rr)]
+
+
+# -----------------------------------------------------------------------------
+# The losses at initialisation, where the policy is the reference
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.25, 2.0])
+def test_dpo_loss_is_log2_and_ipo_loss_is_inverse_2beta_squared_when_policy_equals_reference(beta):
+    """At step 0 pi = pi_ref, so h = 0 on every pair and
+    DPO (Eq. 7): -log sigmoid(0) = log 2;  IPO (Eq. 17): (0 - 1/(2 beta))^2 = (1/(2 beta))^2.
+    Computed through the real GPT forward on a real encoded batch."""
+    policy = tiny_policy()
+    reference = dpo.make_reference(policy)
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+    ids, mask = data["input_ids"], data["loss_mask"]
+    logps = dpo.sequence_logps(policy(ids), ids, mask)
+    with torch.no_grad():
+        reference_logps = dpo.sequence_logps(reference(ids), ids, mask)
+    n = len(PAIRS)
+    assert torch.all(logps < 0)  # real log-probs, not zeros
+    args = (logps[:n], logps[n:], reference_logps[:n], reference_logps[n:])
+
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(*args, beta=beta, loss_type="dpo")
+    assert losses.shape == (n,)
+    assert torch.allclose(losses.double(), torch.full((n,), LOG2, dtype=torch.float64), rtol=0, atol=1e-7)
+    assert torch.all(chosen_rewards == 0) and torch.all(rejected_rewards == 0)
+
+    losses, _, _ = dpo.dpo_loss(*args, beta=beta, loss_type="ipo")
+    target = (1 / (2 * beta)) ** 2  # beta = 0.1: 25; 0.25: 4; 2.0: 0.0625
+    assert torch.allclose(losses.double(), torch.full((n,), target, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_dpo_step_first_report_is_log2_loss_zero_accuracy_zero_margin_zero_kl():
+    """dpo_step before any update: policy = reference, so loss = log 2 (Eq. 7 at h = 0),
+    every margin beta*h is 0 (so no pair counts as ranked right), and KL(pi || pi_ref) = 0."""
+    policy = tiny_policy()
+    reference = dpo.make_reference(policy)
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+    cache = dpo.precompute_reference(reference, data)
+    batch = dpo.make_batch(data, cache, torch.tensor([3, 0, 2]), "cpu")
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    metrics = dpo.dpo_step(policy, optimizer, batch, beta=0.1)
+    assert metrics["loss"] == pytest.approx(LOG2, abs=1e-6)
+    assert metrics["reward_accuracy"] == 0.0
+    assert metrics["margin"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["chosen_reward"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["rejected_reward"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["grad_norm"] > 0  # the first step does move the policy
+
+
+# -----------------------------------------------------------------------------
+# Loss values and rewards on fixed inputs, worked out by hand
+
+# Two pairs, beta = 0.5:
+#   pair 0: pc=-1, pr=-3, rc=-2, rr=-2: h = (-1+2) - (-3+2) = 1 - (-1) = 2,  beta h = 1
+#   pair 1: pc=-4, pr=-1, rc=-2, rr=-2: h = (-4+2) - (-1+2) = -2 - 1 = -3, beta h = -1.5
+FIXED = dict(pc=[-1.0, -4.0], pr=[-3.0, -1.0], rc=[-2.0, -2.0], rr=[-2.0, -2.0], beta=0.5)
+
+
+def fixed_inputs():
+    return [torch.tensor(FIXED[k], dtype=torch.float64, requires_grad=True) for k in ("pc", "pr", "rc", "rr")]
+
+
+def test_dpo_loss_matches_hand_computed_values():
+    """DPO, Eq. 7: -log sigmoid(beta h) = log(1 + e^(-beta h))."""
+    losses, _, _ = dpo.dpo_loss(*fixed_inputs(), beta=FIXED["beta"], loss_type="dpo")
+    # pair 0: log(1 + e^-1)  = log(1.36787944...) = 0.31326168751822286
+    # pair 1: log(1 + e^1.5) = log(5.48168907...) = 1.7014132779827524
+    assert losses.tolist() == pytest.approx([0.31326168751822286, 1.7014132779827524], rel=1e-12)
+
+
+def test_conservative_dpo_loss_matches_hand_computed_values():
+    """Conservative DPO (Mitchell 2023): -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+    Since log(1 + e^x) - log(1 + e^-x) = x, this is log(1 + e^(-beta h)) + eps beta h."""
+    losses, _, _ = dpo.dpo_loss(*fixed_inputs(), beta=FIXED["beta"], loss_type="dpo", label_smoothing=0.1)
+    # pair 0: 0.9 log(1 + e^-1) + 0.1 log(1 + e^1)    = 0.31326168751822286 + 0.1 * 1    = 0.41326168751822286
+    # pair 1: 0.9 log(1 + e^1.5) + 0.1 log(1 + e^-1.5) = 1.7014132779827524 + 0.1 * -1.5 = 1.5514132779827524
+    assert losses.tolist() == pytest.approx([0.41326168751822286, 1.5514132779827524], rel=1e-12)
+
+
+def test_ipo_loss_matches_hand_computed_values():
+    """IPO, Eq. 17: (h - 1/(2 beta))^2; with beta = 0.5 the target margin 1/(2 beta) is 1."""
+    losses, _, _ = dpo.dpo_loss(*fixed_inputs(), beta=FIXED["beta"], loss_type="ipo")
+    # pair 0: (2 - 1)^2 = 1;  pair 1: (-3 - 1)^2 = 16
+    assert losses.tolist() == pytest.approx([1.0, 16.0], rel=1e-12)
+
+
+@pytest.mark.parametrize("loss_type, label_smoothing", [("dpo", 0.0), ("dpo", 0.1), ("ipo", 0.0)])
+def test_rewards_are_beta_times_logratio_and_detached(loss_type, label_smoothing):
+    """The implicit reward (Eq. 5) beta (log pi(y) - log pi_ref(y)), for reporting only: no gradient."""
+    _, chosen_rewards, rejected_rewards = dpo.dpo_loss(
+        *fixed_inputs(), beta=FIXED["beta"], loss_type=loss_type, label_smoothing=label_smoothing)
+    # chosen:   0.5 * (-1 - -2) = 0.5,   0.5 * (-4 - -2) = -1
+    # rejected: 0.5 * (-3 - -2) = -0.5,  0.5 * (-1 - -2) = 0.5
+    assert chosen_rewards.tolist() == [0.5, -1.0]
+    assert rejected_rewards.tolist() == [-0.5, 0.5]
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+
+
+def test_losses_stay_finite_for_huge_margins_with_the_right_asymptotics():
+    """With h = +-1e4 and beta = 0.1, beta h = +-1000 and sigmoid(-1000) underflows to 0, so
+    log(sigmoid(.)) would be -inf. Asymptotically log(1 + e^(-x)) -> 0 for x -> +inf and
+    -> -x for x -> -inf: DPO gives ~0 and ~beta*1e4 = 1000; cDPO (eps = 0.1) gives
+    ~eps*1000 = 100 and ~(1-eps)*1000 = 900. Gradients stay finite too."""
+    for dtype in (torch.float32, torch.float64):
+        for label_smoothing, expected in [(0.0, [0.0, 1000.0]), (0.1, [100.0, 900.0])]:
+            inputs = four_logps([1e4, -1e4], dtype=dtype)
+            losses, _, _ = dpo.dpo_loss(*inputs, beta=0.1, label_smoothing=label_smoothing)
+            assert torch.all(torch.isfinite(losses))
+            assert losses.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-6)
+            losses.sum().backward()
+            assert all(torch.all(torch.isfinite(x.grad)) for x in inputs)
+
+
+# -----------------------------------------------------------------------------
+# Gradients with respect to the four log-prob inputs
+
+
+def dloss_dh(h, beta, loss_type, label_smoothing):
+    """dL/dh in closed form. dh/d(pc, pr, rc, rr) = (+1, -1, -1, +1)."""
+    if loss_type == "ipo":
+        return 2 * (h - 1 / (2 * beta))
+    eps = label_smoothing
+    # d/dx -log sigmoid(x) = -sigmoid(-x); d/dx -log sigmoid(-x) = sigmoid(x)
+    return -(1 - eps) * beta * torch.sigmoid(-beta * h) + eps * beta * torch.sigmoid(beta * h)
+
+
+@pytest.mark.parametrize("loss_type, label_smoothing", [("dpo", 0.0), ("dpo", 0.2), ("ipo", 0.0)])
+def test_loss_gradients_wrt_log_probs_match_closed_forms(loss_type, label_smoothing):
+    """DPO (Section 4): dL/d log pi(y_c) = -beta sigmoid(-beta h), dL/d log pi(y_r) = +beta sigmoid(-beta h),
+    the negatives for the reference; cDPO adds +eps beta sigmoid(beta h) to the first;
+    IPO: dL/d log pi(y_c) = 2 (h - 1/(2 beta)), with the same sign pattern."""
+    beta = 0.3
+    h_values = [-4.0, -0.5, 0.0, 0.7, 3.0, 9.0]
+    inputs = four_logps(h_values)
+    losses, _, _ = dpo.dpo_loss(*inputs, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    losses.sum().backward()
+    g = dloss_dh(torch.tensor(h_values, dtype=torch.float64), beta, loss_type, label_smoothing)
+    for x, sign in zip(inputs, (+1, -1, -1, +1)):
+        assert torch.allclose(x.grad, sign * g, rtol=1e-12, atol=1e-15)
+    if loss_type == "dpo" and label_smoothing == 0:  # the policy chosen gradient is -beta sigmoid(-beta h) < 0
+        assert torch.all(inputs[0].grad < 0)  # so gradient descent raises log pi(y_c)
+
+
+@pytest.mark.parametrize("loss_type, label_smoothing", [("dpo", 0.0), ("dpo", 0.2), ("ipo", 0.0)])
+def test_losses_pass_gradcheck_in_float64(loss_type, label_smoothing):
+    """Autograd's gradient of each loss equals its finite-difference Jacobian."""
+    inputs = [torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(i)).requires_grad_(True)
+              for i in range(4)]
+    assert torch.autograd.gradcheck(
+        lambda *x: dpo.dpo_loss(*x, beta=0.7, loss_type=loss_type, label_smoothing=label_smoothing)[0], inputs)
+
+
+# -----------------------------------------------------------------------------
+# Gradients with respect to the model's parameters
+
+
+def test_policy_gradient_follows_the_dpo_paper_identity_on_a_tiny_gpt():
+    """DPO paper, Section 4: grad L = -beta sigmoid(-beta h) [grad log pi(y_c) - grad log pi(y_r)].
+    Left: the gradient dpo_step leaves in the policy (learning rate 0, no clipping).
+    Right: grad log pi(y_c) and grad log pi(y_r) from two separate backward passes."""
+    beta = 0.5
+    policy = tiny_policy(dtype=torch.float64)
+    reference = dpo.make_reference(policy)
+    perturb(policy)
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS[:1], block_size=32)
+    ids, mask = data["input_ids"], data["loss_mask"]
+    with torch.no_grad():
+        reference_logps = dpo.sequence_logps(reference(ids), ids, mask)  # (2,): chosen, rejected
+
+    params = list(policy.parameters())
+    chosen_logp = dpo.sequence_logps(policy(ids[:1]), ids[:1], mask[:1])[0]
+    grad_chosen = torch.autograd.grad(chosen_logp, params)
+    rejected_logp = dpo.sequence_logps(policy(ids[1:]), ids[1:], mask[1:])[0]
+    grad_rejected = torch.autograd.grad(rejected_logp, params)
+    h = (chosen_logp.item() - reference_logps[0].item()) - (rejected_logp.item() - reference_logps[1].item())
+    assert abs(h) > 0.05  # the perturbation moved the policy: the weight is not just beta/2
+    weight = -beta / (1 + math.exp(beta * h))  # -beta sigmoid(-beta h)
+
+    batch = {"input_ids": ids, "loss_mask": mask, "reference_logps": reference_logps}
+    for _ in range(2):  # the second step's gradient is its own, not added to the first's
+        dpo.dpo_step(policy, torch.optim.SGD(params, lr=0.0), batch, beta=beta, max_grad_norm=float("inf"))
+    for p, gc, gr in zip(params, grad_chosen, grad_rejected):
+        expected = weight * (gc - gr)
+        assert (p.grad - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_dpo_loss_gradient_matches_central_finite_differences_on_model_parameters():
+    """d L / d theta from autograd equals (L(theta + eps) - L(theta - eps)) / (2 eps) for a few
+    single weights of a float64 tiny GPT, L the mean DPO loss (Eq. 7) over two pairs."""
+    beta, eps = 0.5, 1e-6
+    policy = tiny_policy(dtype=torch.float64)
+    reference = dpo.make_reference(policy)
+    perturb(policy)
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS[:2], block_size=32)
+    ids, mask = data["input_ids"], data["loss_mask"]
+    with torch.no_grad():
+        ref = dpo.sequence_logps(reference(ids), ids, mask)
+
+    def loss():
+        logps = dpo.sequence_logps(policy(ids), ids, mask)
+        return dpo.dpo_loss(logps[:2], logps[2:], ref[:2], ref[2:], beta=beta)[0].mean()
+
+    loss().backward()
+    entries = [("transformer.wte.weight", (2, 3)), ("transformer.wpe.weight", (4, 0)),
+               ("transformer.h.0.attn.c_attn.weight", (5, 7)), ("transformer.h.1.mlp.c_fc.bias", (9,)),
+               ("transformer.ln_f.weight", (1,))]
+    named = dict(policy.named_parameters())
+    for name, index in entries:
+        p = named[name]
+        with torch.no_grad():
+            original = p[index].item()
+            p[index] = original + eps
+            up = loss().item()
+            p[index] = original - eps
+            down = loss().item()
+            p[index] = original
+        numerical = (up - down) / (2 * eps)
+        assert abs(p.grad[index].item()) > 1e-4, name  # a weight the loss depends on
+        assert p.grad[index].item() == pytest.approx(numerical, rel=1e-5, abs=1e-9), name
+
+
+# -----------------------------------------------------------------------------
+# Log-probabilities of completions and masking
+
+
+def loop_sequence_logps(logits, labels, loss_mask):
+    """log pi(y|x) by hand: for each response token t, log softmax of logits[t-1] at token t."""
+    B, T, V = logits.shape
+    totals = np.zeros(B)
+    for b in range(B):
+        for t in range(1, T):
+            if loss_mask[b, t]:
+                z = logits[b, t - 1]
+                log_normaliser = z.max() + np.log(np.exp(z - z.max()).sum())
+                totals[b] += z[labels[b, t]] - log_normaliser
+    return totals
+
+
+LOGPS_MASK = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0],   # prompt of 3, response of 3, 2 padding
+                           [0, 1, 1, 1, 1, 1, 1, 1],   # prompt of 1, response fills the row
+                           [0, 0, 0, 0, 0, 0, 1, 0]])  # prompt of 6, response of 1, 1 padding
+
+
+def random_logits_and_labels(dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(3, 8, 11, generator=generator, dtype=dtype)  # (B, T, V)
+    labels = torch.randint(0, 11, (3, 8), generator=generator)  # (B, T)
+    return logits, labels
+
+
+def test_sequence_logps_matches_a_plain_loop_over_positions():
+    """log pi(y|x) = sum over response tokens t of log softmax(logits[t-1])[y_t]: the logits at
+    position t-1 score the token at t, and only tokens with loss_mask 1 count."""
+    logits, labels = random_logits_and_labels(torch.float32)
+    got = dpo.sequence_logps(logits, labels, LOGPS_MASK.float())
+    expected = loop_sequence_logps(logits.double().numpy(), labels.numpy(), LOGPS_MASK.numpy())
+    assert got.shape == (3,)
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-5)
+
+
+def test_sequence_logps_of_float64_logits_keeps_float64_precision():
+    """A float64 model gets float64 log-probs: gradient and finite-difference checks
+    in float64 rely on it. (Upcasting half precision is fine; downcasting is not.)"""
+    logits, labels = random_logits_and_labels(torch.float64)
+    got = dpo.sequence_logps(logits, labels, LOGPS_MASK.double())
+    expected = loop_sequence_logps(logits.numpy(), labels.numpy(), LOGPS_MASK.numpy())
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+def test_sequence_logps_ignores_prompt_and_padding_but_not_response_positions():
+    """Only the logits that predict a response token (position t-1 for each t with loss_mask 1)
+    and the response labels themselves enter log pi(y|x)."""
+    logits, labels = random_logits_and_labels(torch.float64)
+    mask = LOGPS_MASK.double()
+    before = dpo.sequence_logps(logits, labels, mask)
+
+    predicts_response = torch.zeros_like(LOGPS_MASK, dtype=torch.bool)
+    predicts_response[:, :-1] = LOGPS_MASK[:, 1:].bool()  # logits at t-1 score token t
+    changed = logits.clone()
+    changed[~predicts_response] = 100 * torch.randn_like(changed[~predicts_response])
+    changed_labels = labels.clone()
+    changed_labels[LOGPS_MASK == 0] = (labels[LOGPS_MASK == 0] + 1) % 11  # prompt and padding labels
+    assert torch.equal(dpo.sequence_logps(changed, changed_labels, mask), before)
+
+    # row 2's only response token is at t = 6, scored by the logits at position 5
+    changed = logits.clone()
+    changed[2, 5, labels[2, 6]] += 1.0
+    after = dpo.sequence_logps(changed, labels, mask)
+    assert torch.equal(after[:2], before[:2]) and after[2] > before[2]
+    changed_labels = labels.clone()
+    changed_labels[2, 6] = (labels[2, 6] + 1) % 11
+    assert dpo.sequence_logps(logits, changed_labels, mask)[2] != before[2]
+
+
+def test_encode_pairs_puts_chosen_rows_first_masks_exactly_the_response_and_pads_right():
+    """Rows 0..N-1 are the chosen completions, N..2N-1 the rejected ones in the same order;
+    each row is prompt ids + response ids + <|endoftext|>, padded on the right with
+    <|endoftext|>, and loss_mask is 1 on exactly the response tokens (the eot included)."""
+    enc = CharTokenizer()  # " " -> 1, "a" -> 2, "b" -> 3, "c" -> 4, "d" -> 5, "e" -> 6; eot 0
+    pairs = [{"prompt": "ab", "chosen": "c", "rejected": "de"}, {"prompt": "e", "chosen": "a", "rejected": "b"}]
+    data = dpo.encode_pairs(enc, pairs, block_size=8)
+    assert data["input_ids"].tolist() == [[2, 3, 4, 0, 0],   # "ab" + "c"  + eot, 1 padding
+                                          [6, 2, 0, 0, 0],   # "e"  + "a"  + eot, 2 padding
+                                          [2, 3, 5, 6, 0],   # "ab" + "de" + eot
+                                          [6, 3, 0, 0, 0]]   # "e"  + "b"  + eot, 2 padding
+    assert data["loss_mask"].tolist() == [[0, 0, 1, 1, 0],
+                                          [0, 1, 1, 0, 0],
+                                          [0, 0, 1, 1, 1],
+                                          [0, 1, 1, 0, 0]]
+    data = dpo.encode_pairs(enc, pairs, block_size=8, add_eos=False)
+    assert data["input_ids"].tolist() == [[2, 3, 4, 0], [6, 2, 0, 0], [2, 3, 5, 6], [6, 3, 0, 0]]
+    assert data["loss_mask"].tolist() == [[0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 1, 0, 0]]
+
+
+def gpt2_tokenizer():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", "shared", "tiktoken-cache"))
+    try:
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no tiktoken, or no cached BPE files and no network
+        pytest.skip(f"GPT-2 tokenizer unavailable ({type(e).__name__}: {e}); set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+
+
+def test_encode_pairs_tokenises_prompt_and_response_apart_with_gpt2_bpe():
+    """The scored tokens must be exactly enc.encode(response): tokenising prompt + response as
+    one string lets BPE merge across the boundary ("Hello wor" + "ld" -> "Hello", " world")."""
+    enc = gpt2_tokenizer()
+    pairs = [{"prompt": "Hello wor", "chosen": "ld", "rejected": "m!"},
+             {"prompt": "Q: 2+2?\nA:", "chosen": " 4", "rejected": " five"}]
+    assert enc.encode("Hello wor" + "ld") != enc.encode("Hello wor") + enc.encode("ld")  # why apart matters
+    data = dpo.encode_pairs(enc, pairs, block_size=64)
+    rows = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
+    assert data["input_ids"].shape[0] == 4
+    for row, (prompt, response) in enumerate(rows):
+        expected = enc.encode(prompt) + enc.encode(response) + [enc.eot_token]
+        n_prompt = len(enc.encode(prompt))
+        ids, mask = data["input_ids"][row], data["loss_mask"][row]
+        assert ids[:len(expected)].tolist() == expected
+        assert torch.all(ids[len(expected):] == enc.eot_token)  # right padding
+        assert mask.tolist() == [0] * n_prompt + [1] * (len(expected) - n_prompt) + [0] * (len(ids) - len(expected))
+    assert data["input_ids"][0, :4].tolist() == [15496, 476, 335, 50256]  # "Hello", " wor", "ld", eot
+
+
+# -----------------------------------------------------------------------------
+# Errors a user can act on
+
+
+def test_encode_pairs_rejects_empty_prompt_empty_response_and_no_pairs():
+    enc = CharTokenizer()
+    with pytest.raises(ValueError, match="prompt"):
+        dpo.encode_pairs(enc, [{"prompt": "", "chosen": "a", "rejected": "b"}], block_size=8)
+    with pytest.raises(ValueError, match="response"):
+        dpo.encode_pairs(enc, [{"prompt": "x", "chosen": "a", "rejected": ""}], block_size=8)
+    with pytest.raises(ValueError, match="pairs"):
+        dpo.encode_pairs(enc, [], block_size=8)
+
+
+def test_encode_pairs_rejects_a_pair_longer_than_the_context_and_accepts_one_that_fits():
+    enc = CharTokenizer()
+    pair = {"prompt": "abc", "chosen": "de", "rejected": "defg"}  # rejected: 3 + 4 + eot = 8 tokens
+    assert dpo.encode_pairs(enc, [pair], block_size=8)["input_ids"].shape == (2, 8)  # exactly fits
+    with pytest.raises(ValueError, match="context"):
+        dpo.encode_pairs(enc, [pair], block_size=7)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beta=0.0), "beta"), (dict(beta=-0.1), "beta"),
+    (dict(loss_type="sigmoid"), "loss_type"),
+    (dict(label_smoothing=-0.1), "label_smoothing"), (dict(label_smoothing=0.5), "label_smoothing"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing"),
+])
+def test_dpo_loss_rejects_invalid_beta_loss_type_and_label_smoothing(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        dpo.dpo_loss(*fixed_inputs(), **kwargs)
+
+
+def test_reference_forward_of_sequences_longer_than_block_size_raises_value_error():
+    """Hand-built data longer than the context fail loudly in the model forward, not silently."""
+    reference = dpo.make_reference(tiny_policy())
+    data = {"input_ids": torch.ones(2, 33, dtype=torch.long), "loss_mask": torch.ones(2, 33)}
+    with pytest.raises(ValueError, match="context"):
+        dpo.precompute_reference(reference, data)
+
+
+# -----------------------------------------------------------------------------
+# The reference and the training loop
+
+
+def test_dpo_step_runs_the_policy_once_on_chosen_and_rejected_together():
+    """One forward of 2B rows per step: chosen and rejected share it (and the reference none)."""
+    policy = tiny_policy()
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+    cache = dpo.precompute_reference(dpo.make_reference(policy), data)
+    batch = dpo.make_batch(data, cache, torch.tensor([4, 1]), "cpu")
+    forwards = count_forwards(policy)
+    dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch)
+    assert len(forwards) == 1
+    assert forwards[0].shape[0] == 4  # B = 2 pairs: 2 chosen + 2 rejected rows
+
+
+def test_train_dpo_runs_the_reference_once_before_training_not_per_step():
+    """log pi_ref(y|x) does not change, so train_dpo computes it in ceil(2N / batch) forwards
+    in total, however many steps follow; the policy runs once per step."""
+    policy = tiny_policy()
+    reference = dpo.make_reference(policy)
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)  # N = 5 pairs, 10 rows
+    reference_forwards, policy_forwards = count_forwards(reference), count_forwards(policy)
+    history = dpo.train_dpo(policy, reference, data, torch.optim.SGD(policy.parameters(), lr=0.1),
+                            epochs=3, batch_size=2)
+    precompute_batch = inspect.signature(dpo.precompute_reference).parameters["batch_size"].default
+    assert len(reference_forwards) == math.ceil(10 / precompute_batch)  # 2 with the default batch of 8
+    assert len(history) == 3 * 3  # 3 epochs of ceil(5 / 2) = 3 steps
+    assert len(policy_forwards) == len(history)
+
+
+def test_make_reference_returns_a_frozen_copy_sharing_no_storage():
+    policy = tiny_policy(dropout=0.1).train()
+    reference = dpo.make_reference(policy)
+    assert reference is not policy
+    assert not reference.training and policy.training  # eval mode for the copy only
+    assert all(not p.requires_grad for p in reference.parameters())
+    assert all(p.requires_grad for p in policy.parameters())  # the policy was not frozen instead
+    policy_storage = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    assert not policy_storage & {p.untyped_storage().data_ptr() for p in reference.parameters()}
+    for p, q in zip(policy.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+    with torch.no_grad():
+        next(policy.parameters()).add_(1.0)
+    assert not torch.equal(next(policy.parameters()), next(reference.parameters()))
+
+
+def test_train_dpo_leaves_the_reference_bit_identical_and_moves_the_policy():
+    policy = tiny_policy()
+    reference = dpo.make_reference(policy)
+    reference_before = copy.deepcopy(reference.state_dict())
+    policy_before = copy.deepcopy(policy.state_dict())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    reference_ids = {id(p) for p in reference.parameters()}
+    assert not reference_ids & {id(p) for group in optimizer.param_groups for p in group["params"]}
+    dpo.train_dpo(policy, reference, data=dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32),
+                  optimizer=optimizer, epochs=2, batch_size=2)
+    assert all(torch.equal(reference_before[k], v) for k, v in reference.state_dict().items())
+    assert all(p.grad is None for p in reference.parameters())
+    assert not all(torch.equal(policy_before[k], v) for k, v in policy.state_dict().items())
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in policy.parameters()}
+
+
+def test_train_dpo_turns_dropout_off_so_the_first_loss_is_log2():
+    """With dropout on, pi and pi_ref would see different random masks at step 0 and h != 0;
+    train_dpo must evaluate both without dropout so that the first loss is log 2 (Eq. 7, h = 0)."""
+    policy = tiny_policy(dropout=0.1).train()
+    reference = dpo.make_reference(policy)
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+    with torch.no_grad():  # dropout does change this model's outputs: the test can fail
+        assert not torch.allclose(policy(data["input_ids"]), policy(data["input_ids"]), atol=1e-3)
+    history = dpo.train_dpo(policy, reference, data, torch.optim.SGD(policy.parameters(), lr=0.1),
+                            epochs=1, batch_size=2, beta=1.0)
+    assert history[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+
+
+def test_mean_token_kl_matches_torch_distributions_and_is_zero_only_for_equal_distributions():
+    """KL(pi || pi_ref) = sum_v pi(v) log(pi(v) / pi_ref(v)), averaged over positions."""
+    generator = torch.Generator().manual_seed(0)
+    policy_logprobs = (2 * torch.randn(6, 13, generator=generator, dtype=torch.float64)).log_softmax(-1)
+    reference_logprobs = (2 * torch.randn(6, 13, generator=generator, dtype=torch.float64)).log_softmax(-1)
+    Categorical = torch.distributions.Categorical
+    expected = torch.distributions.kl_divergence(Categorical(logits=policy_logprobs),
+                                                 Categorical(logits=reference_logprobs)).mean()
+    swapped = torch.distributions.kl_divergence(Categorical(logits=reference_logprobs),
+                                                Categorical(logits=policy_logprobs)).mean()
+    assert abs(expected - swapped) > 0.1  # KL is not symmetric: the direction is checked
+    kl = dpo.mean_token_kl(policy_logprobs, reference_logprobs)
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert kl > 0
+    assert dpo.mean_token_kl(policy_logprobs, policy_logprobs).item() == pytest.approx(0.0, abs=1e-15)
+
+
+def test_train_dpo_is_deterministic_given_initial_weights_and_seed():
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+
+    def run(seed):
+        policy = tiny_policy()
+        reference = dpo.make_reference(policy)
+        return dpo.train_dpo(policy, reference, data, torch.optim.AdamW(policy.parameters(), lr=1e-2),
+                             epochs=2, batch_size=2, seed=seed)
+
+    assert run(seed=0) == run(seed=0)
+    assert run(seed=0) != run(seed=1)  # the seed does choose the order of the batches
+
+
+# =============================================================================
+# 3. Theory on a bandit: DPO's optimum is pi_ref exp(r / beta) / Z; IPO stops, DPO does not
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Theory on a bandit
+#
+# One prompt with K = 4 possible answers, so a policy is a softmax over 4 logits
+# and every expectation is an exact finite sum: no sampling, no GPT.
+
+REFERENCE_PROBS = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+REFERENCE_LOGPS = REFERENCE_PROBS.log()
+TRUE_REWARDS = torch.tensor([0.0, 1.0, -0.5, 0.5], dtype=torch.float64)  # best answer is not the reference's favourite
+
+
+def policy_at_reference():
+    """Logits of a policy that starts equal to the reference, as DPO training does."""
+    return REFERENCE_LOGPS.clone().requires_grad_(True)
+
+
+def population_dpo_loss(logits, beta):
+    """Expected DPO loss over all pairs: answers drawn from the reference, labelled by Bradley-Terry.
+
+    Ordered pair (i, j) means "i chosen, j rejected"; its weight is the probability of
+    drawing {i, j} from the reference times P(i > j) = sigmoid(r_i - r_j) (DPO paper, Eq. 1).
+    """
+    chosen, rejected = torch.tensor([(i, j) for i in range(4) for j in range(4) if i != j]).T
+    weights = REFERENCE_PROBS[chosen] * REFERENCE_PROBS[rejected] * torch.sigmoid(TRUE_REWARDS[chosen] - TRUE_REWARDS[rejected])
+    policy_logps = torch.log_softmax(logits, dim=0)
+    losses, _, _ = dpo_loss(policy_logps[chosen], policy_logps[rejected],
+                            REFERENCE_LOGPS[chosen], REFERENCE_LOGPS[rejected], beta=beta)
+    return (weights * losses).sum()
+
+
+def single_pair_loss(logits, beta, loss_type, chosen=2, rejected=0):
+    """Loss on the one pair in the data: answer 2 always chosen over answer 0 (deterministic)."""
+    policy_logps = torch.log_softmax(logits, dim=0)
+    losses, _, _ = dpo_loss(policy_logps[[chosen]], policy_logps[[rejected]],
+                            REFERENCE_LOGPS[[chosen]], REFERENCE_LOGPS[[rejected]], beta=beta, loss_type=loss_type)
+    return losses.sum()
+
+
+def minimise_with_lbfgs(loss_fn, logits):
+    """Run L-BFGS in float64 to its limit: these losses are smooth and convex in the logits."""
+    optimizer = torch.optim.LBFGS([logits], lr=1.0, max_iter=500, tolerance_grad=1e-13, tolerance_change=0.0,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(logits)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return logits.detach()
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
+def test_population_dpo_minimiser_is_reference_tilted_by_exp_reward_over_beta(beta):
+    """DPO paper, Eq. 4: the KL-regularised optimum is pi* = pi_ref exp(r / beta) / Z, and the
+    DPO loss (Eq. 7) under Bradley-Terry preferences (Eq. 1) is minimised exactly there."""
+    logits = minimise_with_lbfgs(lambda logits: population_dpo_loss(logits, beta), policy_at_reference())
+    expected = REFERENCE_PROBS * torch.exp(TRUE_REWARDS / beta)
+    expected = expected / expected.sum()
+    assert torch.max(torch.abs(torch.softmax(logits, dim=0) - expected)) < 1e-8  # L-BFGS reaches ~1e-12
+
+
+def descend_at_fixed_speed(loss_fn, logits, n_steps, step_size=0.1):
+    """Gradient descent with steps of fixed length, so progress does not depend on how steep
+    the loss is (like Adam, roughly). DPO's gradient shrinks like exp(-margin), so plain
+    gradient descent would crawl for large beta even though it never stops."""
+    for _ in range(n_steps):
+        (grad,) = torch.autograd.grad(loss_fn(logits), logits)
+        with torch.no_grad():
+            logits -= step_size * grad / grad.norm()
+    return logits
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 10.0])
+def test_dpo_drives_rejected_probability_to_zero_under_deterministic_preferences(beta):
+    """DPO paper, Eq. 7 on one pair that is always chosen the same way: -log sigmoid(beta h)
+    decreases in h with no minimum, so whatever beta, descent sends pi(rejected) -> 0. The
+    KL penalty that beta stands for stops acting when preferences are deterministic, the
+    overfitting IPO was designed to avoid (Azar et al. 2023)."""
+    logits, chosen, rejected = policy_at_reference(), 2, 0
+    loss_fn = lambda logits: single_pair_loss(logits, beta, "dpo")
+    losses, rejected_log_odds = [], []  # log(pi(rejected) / pi(chosen)) after every 50 steps
+    for _ in range(4):
+        logits = descend_at_fixed_speed(loss_fn, logits, n_steps=50)
+        policy_logps = torch.log_softmax(logits.detach(), dim=0)
+        losses.append(loss_fn(logits).item())
+        rejected_log_odds.append((policy_logps[rejected] - policy_logps[chosen]).item())
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:]))  # still going down
+    assert all(later < earlier - 1.0 for earlier, later in zip(rejected_log_odds, rejected_log_odds[1:]))  # at full speed
+    assert torch.softmax(logits.detach(), dim=0)[rejected] < 1e-3
+    (grad,) = torch.autograd.grad(loss_fn(logits), logits)
+    assert grad[rejected] > 0  # the loss still asks for pi(rejected) to fall further
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 10.0])
+def test_ipo_stops_at_finite_closed_form_under_deterministic_preferences(beta):
+    """IPO (Azar et al. 2023, Eq. 17): (h - 1/(2 beta))^2 has its minimum at h = 1/(2 beta),
+    i.e. log(pi(chosen)/pi(rejected)) = log(pi_ref(chosen)/pi_ref(rejected)) + 1/(2 beta),
+    even when the preference is deterministic; beta keeps its meaning as a regulariser."""
+    chosen, rejected = 2, 0
+    loss_fn = lambda logits: single_pair_loss(logits, beta, "ipo")
+    logits = minimise_with_lbfgs(loss_fn, policy_at_reference()).requires_grad_(True)
+    policy_logps = torch.log_softmax(logits.detach(), dim=0)
+    expected = (REFERENCE_LOGPS[chosen] - REFERENCE_LOGPS[rejected]).item() + 1 / (2 * beta)
+    assert (policy_logps[chosen] - policy_logps[rejected]).item() == pytest.approx(expected, abs=1e-6)
+    (grad,) = torch.autograd.grad(loss_fn(logits), logits)
+    assert grad.abs().max() < 1e-8  # a true minimum: optimising longer would not move it
+
+
+# =============================================================================
+# 4. Bradley-Terry: the preference model under DPO, fitted on its own
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Bradley-Terry
+#
+# Independent references used below: a log-likelihood and gradient written out
+# per comparison, closed forms for two items, and simulation from known strengths.
+
+def simulate_comparisons(true_scores, n_comparisons, rng):
+    """Pairs drawn uniformly; i beats j with probability 1 / (1 + exp(-(s_i - s_j)))."""
+    n = len(true_scores)
+    i = rng.integers(0, n, n_comparisons)
+    j = (i + rng.integers(1, n, n_comparisons)) % n  # any item but i
+    i_wins = rng.random(n_comparisons) < 1 / (1 + np.exp(-(true_scores[i] - true_scores[j])))
+    return np.stack([np.where(i_wins, i, j), np.where(i_wins, j, i)], axis=1)  # (N, 2) winner, loser
+
+
+def objective_gradient(comparisons, scores, l2):
+    """d/ds of sum log sigmoid(s_w - s_l) - (l2/2)||s||^2, one comparison at a time."""
+    grad = -l2 * scores
+    for winner, loser in comparisons:
+        upset = 1 / (1 + math.exp(scores[winner] - scores[loser]))  # P(loser wins) = d log sigmoid(m) / dm
+        grad[winner] += upset
+        grad[loser] -= upset
+    return grad
+
+
+TRUE_SCORES = np.array([-1.5, -0.8, 0.0, 0.3, 0.9, 1.4])
+SIMULATED = simulate_comparisons(TRUE_SCORES, 3000, np.random.default_rng(0))
+
+
+def test_fit_recovers_simulated_strengths_within_three_standard_errors():
+    """The MLE is consistent and its standard errors measure its error (Bradley & Terry 1952)."""
+    fit = fit_bradley_terry(SIMULATED)
+    truth = TRUE_SCORES - TRUE_SCORES.mean()  # the fit reports mean-zero scores
+    assert fit.converged
+    assert abs(fit.scores.sum()) < 1e-12
+    assert np.all(np.abs(fit.scores - truth) < 3 * fit.standard_errors)
+    assert np.all(fit.standard_errors < 0.1)  # 3000 comparisons pin each score down this well
+
+
+@pytest.mark.parametrize("l2", [0.0, 5.0])
+def test_gradient_of_objective_is_zero_at_the_fit(l2):
+    """First-order optimality (KKT) of the concave objective, gradient written out per comparison."""
+    fit = fit_bradley_terry(SIMULATED, l2=l2)
+    grad = objective_gradient(SIMULATED, fit.scores, l2)
+    assert np.max(np.abs(grad)) < 1e-8  # a sum of 3000 terms of size ~0.5
+
+
+def test_reported_log_likelihood_is_the_sum_over_comparisons():
+    """log_likelihood = sum log sigmoid(s_w - s_l); objective subtracts (l2/2)||s||^2."""
+    fit = fit_bradley_terry(SIMULATED, l2=5.0)
+    s = fit.scores
+    expected = sum(-math.log1p(math.exp(-(s[w] - s[l]))) for w, l in SIMULATED)
+    assert fit.log_likelihood == pytest.approx(expected, rel=1e-12)
+    assert fit.objective == pytest.approx(expected - 2.5 * np.sum(s**2), rel=1e-12)
+
+
+def test_win_probability_is_logistic_in_score_difference():
+    """P(i beats j) = sigmoid(s_i - s_j) (Bradley & Terry 1952), including extreme gaps."""
+    scores = np.array([0.3, -1.2, 2.0, -4.5])
+    for i in range(4):
+        for j in range(4):
+            assert win_probability(scores, i, j) == pytest.approx(1 / (1 + math.exp(-(scores[i] - scores[j]))), rel=1e-14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a naive 1 / (1 + exp(800)) overflows
+        assert win_probability([800.0, 0.0], 0, 1) == 1.0
+        assert 0.0 <= win_probability([800.0, 0.0], 1, 0) < 1e-300
+
+
+def test_relabelling_items_permutes_the_scores():
+    """Item names carry no information: relabel i as perm[i] and score i moves to perm[i]."""
+    perm = np.array([3, 5, 0, 1, 4, 2])
+    fit = fit_bradley_terry(SIMULATED)
+    relabelled = fit_bradley_terry(perm[SIMULATED])
+    np.testing.assert_allclose(relabelled.scores[perm], fit.scores, atol=1e-10)
+    np.testing.assert_allclose(relabelled.standard_errors[perm], fit.standard_errors, rtol=1e-8)
+
+
+@pytest.mark.parametrize("wins, losses", [(30, 10), (7, 13), (1, 1)])
+def test_two_items_score_gap_is_log_odds_of_wins(wins, losses):
+    """With two items the MLE solves wins/(wins+losses) = sigmoid(s0 - s1): s0 - s1 = log(wins/losses)."""
+    fit = fit_bradley_terry([(0, 1)] * wins + [(1, 0)] * losses)
+    assert fit.scores[0] - fit.scores[1] == pytest.approx(math.log(wins / losses), abs=1e-12)
+    assert fit.scores[0] == pytest.approx(-fit.scores[1], abs=1e-14)
+
+
+def test_two_items_standard_errors_match_closed_form():
+    """Fisher information for d = s0 - s1 is n p (1 - p), p = sigmoid(d); s0 = d/2 so se(s0) = se(d)/2."""
+    wins, losses = 30, 10
+    n, p = wins + losses, wins / (wins + losses)
+    se_gap = 1 / math.sqrt(n * p * (1 - p))
+    fit = fit_bradley_terry([(0, 1)] * wins + [(1, 0)] * losses)
+    np.testing.assert_allclose(fit.standard_errors, [se_gap / 2, se_gap / 2], rtol=1e-10)
+    assert fit.covariance[0, 1] == pytest.approx(-se_gap**2 / 4, rel=1e-10)  # s1 = -s0
+
+
+def test_two_items_with_penalty_solve_the_penalised_stationarity_equation():
+    """With s0 = d/2 = -s1, d/dd of the objective is wins sigmoid(-d) - losses sigmoid(d) - l2 d / 2.
+
+    Solved here by bisection; the penalty shrinks d below the unpenalised log(wins/losses).
+    """
+    wins, losses, l2 = 30, 10, 4.0
+    slope = lambda d: wins / (1 + math.exp(d)) - losses / (1 + math.exp(-d)) - l2 * d / 2
+    lo, hi = 0.0, math.log(wins / losses)  # slope(lo) > 0 > slope(hi)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if slope(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    fit = fit_bradley_terry([(0, 1)] * wins + [(1, 0)] * losses, l2=l2)
+    assert fit.scores[0] - fit.scores[1] == pytest.approx(lo, abs=1e-10)
+    assert lo < math.log(wins / losses) - 0.1
+
+
+def test_standard_errors_match_spread_over_repeated_simulations():
+    """Inverse Fisher information on the mean-zero scores is the MLE's covariance, asymptotically."""
+    rng = np.random.default_rng(1)
+    fits = [fit_bradley_terry(simulate_comparisons(TRUE_SCORES, 1000, rng)) for _ in range(300)]
+    spread = np.std([f.scores for f in fits], axis=0)  # (6,) empirical standard deviation per item
+    reported = np.mean([f.standard_errors for f in fits], axis=0)
+    np.testing.assert_allclose(reported, spread, rtol=0.15)  # 300 replicates: spread known to ~4%
+
+
+# Data for which no maximum-likelihood scores exist (Ford 1957), and what the error must say.
+NO_MLE = {
+    "item never wins": ([(0, 1), (1, 0), (0, 2), (1, 2)], None, r"items \[2\] never win"),
+    "item never loses": ([(0, 1), (1, 0), (2, 0), (2, 1)], None, r"items \[2\] never lose"),
+    "item never compared": ([(0, 1), (1, 0)], 3, r"items \[2\] appear in no comparison"),
+    "two groups never compared": (
+        [(0, 1), (1, 2), (2, 0), (3, 4), (4, 5), (5, 3)], None, "not strongly connected"),
+    "one group never beats the other": (
+        [(0, 1), (1, 2), (2, 0), (3, 4), (4, 5), (5, 3), (0, 3), (1, 4)], None,
+        r"no item in \[3, 4, 5\] ever beat an item in \[0, 1, 2\]"),
+}
+
+
+@pytest.mark.parametrize("comparisons, n_items, message", NO_MLE.values(), ids=NO_MLE.keys())
+def test_missing_mle_raises_value_error_that_suggests_l2(comparisons, n_items, message):
+    """Ford (1957): the MLE exists iff every split of the items has a win in each direction."""
+    with pytest.raises(ValueError, match=message):
+        fit_bradley_terry(comparisons, n_items=n_items)
+    with pytest.raises(ValueError, match=r"l2 > 0"):
+        fit_bradley_terry(comparisons, n_items=n_items)
+
+
+@pytest.mark.parametrize("comparisons, n_items, message", NO_MLE.values(), ids=NO_MLE.keys())
+def test_penalty_gives_finite_scores_where_mle_does_not_exist(comparisons, n_items, message):
+    """The l2 penalty makes the objective strictly concave, so its maximum exists and is stationary."""
+    fit = fit_bradley_terry(comparisons, n_items=n_items, l2=0.1)
+    assert fit.converged
+    assert np.all(np.isfinite(fit.scores)) and np.all(np.isfinite(fit.standard_errors))
+    assert np.max(np.abs(objective_gradient(comparisons, fit.scores, 0.1))) < 1e-9
+
+
+BAD_INPUT = {
+    "empty": ([], None, "empty"),
+    "wrong shape": ([(0, 1, 2)], None, r"shape \(N, 2\)"),
+    "not integers": ([(0.0, 1.0)], None, "integer"),
+    "negative index": ([(0, 1), (-1, 0)], None, "comparison 1 .* negative"),
+    "index out of range": ([(0, 1), (3, 0)], 3, r"comparison 1 .* >= n_items=3"),
+    "item against itself": ([(0, 1), (1, 0), (2, 2)], None, r"comparison 2 \[2, 2\] compares an item with itself"),
+    "negative l2": ([(0, 1), (1, 0)], None, "l2 must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("comparisons, n_items, message", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_invalid_input_raises_value_error_saying_what_is_wrong(comparisons, n_items, message):
+    l2 = -1.0 if message.startswith("l2") else 0.0
+    with pytest.raises(ValueError, match=message):
+        fit_bradley_terry(comparisons, n_items=n_items, l2=l2)
+
+
+# =============================================================================
+# 5. End to end: train_toy.py --model tiny flips 0/4 to 4/4
+# =============================================================================
+
+
+ROOT = Path(__file__).resolve().parent
+
+
+def needs_gpt2_tokenizer():
+    try:
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"GPT-2 tokenizer not loadable offline ({type(e).__name__}); "
+                    "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files")
+
+
+def run_toy(out, *args):
+    """train_toy.py's main() in this process (no second torch import), output captured by pytest."""
+    import train_toy
+    needs_gpt2_tokenizer()
+    return train_toy.main(["--out", str(out), *args])
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_dpo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy-dpo")
+    return out, run_toy(out, "--model", "tiny", "--loss", "dpo")
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_toy_experiment_flips_every_preference(loss, tiny_dpo_run, tmp_path):
+    """The whole story of train_toy.py --model tiny: after SFT on the intuitive completions the
+    model prefers none of the chosen (counter-intuitive) ones; after DPO / IPO it prefers all four,
+    and every pair of the last step is ranked right by the implicit reward."""
+    out, summary = tiny_dpo_run if loss == "dpo" else (tmp_path, run_toy(tmp_path, "--model", "tiny", "--loss", "ipo"))
+    assert summary["preferred_before"] == 0 and summary["preferred_after"] == 4
+    assert summary["final_reward_accuracy"] == 1.0
+    n = summary["n_pairs"]
+    before, after = summary["logps_before"], summary["logps_after"]
+    # the headline counts agree with the logged log-probs themselves
+    assert sum(before[i] > before[n + i] for i in range(n)) == 0
+    assert sum(after[i] > after[n + i] for i in range(n)) == 4
+
+
+def test_toy_metrics_file_has_every_step_and_a_summary(tiny_dpo_run):
+    """metrics.jsonl: the SFT lines, one line per DPO step (6 epochs x 2 batches), the first DPO loss
+    log 2 (policy == reference, DPO paper Eq. 7 at h = 0), and a summary line last."""
+    out, summary = tiny_dpo_run
+    records = read_metrics(out)
+    steps = [r for r in records if r.get("phase") == "dpo"]
+    assert len(steps) == 6 * 2 and [r["step"] for r in steps] == list(range(1, 13))
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[-1]["kl"] > 0
+    assert any(r.get("phase") == "sft" for r in records)
+    last = records[-1]
+    assert last["summary"] is True and last == json.loads(json.dumps(summary))
+    for key in ("load_s", "train_s", "eval_s", "tokens_per_s", "peak_memory_bytes",
+                "preferred_before", "preferred_after"):
+        assert key in last
+    assert last["peak_memory_bytes"] > 10 * 2**20 and last["tokens_per_s"] > 0
+
+
+def test_toy_checkpoint_reloads_with_the_trained_log_probs(tiny_dpo_run):
+    """The saved policy, opened with from_pretrained, scores every completion exactly as the
+    trained policy did in the run (logps_after in the summary)."""
+    out, summary = tiny_dpo_run
+    import train_toy
+    enc = needs_gpt2_tokenizer()
+    model = GPT.from_pretrained(out)
+    data = dpo.encode_pairs(enc, train_toy.TOY_PAIRS, model.config.block_size)
+    with torch.no_grad():
+        logps = dpo.sequence_logps(model(data["input_ids"]), data["input_ids"], data["loss_mask"])
+    assert logps.tolist() == pytest.approx(summary["logps_after"], abs=1e-4)
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 2
+
+
+def test_toy_run_is_reproducible_with_the_same_seed(tiny_dpo_run, tmp_path):
+    """Same seed, same device: every logged number but the timings is identical."""
+    out, _ = tiny_dpo_run
+    run_toy(tmp_path, "--model", "tiny", "--loss", "dpo")
+    timing = {"load_s", "train_s", "eval_s", "tokens_per_s", "peak_memory_bytes"}
+    strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]
+    assert strip(read_metrics(tmp_path)) == strip(read_metrics(out))
+    assert (tmp_path / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_toy_script_runs_from_the_command_line(tmp_path):
+    """`python train_toy.py --model tiny` as a user types it: exit 0, the headline and timing printed."""
+    needs_gpt2_tokenizer()
+    result = subprocess.run([sys.executable, str(ROOT / "train_toy.py"), "--model", "tiny", "--epochs", "1",
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "original model preferred chosen in 0/4, trained model in" in result.stdout
+    assert "peak memory" in result.stdout and "tokens/s" in result.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no preference pairs"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n', "line 2: field 'rejected'"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n', "line 2: not valid JSON"),
+    ('["a", "b", "c"]\n', "line 1: expected a JSON object"),
+    ('{"prompt": "", "chosen": "b", "rejected": "c"}\n', "line 1: field 'prompt' must be a non-empty string"),
+])
+def test_bad_data_file_is_refused_before_any_training(content, message, tmp_path):
+    """A malformed --data file stops the run with the line number and the problem, and nothing
+    is trained or written."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data))
+    assert message in str(stop.value) and str(data) in str(stop.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pair_longer_than_the_context_is_refused(tmp_path):
+    """A pair that does not fit the model's context is an error naming the pair, not a crash."""
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "word " * 200, "chosen": " yes", "rejected": " no"}) + "\n")
+    with pytest.raises(SystemExit, match="pair 0: .* longer than the model's context of 128"):
+        run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data))
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_run_without_network_or_cache_says_how_to_get_weights(tmp_path, monkeypatch):
+    """Offline with nothing cached, `python train_toy.py` stops with a short message that says
+    where the weights go and the alternatives (--weights, --model tiny), not a traceback."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as stop:
+        run_toy(tmp_path / "out")
+    message = str(stop.value)
+    assert message.startswith("error: ") and "--weights" in message and "--model tiny" in message
+    assert str(tmp_path / "hf" / "hub" / "models--openai-community--gpt2") in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_option_trains_a_local_checkpoint(tiny_dpo_run, tmp_path):
+    """--weights loads a local checkpoint (here the tiny run's output, config.json beside it) and trains it."""
+    out, _ = tiny_dpo_run
+    summary = run_toy(tmp_path / "again", "--model", "gpt2", "--weights", str(out), "--epochs", "1")
+    assert summary["preferred_before"] == 4  # it was trained to prefer the chosen completions already
+    assert (tmp_path / "again" / "model.safetensors").is_file()
+
+
+def test_plot_without_matplotlib_is_refused_before_training(tmp_path, monkeypatch):
+    """--plot needs matplotlib; without it the run stops at once with the pip command."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        run_toy(tmp_path / "out", "--model", "tiny", "--plot", str(tmp_path / "curves.png"))
+    assert not (tmp_path / "out").exists()
