@@ -16,7 +16,7 @@ phase above the `import torch` baseline, next to the unavoidable part: policy + 
 + gradients + AdamW's two moments = 5 x the parameter bytes.
 
     python bench.py                 # CPU or CUDA, whichever --device auto finds
-    python bench.py --steps 5 --device cpu
+    python bench.py --toy           # the four toy pairs: short sequences, the optimizer dominates
 
 Read first: dpo.py.
 """
@@ -134,6 +134,8 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step (2, as train_toy.py)")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (32)")
     parser.add_argument("--response-len", type=int, default=32, help="tokens of each completion (32)")
+    parser.add_argument("--toy", action="store_true",
+                        help="use train_toy.py's four pairs (GPT-2 tokenizer) instead of random tokens")
     parser.add_argument("--lr", type=float, default=5e-5)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -144,13 +146,19 @@ def main(argv=None):
     reference = dpo.make_reference(policy)
     n_params = sum(p.numel() for p in policy.parameters())
     param_bytes = n_params * 4
-    data = random_batch(args.pairs, args.prompt_len, args.response_len, policy.config.vocab_size,
-                        torch.Generator().manual_seed(0))
+    if args.toy:
+        import train_toy
+        pairs = train_toy.TOY_PAIRS[:args.pairs]
+        data = dpo.encode_pairs(train_toy.load_tokenizer(), pairs, policy.config.block_size)
+        shape = f"the first {len(pairs)} toy pairs"
+    else:
+        data = random_batch(args.pairs, args.prompt_len, args.response_len, policy.config.vocab_size,
+                            torch.Generator().manual_seed(0))
+        shape = f"{args.pairs} pairs x ({args.prompt_len} prompt + {args.response_len} completion tokens)"
     batch = {key: value.to(device) for key, value in data.items()}
     tokens = batch["input_ids"].numel()
-    print(f"GPT-2 124M shapes ({n_params:,} parameters, random weights) on {device}, threads "
-          f"{torch.get_num_threads()}; {args.pairs} pairs x ({args.prompt_len} prompt + {args.response_len} "
-          f"completion tokens) = {tokens} tokens per step; {args.steps} timed steps per phase")
+    print(f"GPT-2 124M shapes ({n_params:,} parameters, random weights) on {device}, {torch.get_num_threads()} "
+          f"threads; {shape} = {tokens} tokens per step; {args.steps} timed steps per phase")
 
     results = {}
 
@@ -169,7 +177,7 @@ def main(argv=None):
 
     def dpo_phase(opt):
         cache = dpo.precompute_reference(reference, data)  # once, before training, as train_dpo does
-        full = dpo.make_batch(data, cache, torch.arange(args.pairs), device)
+        full = dpo.make_batch(data, cache, torch.arange(data["input_ids"].size(0) // 2), device)
         return lambda: dpo.dpo_step(policy, opt, full, beta=0.1)
 
     phase("(b) dpo.dpo_step: 1 forward, cached reference", lambda: dpo.make_optimizer(policy, lr=args.lr), dpo_phase)

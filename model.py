@@ -293,6 +293,13 @@ def load_safetensors(path):
     return tensors
 
 
+def give_usual_permissions(path):
+    """mkstemp makes files only their owner can read; give the mode open() would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_atomically(path, write):
     """Call write(f) on a temporary file beside path, then rename it into place, so an
     interrupted write never leaves a half-written file under the real name."""
@@ -301,6 +308,7 @@ def write_atomically(path, write):
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        give_usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -647,6 +655,7 @@ def download_to_cache(repo, filename):
             raise RuntimeError(f"download of {url} is corrupt: its git blob sha1 is not the hub's {etag}; "
                                "nothing was kept, run again to retry")
         blob = blobs / (etag if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag) else sha256)
+        give_usual_permissions(tmp)
         os.replace(tmp, blob)
     except BaseException:
         if os.path.exists(tmp):

@@ -1732,7 +1732,7 @@ def test_toy_run_is_reproducible_with_the_same_seed(tiny_dpo_run, tmp_path):
     """Same seed, same device: every logged number but the timings is identical."""
     out, _ = tiny_dpo_run
     run_toy(tmp_path, "--model", "tiny", "--loss", "dpo")
-    timing = {"load_s", "train_s", "eval_s", "tokens_per_s", "peak_memory_bytes"}
+    timing = {"load_s", "sft_s", "train_s", "eval_s", "tokens_per_s", "peak_memory_bytes"}
     strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]
     assert strip(read_metrics(tmp_path)) == strip(read_metrics(out))
     assert (tmp_path / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

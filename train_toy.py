@@ -262,12 +262,16 @@ def run(args):
     policy = load_policy(args, device)
     data = dpo.encode_pairs(enc, pairs, policy.config.block_size)
     n_params = sum(p.numel() for p in policy.parameters())
-    print(f"model {args.model} ({'random init' if args.init == 'random' else args.weights or 'pretrained'}): "
+    origin = ("random init, then SFT" if args.model == "tiny" else "random init" if args.init == "random"
+              else args.weights or "pretrained")
+    print(f"model {args.model} ({origin}): "
           f"{policy.config.n_layer} layers, {policy.config.n_embd} wide, {n_params:,} parameters, on {device}")
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if args.model == "tiny":
         print(f"SFT warm-up on prompt + rejected completion ({SFT_STEPS} steps, lr {SFT_LR})")
         sft_warmup(policy, enc, pairs, SFT_STEPS, SFT_LR, log)
-    load_s = time.perf_counter() - t0
+    sft_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     reference = dpo.make_reference(policy)
@@ -306,14 +310,15 @@ def run(args):
 
     tokens = sum(m["tokens"] for m in history)
     peak = peak_memory_bytes(device)
-    print(f"\ntime: load {load_s:.2f} s | train {train_s:.2f} s ({len(history)} steps, {tokens / train_s:,.0f} tokens/s)"
+    sft = f" | sft {sft_s:.2f} s" if args.model == "tiny" else ""
+    print(f"\ntime: load {load_s:.2f} s{sft} | train {train_s:.2f} s ({len(history)} steps, {tokens / train_s:,.0f} tokens/s)"
           f" | eval {eval_s:.2f} s | peak memory {peak / 2**20:,.0f} MiB"
           f" ({'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'})")
 
     summary = {
         "summary": True, "model": args.model, "loss_type": args.loss, "beta": args.beta, "lr": args.lr,
         "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "device": str(device),
-        "load_s": load_s, "train_s": train_s, "eval_s": eval_s, "tokens_per_s": tokens / train_s,
+        "load_s": load_s, "sft_s": sft_s, "train_s": train_s, "eval_s": eval_s, "tokens_per_s": tokens / train_s,
         "peak_memory_bytes": peak, "preferred_before": preferred_before, "preferred_after": preferred_after,
         "n_pairs": n, "final_reward_accuracy": history[-1]["reward_accuracy"],
         "logps_before": before.tolist(), "logps_after": after.tolist(),
