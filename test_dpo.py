@@ -1804,3 +1804,20 @@ def test_plot_without_matplotlib_is_refused_before_training(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         run_toy(tmp_path / "out", "--model", "tiny", "--plot", str(tmp_path / "curves.png"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--epochs", "0"], "--epochs and --batch-size must be at least 1"),
+    (["--batch-size", "0"], "--epochs and --batch-size must be at least 1"),
+    (["--beta", "-0.1"], "--beta and --lr must be > 0"),
+    (["--label-smoothing", "0.7"], "in [0, 0.5)"),
+    (["--loss", "ipo", "--label-smoothing", "0.1"], "use it with --loss dpo"),
+    (["--init", "random"], "--model tiny is always built here"),
+])
+def test_bad_options_are_refused_with_a_message(options, message, tmp_path, capsys):
+    """Nonsensical options stop the script at once (argparse's exit code 2) with what was wrong."""
+    import train_toy
+    with pytest.raises(SystemExit) as stop:
+        train_toy.main(["--model", "tiny", "--out", str(tmp_path / "out"), *options])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -237,6 +237,15 @@ def parse_args(argv=None):
     args.beta = defaults["beta"][args.loss] if args.beta is None else args.beta
     if args.model == "tiny" and (args.weights or args.init == "random"):
         parser.error("--model tiny is always built here; --weights and --init are for the GPT-2 sizes")
+    if args.epochs < 1 or args.batch_size < 1:
+        parser.error(f"--epochs and --batch-size must be at least 1, got {args.epochs} and {args.batch_size}")
+    if args.beta <= 0 or args.lr <= 0:
+        parser.error(f"--beta and --lr must be > 0, got {args.beta} and {args.lr}")
+    if not 0 <= args.label_smoothing < 0.5:
+        parser.error(f"--label-smoothing is the probability that a label is flipped, in [0, 0.5); "
+                     f"got {args.label_smoothing}")
+    if args.loss == "ipo" and args.label_smoothing:
+        parser.error("--label-smoothing is conservative DPO's; use it with --loss dpo")
     return args
 
 
