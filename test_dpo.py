@@ -1355,6 +1355,62 @@ def test_train_dpo_is_deterministic_given_initial_weights_and_seed():
     assert run(seed=0) != run(seed=1)  # the seed does choose the order of the batches
 
 
+
+
+# -----------------------------------------------------------------------------
+# The fast path of the training step, against the plain definitions
+
+
+def test_logits_at_scores_exactly_the_selected_positions():
+    """GPT.forward(idx, logits_at=mask) is model(idx)[mask]: the same numbers, only fewer rows."""
+    policy = tiny_policy()
+    ids = torch.randint(28, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(3, 10, generator=torch.Generator().manual_seed(1)) < 0.4
+    full = policy(ids)
+    assert policy(ids, logits_at=mask).shape == (int(mask.sum()), 32)
+    assert torch.allclose(policy(ids, logits_at=mask), full[mask], atol=1e-6, rtol=0)
+
+
+def test_score_completions_equals_sequence_logps_of_the_full_logits():
+    """score_completions (logits only where a response token is scored) gives the same log pi(y|x)
+    as the plain definition, sequence_logps(model(ids), ids, mask), and its (N, V) rows are
+    exactly the log-softmax at the positions that score response tokens, in row-major order."""
+    policy = tiny_policy().double()
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+    ids, mask = data["input_ids"], data["loss_mask"]
+    logps, token_logprobs = dpo.score_completions(policy, ids, mask)
+    full_logits = policy(ids)
+    assert torch.allclose(logps, dpo.sequence_logps(full_logits, ids, mask), atol=1e-12, rtol=0)
+    scoring = torch.zeros_like(mask, dtype=torch.bool)
+    scoring[:, :-1] = mask[:, 1:].bool()  # position t scores token t+1
+    assert torch.allclose(token_logprobs, full_logits[scoring].log_softmax(-1), atol=1e-12, rtol=0)
+    assert token_logprobs.shape[0] == int(mask.sum())  # one row per response token
+
+
+def test_dpo_step_reports_the_kl_of_exactly_its_batch_rows():
+    """The KL that dpo_step reports, for a shuffled batch of a perturbed policy, equals the mean over
+    the batch's response positions of sum_v pi log(pi / pi_ref), computed here from both models'
+    full logits: so the cached reference rows are matched to the right completions."""
+    policy = tiny_policy().double()
+    reference = dpo.make_reference(policy)
+    perturb(policy, std=0.1)
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+    cache = dpo.precompute_reference(reference, data, batch_size=3)  # batches that split pairs apart
+    pair_index = torch.tensor([4, 1, 2])
+    batch = dpo.make_batch(data, cache, pair_index, "cpu")
+    rows = torch.cat([pair_index, pair_index + len(PAIRS)])
+    ids, mask = data["input_ids"][rows], data["loss_mask"][rows]
+    with torch.no_grad():
+        p = policy(ids)[:, :-1].log_softmax(-1)
+        q = reference(ids)[:, :-1].log_softmax(-1)
+    per_position = (p.exp() * (p - q)).sum(-1)  # (rows, T-1): KL at each position
+    scored = mask[:, 1:].bool()
+    expected = per_position[scored].mean().item()
+    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.1)
+    assert expected > 1e-3  # the policy really differs from the reference
+    assert metrics["kl"] == pytest.approx(expected, rel=1e-9)
+
+
 # =============================================================================
 # 3. Theory on a bandit: DPO's optimum is pi_ref exp(r / beta) / Z; IPO stops, DPO does not
 # =============================================================================
