@@ -398,8 +398,10 @@ def our_to_hf_state_dict(state_dict):
 
 
 def config_from_hf_json(config_path):
-    with open(config_path) as f:
-        hf = json.load(f)
+    try:
+        hf = json.loads(Path(config_path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e}); delete it to infer the config from the weights") from None
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU "
