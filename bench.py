@@ -103,12 +103,12 @@ def floor_step(policy, optimizer, batch):
     optimizer.step()
 
 
-def random_batch(n_pairs, prompt_len, response_len, vocab_size, generator):
+def random_batch(n_pairs, prompt_len, completion_len, vocab_size, generator):
     """n_pairs pairs sharing a prompt, chosen rows first: the layout dpo.encode_pairs makes."""
-    T = prompt_len + response_len
+    T = prompt_len + completion_len
     prompts = torch.randint(vocab_size, (n_pairs, prompt_len), generator=generator)
-    responses = torch.randint(vocab_size, (2 * n_pairs, response_len), generator=generator)
-    input_ids = torch.cat([prompts.repeat(2, 1), responses], dim=1)  # (2B, T)
+    completions = torch.randint(vocab_size, (2 * n_pairs, completion_len), generator=generator)
+    input_ids = torch.cat([prompts.repeat(2, 1), completions], dim=1)  # (2B, T)
     loss_mask = torch.zeros(2 * n_pairs, T)
     loss_mask[:, prompt_len:] = 1.0
     return {"input_ids": input_ids, "loss_mask": loss_mask}
@@ -133,7 +133,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps per phase, after one warm-up (3)")
     parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step (2, as train_toy.py)")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (32)")
-    parser.add_argument("--response-len", type=int, default=32, help="tokens of each completion (32)")
+    parser.add_argument("--completion-len", type=int, default=32, help="tokens of each completion (32)")
     parser.add_argument("--toy", action="store_true",
                         help="use train_toy.py's four pairs (GPT-2 tokenizer) instead of random tokens")
     parser.add_argument("--lr", type=float, default=5e-5)
@@ -152,9 +152,9 @@ def main(argv=None):
         data = dpo.encode_pairs(train_toy.load_tokenizer(), pairs, policy.config.block_size)
         shape = f"the first {len(pairs)} toy pairs"
     else:
-        data = random_batch(args.pairs, args.prompt_len, args.response_len, policy.config.vocab_size,
+        data = random_batch(args.pairs, args.prompt_len, args.completion_len, policy.config.vocab_size,
                             torch.Generator().manual_seed(0))
-        shape = f"{args.pairs} pairs x ({args.prompt_len} prompt + {args.response_len} completion tokens)"
+        shape = f"{args.pairs} pairs x ({args.prompt_len} prompt + {args.completion_len} completion tokens)"
     batch = {key: value.to(device) for key, value in data.items()}
     tokens = batch["input_ids"].numel()
     print(f"GPT-2 124M shapes ({n_params:,} parameters, random weights) on {device}, {torch.get_num_threads()} "

@@ -38,10 +38,10 @@ def at_least_float32(x):
 
 
 def sequence_logps(logits, labels, loss_mask):
-    """log pi(y|x) = sum over response tokens of log pi(y_t | x, y_<t), one number per row.
+    """log pi(y|x) = sum over completion tokens of log pi(y_t | x, y_<t), one number per row.
 
     logits (B, T, V) from the model; labels (B, T) are the input ids themselves;
-    loss_mask (B, T) is 1 on response tokens, 0 on prompt tokens and padding, which
+    loss_mask (B, T) is 1 on completion tokens, 0 on prompt tokens and padding, which
     therefore contribute nothing. A causal LM's logits at position t score the token at
     t+1, hence the shift: the last position scores a token beyond the sequence, and the
     first token is scored by no position. Computed in at least float32 whatever the
@@ -54,44 +54,48 @@ def sequence_logps(logits, labels, loss_mask):
 def score_completions(model, input_ids, loss_mask):
     """sequence_logps(model(input_ids), input_ids, loss_mask), computed where it is cheap.
 
-    The model is asked for logits only at the N positions that score a response token,
+    The model is asked for logits only at the N positions that score a completion token,
     so the output head and log-softmax skip the prompt and the padding. Returns
-    (logps (B,), token_logprobs (N, V)): the latter is the log-distribution over the
+    (logps (B,), vocab_logprobs (N, V)): the latter is the log-distribution over the
     vocabulary at each scored position, which the KL report needs."""
-    scored = loss_mask[:, 1:].bool()  # (B, T-1): which next tokens are response tokens
+    scored = loss_mask[:, 1:].bool()  # (B, T-1): which next tokens are completion tokens
     scoring_positions = torch.nn.functional.pad(scored, (0, 1))  # (B, T): position t scores token t+1
-    token_logprobs = at_least_float32(model(input_ids, logits_at=scoring_positions)).log_softmax(dim=-1)  # (N, V)
+    vocab_logprobs = at_least_float32(model(input_ids, logits_at=scoring_positions)).log_softmax(dim=-1)  # (N, V)
     targets = input_ids[:, 1:][scored]  # (N,), the same row-major order
-    token_logps = token_logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
+    token_logps = vocab_logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
     # back to (B, T-1) and sum each row (not index_add, whose CUDA sums are not deterministic)
     logps = torch.zeros(scored.shape, dtype=token_logps.dtype, device=token_logps.device)
-    return logps.masked_scatter(scored, token_logps).sum(dim=-1), token_logprobs
+    return logps.masked_scatter(scored, token_logps).sum(dim=-1), vocab_logprobs
 
 
 def mean_token_kl(policy_logprobs, reference_logprobs):
-    """Mean over response positions of the exact KL(pi || pi_ref) = sum_v pi(v) log(pi(v)/pi_ref(v)).
-    Both (N, V): log-probabilities over the vocabulary at the N response positions
-    (token_logprobs of score_completions)."""
+    """Mean over completion positions of the exact KL(pi || pi_ref) = sum_v pi(v) log(pi(v)/pi_ref(v)).
+    Both (N, V): log-probabilities over the vocabulary at the N completion positions
+    (vocab_logprobs of score_completions)."""
     return (policy_logprobs.exp() * (policy_logprobs - reference_logprobs)).sum(dim=-1).mean()
 
 
 # -----------------------------------------------------------------------------
 # Pairs to tensors
 
-def encode_completion(enc, prompt, response, add_eos=True):
-    """Token ids of prompt and response, tokenised *separately*.
+def encode_completion(enc, prompt, completion, add_eos=True):
+    """Token ids of prompt and completion, tokenised *separately*.
 
-    Tokenising prompt + response as one string could merge the last prompt
-    characters with the first response characters into one BPE token, and then
-    the response would no longer be exactly the tokens being scored. Tokenised
-    apart, the response tokens are exactly enc.encode(response) (+ <|endoftext|>,
+    Tokenising prompt + completion as one string could merge the last prompt
+    characters with the first completion characters into one BPE token, and then
+    the completion would no longer be exactly the tokens being scored. Tokenised
+    apart, the completion tokens are exactly enc.encode(completion) (+ <|endoftext|>,
     which marks where the completion ends)."""
     if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f"empty prompt {prompt!r}: every pair needs a prompt to condition on")
-    if not isinstance(response, str) or not response:
-        raise ValueError(f"empty response {response!r} (prompt {prompt!r}): there would be no token to score")
-    response_ids = enc.encode(response) + ([enc.eot_token] if add_eos else [])
-    return enc.encode(prompt), response_ids
+        raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}: a pair needs a prompt to condition on")
+    if not isinstance(completion, str) or not completion:
+        raise ValueError(f"the completion must be a non-empty string, got {completion!r} (prompt {prompt!r}): "
+                         "there would be no token to score")
+    try:
+        prompt_ids, completion_ids = enc.encode(prompt), enc.encode(completion)
+    except ValueError as e:  # tiktoken refuses text such as "<|endoftext|>" inside the data
+        raise ValueError(f"cannot tokenise prompt {prompt!r} / completion {completion!r}: {e}") from None
+    return prompt_ids, completion_ids + ([enc.eot_token] if add_eos else [])
 
 
 def encode_pairs(enc, pairs, block_size, add_eos=True):
@@ -107,18 +111,19 @@ def encode_pairs(enc, pairs, block_size, add_eos=True):
     rows = []
     for side in ("chosen", "rejected"):
         for i, pair in enumerate(pairs):
-            prompt_ids, response_ids = encode_completion(enc, pair["prompt"], pair[side], add_eos)
-            length = len(prompt_ids) + len(response_ids)
+            prompt_ids, completion_ids = encode_completion(enc, pair["prompt"], pair[side], add_eos)
+            length = len(prompt_ids) + len(completion_ids)
             if length > block_size:
                 raise ValueError(
-                    f"pair {i}: prompt ({len(prompt_ids)} tokens) + {side} ({len(response_ids)} tokens) "
-                    f"is {length} tokens, longer than the model's context of {block_size}; shorten it")
-            rows.append((prompt_ids, response_ids))
+                    f"pair {i + 1} of {len(pairs)} (prompt {pair['prompt'][:40]!r}): prompt ({len(prompt_ids)} "
+                    f"tokens) + {side} ({len(completion_ids)} tokens) is {length} tokens, longer than the "
+                    f"model's context of {block_size}; shorten it")
+            rows.append((prompt_ids, completion_ids))
     T = max(len(p) + len(r) for p, r in rows)
     input_ids = torch.full((len(rows), T), enc.eot_token, dtype=torch.long)  # padding: masked out below
     loss_mask = torch.zeros((len(rows), T), dtype=torch.float32)
-    for row, (prompt_ids, response_ids) in enumerate(rows):
-        ids = prompt_ids + response_ids
+    for row, (prompt_ids, completion_ids) in enumerate(rows):
+        ids = prompt_ids + completion_ids
         input_ids[row, :len(ids)] = torch.tensor(ids)
         loss_mask[row, len(prompt_ids):len(ids)] = 1.0
     return {"input_ids": input_ids, "loss_mask": loss_mask}
@@ -185,28 +190,30 @@ def make_reference(policy):
 
 
 @torch.no_grad()
-def precompute_reference(reference, data, batch_size=8, with_kl=True):
+def precompute_reference(reference, data, batch_size=8, max_kl_bytes=2**30):
     """Everything DPO needs from the reference, computed once before training.
 
     The reference is frozen and the data do not change, so log pi_ref(y|x) is the same
     number at every step: computing it once instead of at every step removes a third of
     the forward passes (policy chosen + rejected remain). For the KL report the
-    reference's whole next-token distribution at each response position is kept too:
-    (tokens, vocab) floats per completion, cheap for small data; pass with_kl=False
-    for large data sets.
+    reference's whole next-token distribution at each completion position is kept too,
+    (tokens, vocab) floats per completion: cheap for small data, and skipped (the KL
+    is then reported as nan) when it would take more than max_kl_bytes.
 
-    Returns {"logps": (2N,), "token_logprobs": list of 2N tensors (n_i, V) or None}."""
+    Returns {"logps": (2N,), "vocab_logprobs": list of 2N tensors (n_i, V) or None}."""
     n_rows = data["input_ids"].size(0)
     device = next(reference.parameters()).device
-    logps, token_logprobs = torch.zeros(n_rows), []
+    n_scored = int(data["loss_mask"][:, 1:].sum())
+    keep_kl = n_scored * reference.config.vocab_size * 4 <= max_kl_bytes
+    logps, vocab_logprobs = [], []
     for start in range(0, n_rows, batch_size):
         input_ids = data["input_ids"][start:start + batch_size].to(device)
         loss_mask = data["loss_mask"][start:start + batch_size].to(device)
-        batch_logps, batch_token_logprobs = score_completions(reference, input_ids, loss_mask)
-        logps[start:start + batch_size] = batch_logps.cpu()
-        if with_kl:  # split the (N, V) rows back into one tensor per completion
-            token_logprobs += list(batch_token_logprobs.split(loss_mask[:, 1:].sum(dim=1).long().tolist()))
-    return {"logps": logps, "token_logprobs": token_logprobs if with_kl else None}
+        batch_logps, batch_vocab_logprobs = score_completions(reference, input_ids, loss_mask)
+        logps.append(batch_logps.cpu())
+        if keep_kl:  # split the (N, V) rows back into one tensor per completion
+            vocab_logprobs += list(batch_vocab_logprobs.split(loss_mask[:, 1:].sum(dim=1).long().tolist()))
+    return {"logps": torch.cat(logps), "vocab_logprobs": vocab_logprobs if keep_kl else None}
 
 
 # -----------------------------------------------------------------------------
@@ -228,13 +235,13 @@ def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothin
     """One DPO update on a batch of pairs; returns this step's numbers as floats.
 
     batch: input_ids and loss_mask (2B, T), chosen rows first then rejected, on the
-    policy's device; reference_logps (2B,); reference_token_logprobs (N, V) or None.
+    policy's device; reference_logps (2B,); reference_vocab_logprobs (N, V) or None.
     The policy runs once, on chosen and rejected together."""
     # last step's gradients go before the forward pass, not after it: they are
     # a model's worth of memory that would otherwise sit beside the activations
     optimizer.zero_grad(set_to_none=True)
     # the only forward pass of the step: chosen and rejected rows together
-    logps, token_logprobs = score_completions(policy, batch["input_ids"], batch["loss_mask"])  # (2B,), (N, V)
+    logps, vocab_logprobs = score_completions(policy, batch["input_ids"], batch["loss_mask"])  # (2B,), (N, V)
     n = logps.size(0) // 2
     reference_logps = batch["reference_logps"]
     losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -246,8 +253,8 @@ def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothin
     optimizer.step()
 
     with torch.no_grad():
-        if batch.get("reference_token_logprobs") is not None:
-            kl = mean_token_kl(token_logprobs.detach(), batch["reference_token_logprobs"])
+        if batch.get("reference_vocab_logprobs") is not None:
+            kl = mean_token_kl(vocab_logprobs.detach(), batch["reference_vocab_logprobs"])
         else:
             kl = torch.tensor(float("nan"), device=loss.device)
         margins = chosen_rewards - rejected_rewards
@@ -261,16 +268,17 @@ def make_batch(data, reference_cache, pair_index, device):
     """The tensors dpo_step needs for pairs `pair_index`, on `device`.
 
     Rows keep the data set's full padded length rather than being trimmed to the batch's
-    longest: with the same shapes as when the reference was computed, the kernels add up
-    in the same order, so at step 0 the policy's log-probs equal the cached reference's
-    to the last bit and the first loss is exactly log 2 (trimmed, they differ by ~1e-6)."""
+    longest: with the same sequence length as when the reference was computed, the CPU
+    kernels add up in the same order, so at step 0 the policy's log-probs equal the cached
+    reference's to the last bit and the first loss is exactly log 2 (trimmed, they differ
+    by ~1e-6). GPU kernels may still differ in the last bits between batch sizes."""
     n_pairs = data["input_ids"].size(0) // 2
     rows = torch.cat([pair_index, pair_index + n_pairs])  # the chosen rows, then their rejected partners
     batch = {"input_ids": data["input_ids"][rows].to(device),
              "loss_mask": data["loss_mask"][rows].to(device),
              "reference_logps": reference_cache["logps"][rows].to(device)}
-    if reference_cache["token_logprobs"] is not None:
-        batch["reference_token_logprobs"] = torch.cat([reference_cache["token_logprobs"][r] for r in rows.tolist()])
+    if reference_cache["vocab_logprobs"] is not None:
+        batch["reference_vocab_logprobs"] = torch.cat([reference_cache["vocab_logprobs"][r] for r in rows.tolist()])
     return batch
 
 

@@ -21,6 +21,7 @@ and ../shared/GPT2_CHECKPOINT.md for the facts about the real files.
 Read next: dpo.py, which turns this model's logits into DPO's log-probabilities.
 """
 
+import errno
 import hashlib
 import http.client
 import json
@@ -49,7 +50,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         # query, key and value for all heads in one matrix, as GPT-2 stores them
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -118,6 +118,9 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}: "
+                             "every head must get the same width")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -188,15 +191,19 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, device=None, dtype=None):
         """A GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a .safetensors file,
         or a directory holding model.safetensors (and config.json). See Section 3."""
-        return load_pretrained(name_or_path, device=device, dtype=dtype)
+        return load_gpt2_checkpoint(name_or_path, device=device, dtype=dtype)
 
     def save_pretrained(self, directory):
         """Write config.json and model.safetensors in the Hugging Face GPT-2 layout."""
-        save_pretrained(self, directory)
+        write_gpt2_checkpoint(self, directory)
 
 
 def resolve_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu; anything else is taken as given."""
+    """'auto' picks cuda, then mps, then cpu; a device asked for by name must exist."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but this torch sees no CUDA GPU (a CPU-only build, or no driver)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("--device mps, but MPS (Apple GPU) is not available here")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -406,6 +413,9 @@ def config_from_hf_json(config_path):
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU "
                          "('gelu_new'), which is the only one this model implements")
+    if hf.get("layer_norm_epsilon", 1e-5) != 1e-5 or hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
+        raise ValueError(f"{config_path}: layer_norm_epsilon {hf.get('layer_norm_epsilon')} / n_inner "
+                         f"{hf.get('n_inner')} differ from GPT-2's 1e-5 / 4 x n_embd, which this model hard-codes")
     try:
         return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                          n_head=hf["n_head"], n_embd=hf["n_embd"], bias=hf.get("bias", True))
@@ -414,27 +424,33 @@ def config_from_hf_json(config_path):
 
 
 def config_from_shapes(tensors, path):
-    """Without config.json: read the sizes off the tensors. Every GPT-2 has 64-wide heads,
-    which is the one thing the shapes cannot say."""
+    """Without config.json: read the sizes off the tensors. The number of heads is the
+    one thing shapes cannot say, so only the four GPT-2 widths are accepted here."""
     ours = hf_to_our_state_dict(tensors, path)
     if "transformer.wte.weight" not in ours or "transformer.wpe.weight" not in ours:
         raise ValueError(f"{path}: no wte.weight / wpe.weight, so this is not a GPT-2 checkpoint")
     vocab_size, n_embd = ours["transformer.wte.weight"].shape
+    n_head = {c["n_embd"]: c["n_head"] for c in GPT2_MODELS.values()}.get(n_embd)
+    if n_head is None:
+        raise ValueError(f"{path}: width {n_embd} is none of GPT-2's, so its number of heads is unknown; "
+                         "put the model's config.json beside the file")
     n_layer = len({name.split(".")[2] for name in ours if name.startswith("transformer.h.")})
     return GPTConfig(block_size=ours["transformer.wpe.weight"].shape[0], vocab_size=vocab_size,
-                     n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd,
-                     bias="transformer.ln_f.bias" in ours)
+                     n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias="transformer.ln_f.bias" in ours)
 
 
 def check_tensors_match(expected_shapes, tensors, path):
     """Every tensor the model needs is there with its shape, and there is nothing else."""
+    def listing(names):
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
     missing = [n for n in expected_shapes if n not in tensors]
     if missing:
-        raise ValueError(f"{path}: missing tensor(s) {', '.join(missing)} (names as in this model; "
+        raise ValueError(f"{path}: missing tensor(s) {listing(missing)} (names as in this model; "
                          "is this a GPT-2 checkpoint of the configured size?)")
     unexpected = [n for n in tensors if n not in expected_shapes]
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensor(s) {', '.join(unexpected)} that this GPT-2 does not have")
+        raise ValueError(f"{path}: unexpected tensor(s) {listing(unexpected)} that this GPT-2 does not have")
     for name, shape in expected_shapes.items():
         if tuple(tensors[name].shape) != tuple(shape):
             raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)} in the file "
@@ -456,7 +472,7 @@ def model_from_checkpoint(weights_path, config, device=None, dtype=None):
     return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
-def load_pretrained(name_or_path, device=None, dtype=None):
+def load_gpt2_checkpoint(name_or_path, device=None, dtype=None):
     name = str(name_or_path).removeprefix("openai-community/")
     if name in GPT2_MODELS and not Path(name_or_path).exists():
         snapshot = gpt2_snapshot(name)
@@ -479,7 +495,7 @@ def load_pretrained(name_or_path, device=None, dtype=None):
     return model_from_checkpoint(weights, config, device, dtype)
 
 
-def save_pretrained(model, directory):
+def write_gpt2_checkpoint(model, directory):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     c = model.config
@@ -542,17 +558,22 @@ def cached_snapshot(repo):
 def gpt2_snapshot(name):
     """A local snapshot folder for GPT-2 `name`: from the cache, else downloaded into it."""
     repo = "openai-community/" + name
-    snapshot = cached_snapshot(repo)
-    if snapshot is not None:
-        return snapshot
+    # transformers users who asked for plain "gpt2" have it cached under the old repo name
+    for cached_repo in (repo, name):
+        snapshot = cached_snapshot(cached_repo)
+        if snapshot is not None:
+            return snapshot
     where = repo_cache_dir(repo) / "snapshots" / "<commit>" / "model.safetensors"
     if hub_offline():
         raise FileNotFoundError(
             f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set, so it will not be downloaded. "
             f"Put the file at {where} (with refs/main naming <commit>), or pass --weights path/to/model.safetensors")
-    # the weights first: if they fail, nothing is left in the cache; config.json is optional for loading
+    # the weights first: if they fail, nothing is left in the cache
     commit = download_to_cache(repo, "model.safetensors")
-    download_to_cache(repo, "config.json")
+    try:
+        download_to_cache(repo, "config.json")
+    except RuntimeError as e:  # the weights are safe; GPT2_MODELS knows the config
+        print(f"warning: {e}; using the known {name} config instead", file=sys.stderr)
     return repo_cache_dir(repo) / "snapshots" / commit
 
 
@@ -582,8 +603,10 @@ def ask_hub(url):
     for _ in range(10):
         response = open_url(url, follow_redirects=False)
         h, is_redirect = response.headers, 300 <= response.code < 400
-        # on a redirect, ETag and Content-Length describe the redirect, not the file
-        stated = {"etag": h.get("X-Linked-Etag") or (None if is_redirect else h.get("ETag")),
+        # on a redirect, ETag and Content-Length describe the redirect, not the file; only a
+        # linked ETag is a sha256 of the content, a plain one on a 200 is git's blob id
+        stated = {"sha256": h.get("X-Linked-Etag"),
+                  "git_sha1": None if is_redirect else h.get("ETag"),
                   "size": h.get("X-Linked-Size") or (None if is_redirect else h.get("Content-Length")),
                   "commit": h.get("X-Repo-Commit")}
         for key, value in stated.items():
@@ -598,7 +621,8 @@ def ask_hub(url):
             continue
         # the CDN: its Content-Length is still the size, but its ETag is its own hash, never the hub's
         cdn = open_url(location, follow_redirects=True)
-        expected.setdefault("size", cdn.headers.get("Content-Length"))
+        if "size" not in expected and cdn.headers.get("Content-Length"):
+            expected["size"] = cdn.headers["Content-Length"]
         return cdn, expected
     raise RuntimeError(f"{url}: more than 10 redirects")
 
@@ -641,22 +665,31 @@ def download_to_cache(repo, filename):
                 with response:
                     size = int(expected["size"]) if "size" in expected else None
                     done, sha256 = stream_to_file(response, f, filename, size)
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+                    raise RuntimeError(f"could not write the download of {url} to {blobs}: {e}") from None
                 raise RuntimeError(
                     f"could not download {url}: {getattr(e, 'reason', None) or e!r}. Check the network "
                     f"(or HF_ENDPOINT), or download {filename} yourself and pass "
                     "--weights path/to/model.safetensors") from None
-        etag = expected.get("etag", "").removeprefix("W/").strip('"').lower()
+            except http.client.HTTPException as e:  # e.g. IncompleteRead, a connection cut mid-answer
+                raise RuntimeError(f"could not download {url}: {e!r}; nothing was kept, run again to retry") from None
+        def stated_hash(key, length):
+            value = (expected.get(key) or "").removeprefix("W/").strip('"').lower()
+            return value if re.fullmatch(f"[0-9a-f]{{{length}}}", value) else None
+
+        expected_sha256, expected_git_sha1 = stated_hash("sha256", 64), stated_hash("git_sha1", 40)
         if size is not None and done != size:
             raise RuntimeError(f"download of {url} stopped after {done} of {size} bytes (connection dropped?); "
                                "nothing was kept, run again to retry")
-        if re.fullmatch(r"[0-9a-f]{64}", etag) and sha256 != etag:  # only a 64-hex ETag is a sha256
-            raise RuntimeError(f"download of {url} is corrupt: its sha256 is {sha256} but the hub says {etag}; "
-                               "nothing was kept, run again to retry")
-        if re.fullmatch(r"[0-9a-f]{40}", etag) and git_blob_sha1(tmp) != etag:
-            raise RuntimeError(f"download of {url} is corrupt: its git blob sha1 is not the hub's {etag}; "
-                               "nothing was kept, run again to retry")
-        blob = blobs / (etag if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag) else sha256)
+        if expected_sha256 and sha256 != expected_sha256:
+            raise RuntimeError(f"download of {url} is corrupt: its sha256 is {sha256} but the hub says "
+                               f"{expected_sha256}; nothing was kept, run again to retry")
+        if expected_git_sha1 and git_blob_sha1(tmp) != expected_git_sha1:
+            raise RuntimeError(f"download of {url} is corrupt: its git blob sha1 is not the hub's "
+                               f"{expected_git_sha1}; nothing was kept, run again to retry")
+        # blobs are named as huggingface_hub names them: sha256 for large files, git's id for small
+        blob = blobs / (expected_sha256 or expected_git_sha1 or sha256)
         give_usual_permissions(tmp)
         os.replace(tmp, blob)
     except BaseException:

@@ -1089,7 +1089,7 @@ def test_dpo_loss_gradient_matches_central_finite_differences_on_model_parameter
 
 
 def loop_sequence_logps(logits, labels, loss_mask):
-    """log pi(y|x) by hand: for each response token t, log softmax of logits[t-1] at token t."""
+    """log pi(y|x) by hand: for each completion token t, log softmax of logits[t-1] at token t."""
     B, T, V = logits.shape
     totals = np.zeros(B)
     for b in range(B):
@@ -1101,9 +1101,9 @@ def loop_sequence_logps(logits, labels, loss_mask):
     return totals
 
 
-LOGPS_MASK = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0],   # prompt of 3, response of 3, 2 padding
-                           [0, 1, 1, 1, 1, 1, 1, 1],   # prompt of 1, response fills the row
-                           [0, 0, 0, 0, 0, 0, 1, 0]])  # prompt of 6, response of 1, 1 padding
+LOGPS_MASK = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0],   # prompt of 3, completion of 3, 2 padding
+                           [0, 1, 1, 1, 1, 1, 1, 1],   # prompt of 1, completion fills the row
+                           [0, 0, 0, 0, 0, 0, 1, 0]])  # prompt of 6, completion of 1, 1 padding
 
 
 def random_logits_and_labels(dtype, seed=0):
@@ -1114,7 +1114,7 @@ def random_logits_and_labels(dtype, seed=0):
 
 
 def test_sequence_logps_matches_a_plain_loop_over_positions():
-    """log pi(y|x) = sum over response tokens t of log softmax(logits[t-1])[y_t]: the logits at
+    """log pi(y|x) = sum over completion tokens t of log softmax(logits[t-1])[y_t]: the logits at
     position t-1 score the token at t, and only tokens with loss_mask 1 count."""
     logits, labels = random_logits_and_labels(torch.float32)
     got = dpo.sequence_logps(logits, labels, LOGPS_MASK.float())
@@ -1132,22 +1132,22 @@ def test_sequence_logps_of_float64_logits_keeps_float64_precision():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
 
 
-def test_sequence_logps_ignores_prompt_and_padding_but_not_response_positions():
-    """Only the logits that predict a response token (position t-1 for each t with loss_mask 1)
-    and the response labels themselves enter log pi(y|x)."""
+def test_sequence_logps_ignores_prompt_and_padding_but_not_completion_positions():
+    """Only the logits that predict a completion token (position t-1 for each t with loss_mask 1)
+    and the completion labels themselves enter log pi(y|x)."""
     logits, labels = random_logits_and_labels(torch.float64)
     mask = LOGPS_MASK.double()
     before = dpo.sequence_logps(logits, labels, mask)
 
-    predicts_response = torch.zeros_like(LOGPS_MASK, dtype=torch.bool)
-    predicts_response[:, :-1] = LOGPS_MASK[:, 1:].bool()  # logits at t-1 score token t
+    predicts_completion = torch.zeros_like(LOGPS_MASK, dtype=torch.bool)
+    predicts_completion[:, :-1] = LOGPS_MASK[:, 1:].bool()  # logits at t-1 score token t
     changed = logits.clone()
-    changed[~predicts_response] = 100 * torch.randn_like(changed[~predicts_response])
+    changed[~predicts_completion] = 100 * torch.randn_like(changed[~predicts_completion])
     changed_labels = labels.clone()
     changed_labels[LOGPS_MASK == 0] = (labels[LOGPS_MASK == 0] + 1) % 11  # prompt and padding labels
     assert torch.equal(dpo.sequence_logps(changed, changed_labels, mask), before)
 
-    # row 2's only response token is at t = 6, scored by the logits at position 5
+    # row 2's only completion token is at t = 6, scored by the logits at position 5
     changed = logits.clone()
     changed[2, 5, labels[2, 6]] += 1.0
     after = dpo.sequence_logps(changed, labels, mask)
@@ -1157,10 +1157,10 @@ def test_sequence_logps_ignores_prompt_and_padding_but_not_response_positions():
     assert dpo.sequence_logps(logits, changed_labels, mask)[2] != before[2]
 
 
-def test_encode_pairs_puts_chosen_rows_first_masks_exactly_the_response_and_pads_right():
+def test_encode_pairs_puts_chosen_rows_first_masks_exactly_the_completion_and_pads_right():
     """Rows 0..N-1 are the chosen completions, N..2N-1 the rejected ones in the same order;
-    each row is prompt ids + response ids + <|endoftext|>, padded on the right with
-    <|endoftext|>, and loss_mask is 1 on exactly the response tokens (the eot included)."""
+    each row is prompt ids + completion ids + <|endoftext|>, padded on the right with
+    <|endoftext|>, and loss_mask is 1 on exactly the completion tokens (the eot included)."""
     enc = CharTokenizer()  # " " -> 1, "a" -> 2, "b" -> 3, "c" -> 4, "d" -> 5, "e" -> 6; eot 0
     pairs = [{"prompt": "ab", "chosen": "c", "rejected": "de"}, {"prompt": "e", "chosen": "a", "rejected": "b"}]
     data = dpo.encode_pairs(enc, pairs, block_size=8)
@@ -1186,8 +1186,8 @@ def gpt2_tokenizer():
         pytest.skip(f"GPT-2 tokenizer unavailable ({type(e).__name__}: {e}); set TIKTOKEN_CACHE_DIR to a tiktoken cache")
 
 
-def test_encode_pairs_tokenises_prompt_and_response_apart_with_gpt2_bpe():
-    """The scored tokens must be exactly enc.encode(response): tokenising prompt + response as
+def test_encode_pairs_tokenises_prompt_and_completion_apart_with_gpt2_bpe():
+    """The scored tokens must be exactly enc.encode(completion): tokenising prompt + completion as
     one string lets BPE merge across the boundary ("Hello wor" + "ld" -> "Hello", " world")."""
     enc = gpt2_tokenizer()
     pairs = [{"prompt": "Hello wor", "chosen": "ld", "rejected": "m!"},
@@ -1196,8 +1196,8 @@ def test_encode_pairs_tokenises_prompt_and_response_apart_with_gpt2_bpe():
     data = dpo.encode_pairs(enc, pairs, block_size=64)
     rows = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
     assert data["input_ids"].shape[0] == 4
-    for row, (prompt, response) in enumerate(rows):
-        expected = enc.encode(prompt) + enc.encode(response) + [enc.eot_token]
+    for row, (prompt, completion) in enumerate(rows):
+        expected = enc.encode(prompt) + enc.encode(completion) + [enc.eot_token]
         n_prompt = len(enc.encode(prompt))
         ids, mask = data["input_ids"][row], data["loss_mask"][row]
         assert ids[:len(expected)].tolist() == expected
@@ -1210,11 +1210,11 @@ def test_encode_pairs_tokenises_prompt_and_response_apart_with_gpt2_bpe():
 # Errors a user can act on
 
 
-def test_encode_pairs_rejects_empty_prompt_empty_response_and_no_pairs():
+def test_encode_pairs_rejects_empty_prompt_empty_completion_and_no_pairs():
     enc = CharTokenizer()
     with pytest.raises(ValueError, match="prompt"):
         dpo.encode_pairs(enc, [{"prompt": "", "chosen": "a", "rejected": "b"}], block_size=8)
-    with pytest.raises(ValueError, match="response"):
+    with pytest.raises(ValueError, match="completion"):
         dpo.encode_pairs(enc, [{"prompt": "x", "chosen": "a", "rejected": ""}], block_size=8)
     with pytest.raises(ValueError, match="pairs"):
         dpo.encode_pairs(enc, [], block_size=8)
@@ -1372,24 +1372,24 @@ def test_logits_at_scores_exactly_the_selected_positions():
 
 
 def test_score_completions_equals_sequence_logps_of_the_full_logits():
-    """score_completions (logits only where a response token is scored) gives the same log pi(y|x)
+    """score_completions (logits only where a completion token is scored) gives the same log pi(y|x)
     as the plain definition, sequence_logps(model(ids), ids, mask), and its (N, V) rows are
-    exactly the log-softmax at the positions that score response tokens, in row-major order."""
+    exactly the log-softmax at the positions that score completion tokens, in row-major order."""
     policy = tiny_policy().double()
     data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
     ids, mask = data["input_ids"], data["loss_mask"]
-    logps, token_logprobs = dpo.score_completions(policy, ids, mask)
+    logps, vocab_logprobs = dpo.score_completions(policy, ids, mask)
     full_logits = policy(ids)
     assert torch.allclose(logps, dpo.sequence_logps(full_logits, ids, mask), atol=1e-12, rtol=0)
     scoring = torch.zeros_like(mask, dtype=torch.bool)
     scoring[:, :-1] = mask[:, 1:].bool()  # position t scores token t+1
-    assert torch.allclose(token_logprobs, full_logits[scoring].log_softmax(-1), atol=1e-12, rtol=0)
-    assert token_logprobs.shape[0] == int(mask.sum())  # one row per response token
+    assert torch.allclose(vocab_logprobs, full_logits[scoring].log_softmax(-1), atol=1e-12, rtol=0)
+    assert vocab_logprobs.shape[0] == int(mask.sum())  # one row per completion token
 
 
 def test_dpo_step_reports_the_kl_of_exactly_its_batch_rows():
     """The KL that dpo_step reports, for a shuffled batch of a perturbed policy, equals the mean over
-    the batch's response positions of sum_v pi log(pi / pi_ref), computed here from both models'
+    the batch's completion positions of sum_v pi log(pi / pi_ref), computed here from both models'
     full logits: so the cached reference rows are matched to the right completions."""
     policy = tiny_policy().double()
     reference = dpo.make_reference(policy)
@@ -1827,7 +1827,7 @@ def test_pair_longer_than_the_context_is_refused(tmp_path):
     """A pair that does not fit the model's context is an error naming the pair, not a crash."""
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"prompt": "word " * 200, "chosen": " yes", "rejected": " no"}) + "\n")
-    with pytest.raises(SystemExit, match="pair 0: .* longer than the model's context of 128"):
+    with pytest.raises(SystemExit, match="pair 1 of 1 .* longer than the model.s context of 128"):
         run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data))
     assert not (tmp_path / "out").exists()
 
