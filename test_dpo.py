@@ -327,6 +327,26 @@ def test_from_pretrained_bare_file_without_config_infers_config_from_shapes(tmp_
     assert_matches_numpy(model, params, 12, random_tokens(T=8))
 
 
+def test_from_pretrained_bare_file_of_a_width_gpt2_never_had_asks_for_config_json(tmp_path):
+    """With n_embd=16 the head count is anybody's guess; guessing wrong would load a model
+    that runs and is wrong, so without config.json the file is refused."""
+    config = hub_config(**TINY)
+    write_checkpoint(tmp_path, random_gpt2_params(config), config)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json"):
+        GPT.from_pretrained(str(tmp_path / "model.safetensors"))
+
+
+def test_from_pretrained_refuses_an_untied_output_head(tmp_path):
+    """This GPT ties the head to wte, as GPT-2 does; a different lm_head.weight cannot be honoured."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config)
+    params["lm_head.weight"] = params["wte.weight"] + 1.0
+    write_checkpoint(tmp_path, params, config)
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        GPT.from_pretrained(str(tmp_path))
+
+
 def test_from_pretrained_float64_matches_numpy_gpt2_to_1e_9(tmp_path):
     """In float64 rounding is gone, so even small slips (eps 1e-6, a GELU variant) would show."""
     config = hub_config(**TINY)
@@ -584,6 +604,7 @@ class FakeHub:
     repo: str = "openai-community/gpt2"  # where the files live; another name = a renamed repo
     truncate: bool = False  # the CDN promises the whole file, sends half, hangs up
     linked_etag: str = ""  # override X-Linked-Etag (a wrong sha256)
+    no_linked_etag: bool = False  # a hub that states no sha256: only the size can catch a cut
     requests: list = field(default_factory=list)
 
 
@@ -624,9 +645,11 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         elif m and m[2] in hub.files:  # LFS file: 302 to the CDN; the hub's facts only here
             data, port = hub.files[m[2]], self.server.server_address[1]
             cdn = f"http://localhost:{port}/cdn/{m[2]}?X-Amz-Signature=f00d"  # same server, another host name
-            self.send(302, {"Location": cdn,
-                            "X-Linked-Etag": f'"{hub.linked_etag or hashlib.sha256(data).hexdigest()}"',
-                            "X-Linked-Size": len(data), "X-Repo-Commit": COMMIT})
+            headers = {"Location": cdn, "X-Linked-Size": len(data), "X-Repo-Commit": COMMIT,
+                       "X-Linked-Etag": f'"{hub.linked_etag or hashlib.sha256(data).hexdigest()}"'}
+            if hub.no_linked_etag:
+                del headers["X-Linked-Etag"]
+            self.send(302, headers)
         else:
             self.send(404, {"X-Error-Code": "EntryNotFound"})
 
@@ -739,6 +762,17 @@ def test_failed_download_raises_and_leaves_nothing_cached(hub_cache, tiny_repo, 
     assert set(files_under(hub_cache.parent)) <= config_files
 
 
+def test_truncated_download_is_caught_by_its_size_when_no_sha256_is_stated(hub_cache, tiny_repo, monkeypatch):
+    """Without X-Linked-Etag only X-Linked-Size can tell a cut download from a whole one."""
+    _, _, files = tiny_repo
+    with serving(FakeHub(files, truncate=True, no_linked_etag=True)) as url, pytest.raises(RuntimeError) as err:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        GPT.from_pretrained("gpt2")
+    half, whole = len(files["model.safetensors"]) // 2, len(files["model.safetensors"])
+    assert f"stopped after {half} of {whole} bytes" in str(err.value)
+    assert files_under(hub_cache.parent) == []
+
+
 def test_from_pretrained_follows_relative_redirect_of_renamed_repo(hub_cache, tiny_repo, monkeypatch):
     """A renamed repo answers 307 with a relative Location on the hub itself."""
     params, config, files = tiny_repo
@@ -789,6 +823,35 @@ def test_existing_hub_cache_is_used_without_network_preferring_refs_main(tmp_pat
     (repo / "refs" / "main").write_text("5" * 40)
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
+
+
+def test_cache_under_the_old_gpt2_repo_name_is_reused(tmp_path, hub_cache, tiny_repo, monkeypatch):
+    """transformers' from_pretrained("gpt2") cached it as models--gpt2 (before the rename to
+    openai-community/gpt2); that copy is found too, with no network."""
+    params, config, files = tiny_repo
+    snapshot = hub_cache / "models--gpt2" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)  # copies, as on systems without symlinks
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (owner-only files); the result must be as open() makes it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    GPT(TINY_CONFIG).save_pretrained(tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error():
+    """--device cuda on a CPU-only torch: a sentence, not torch's assertion deep in .to()."""
+    from model import resolve_device
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        resolve_device("cuda")
 
 
 # =============================================================================
@@ -1178,12 +1241,13 @@ def test_encode_pairs_puts_chosen_rows_first_masks_exactly_the_completion_and_pa
 
 
 def gpt2_tokenizer():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", "shared", "tiktoken-cache"))
+    """tiktoken's GPT-2 encoding, or a skip that says how to make it load offline."""
     try:
         import tiktoken
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # no tiktoken, or no cached BPE files and no network
-        pytest.skip(f"GPT-2 tokenizer unavailable ({type(e).__name__}: {e}); set TIKTOKEN_CACHE_DIR to a tiktoken cache")
+        pytest.skip(f"GPT-2 tokenizer not loadable ({type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder "
+                    "holding tiktoken's gpt2 files (README.md, 'Offline')")
 
 
 def test_encode_pairs_tokenises_prompt_and_completion_apart_with_gpt2_bpe():
@@ -1208,6 +1272,14 @@ def test_encode_pairs_tokenises_prompt_and_completion_apart_with_gpt2_bpe():
 
 # -----------------------------------------------------------------------------
 # Errors a user can act on
+
+
+def test_special_token_text_in_the_data_is_a_clear_error():
+    """tiktoken refuses "<|endoftext|>" inside ordinary text; the error names the pair's text."""
+    enc = gpt2_tokenizer()
+    pairs = [{"prompt": "Say <|endoftext|> now", "chosen": " yes", "rejected": " no"}]
+    with pytest.raises(ValueError, match="cannot tokenise prompt 'Say <|endoftext|> now'"):
+        dpo.encode_pairs(enc, pairs, block_size=64)
 
 
 def test_encode_pairs_rejects_empty_prompt_empty_completion_and_no_pairs():
@@ -1385,6 +1457,53 @@ def test_score_completions_equals_sequence_logps_of_the_full_logits():
     scoring[:, :-1] = mask[:, 1:].bool()  # position t scores token t+1
     assert torch.allclose(vocab_logprobs, full_logits[scoring].log_softmax(-1), atol=1e-12, rtol=0)
     assert vocab_logprobs.shape[0] == int(mask.sum())  # one row per completion token
+
+
+def test_dpo_step_clips_the_gradient_to_max_grad_norm_and_reports_the_unclipped_norm():
+    """Gradient clipping (max-norm): after dpo_step the policy's gradient has total norm
+    max_grad_norm, in the direction of the unclipped gradient of the mean loss, taken here by
+    a separate backward pass; the reported grad_norm is the norm before clipping."""
+    policy = tiny_policy().double()
+    reference = dpo.make_reference(policy)
+    perturb(policy)
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+    cache = dpo.precompute_reference(reference, data)
+    batch = dpo.make_batch(data, cache, torch.arange(len(PAIRS)), "cpu")
+    n = len(PAIRS)
+    logps = dpo.sequence_logps(policy(batch["input_ids"]), batch["input_ids"], batch["loss_mask"])
+    losses, _, _ = dpo.dpo_loss(logps[:n], logps[n:], cache["logps"][:n], cache["logps"][n:], beta=0.1)
+    unclipped = torch.autograd.grad(losses.mean(), list(policy.parameters()))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in unclipped)).item()
+    max_norm = norm / 4  # so that clipping must act
+    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.1,
+                           max_grad_norm=max_norm)
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-9)
+    for p, g in zip(policy.parameters(), unclipped):  # (clip_grad_norm_ divides by norm + 1e-6)
+        assert torch.allclose(p.grad, g * max_norm / norm, rtol=1e-5, atol=1e-12)
+
+
+def test_cached_reference_log_probs_keep_the_model_precision():
+    """A float64 reference gives float64 cached log-probs, equal to a direct computation, so
+    that h is exactly 0 at step 0 in float64 too."""
+    reference = tiny_policy().double()
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+    cache = dpo.precompute_reference(reference, data, batch_size=3)
+    with torch.no_grad():
+        direct = dpo.sequence_logps(reference(data["input_ids"]), data["input_ids"], data["loss_mask"])
+    assert cache["logps"].dtype == torch.float64
+    assert torch.allclose(cache["logps"], direct, atol=1e-12, rtol=0)
+
+
+def test_kl_cache_is_skipped_when_it_would_be_too_large():
+    """The reference's distributions are kept only within max_kl_bytes; beyond, the step still
+    trains and reports the KL as nan instead of running out of memory."""
+    policy = tiny_policy()
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+    cache = dpo.precompute_reference(dpo.make_reference(policy), data, max_kl_bytes=1000)
+    assert cache["vocab_logprobs"] is None
+    batch = dpo.make_batch(data, cache, torch.arange(2), "cpu")
+    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch)
+    assert math.isnan(metrics["kl"]) and metrics["loss"] == pytest.approx(LOG2, abs=1e-6)
 
 
 def test_dpo_step_reports_the_kl_of_exactly_its_batch_rows():
@@ -1711,19 +1830,10 @@ def test_invalid_input_raises_value_error_saying_what_is_wrong(comparisons, n_it
 ROOT = Path(__file__).resolve().parent
 
 
-def needs_gpt2_tokenizer():
-    try:
-        import tiktoken
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        pytest.skip(f"GPT-2 tokenizer not loadable offline ({type(e).__name__}); "
-                    "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files")
-
-
 def run_toy(out, *args):
     """train_toy.py's main() in this process (no second torch import), output captured by pytest."""
     import train_toy
-    needs_gpt2_tokenizer()
+    gpt2_tokenizer()
     return train_toy.main(["--out", str(out), *args])
 
 
@@ -1772,15 +1882,18 @@ def test_toy_metrics_file_has_every_step_and_a_summary(tiny_dpo_run):
 
 def test_toy_checkpoint_reloads_with_the_trained_log_probs(tiny_dpo_run):
     """The saved policy, opened with from_pretrained, scores every completion exactly as the
-    trained policy did in the run (logps_after in the summary)."""
+    trained policy did in the run (logps_after in the summary): bit for bit through the same
+    code path, and to float32 rounding through the plain definition."""
     out, summary = tiny_dpo_run
     import train_toy
-    enc = needs_gpt2_tokenizer()
+    enc = gpt2_tokenizer()
     model = GPT.from_pretrained(out)
     data = dpo.encode_pairs(enc, train_toy.TOY_PAIRS, model.config.block_size)
     with torch.no_grad():
-        logps = dpo.sequence_logps(model(data["input_ids"]), data["input_ids"], data["loss_mask"])
-    assert logps.tolist() == pytest.approx(summary["logps_after"], abs=1e-4)
+        logps, _ = dpo.score_completions(model, data["input_ids"], data["loss_mask"])
+        plain = dpo.sequence_logps(model(data["input_ids"]), data["input_ids"], data["loss_mask"])
+    assert logps.tolist() == summary["logps_after"]
+    assert plain.tolist() == pytest.approx(summary["logps_after"], abs=1e-4)
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2
 
 
@@ -1796,7 +1909,7 @@ def test_toy_run_is_reproducible_with_the_same_seed(tiny_dpo_run, tmp_path):
 
 def test_toy_script_runs_from_the_command_line(tmp_path):
     """`python train_toy.py --model tiny` as a user types it: exit 0, the headline and timing printed."""
-    needs_gpt2_tokenizer()
+    gpt2_tokenizer()
     result = subprocess.run([sys.executable, str(ROOT / "train_toy.py"), "--model", "tiny", "--epochs", "1",
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -1865,10 +1978,12 @@ def test_plot_without_matplotlib_is_refused_before_training(tmp_path, monkeypatc
 @pytest.mark.parametrize("options, message", [
     (["--epochs", "0"], "--epochs and --batch-size must be at least 1"),
     (["--batch-size", "0"], "--epochs and --batch-size must be at least 1"),
-    (["--beta", "-0.1"], "--beta and --lr must be > 0"),
+    (["--beta", "-0.1"], "--beta and --lr must be finite numbers > 0"),
+    (["--lr", "nan"], "--beta and --lr must be finite numbers > 0"),
     (["--label-smoothing", "0.7"], "in [0, 0.5)"),
     (["--loss", "ipo", "--label-smoothing", "0.1"], "use it with --loss dpo"),
     (["--init", "random"], "--model tiny is always built here"),
+    (["--out", __file__], "is a file; it must be a folder"),
 ])
 def test_bad_options_are_refused_with_a_message(options, message, tmp_path, capsys):
     """Nonsensical options stop the script at once (argparse's exit code 2) with what was wrong."""

@@ -22,6 +22,7 @@ Read first: model.py, dpo.py. Read next: test_dpo.py.
 
 import argparse
 import json
+import math
 import resource
 import sys
 import time
@@ -43,10 +44,10 @@ TOY_PAIRS = [
 # The tiny stand-in for GPT-2: a few layers over the full GPT-2 vocabulary.
 TINY_CONFIG = dict(block_size=128, n_layer=2, n_head=4, n_embd=64)
 # Per-model defaults. The tiny model needs a larger learning rate and more epochs to move
-# in a few steps. IPO stops where the policy's log-ratio margin exceeds the reference's by
-# 1/(2 beta) nats (IPO paper, Eq. 17), so it flips a preference only if 1/(2 beta) is larger
+# in a few steps. IPO stops where log pi(chosen) - log pi(rejected) exceeds the reference's
+# by 1/(2 beta) nats (IPO paper, Eq. 17), so it flips a preference only if 1/(2 beta) is larger
 # than the reference's gap; the tiny model has never seen the chosen words and its gaps are
-# 38-92 nats (printed in the table), hence beta 0.002 (a target of 250 nats) there.
+# tens of nats (printed in the table), hence beta 0.002 (a target of 250 nats) there.
 DEFAULTS = {
     "tiny": dict(lr=1e-3, epochs=6, beta={"dpo": 0.1, "ipo": 0.002}),
     "gpt2": dict(lr=5e-5, epochs=3, beta={"dpo": 0.1, "ipo": 0.1}),
@@ -61,9 +62,13 @@ def load_pairs(path):
     """Preference pairs from a .jsonl file: one {"prompt", "chosen", "rejected"} object per line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
+        raise FileNotFoundError(f"--data {path}: not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -98,8 +103,10 @@ def load_policy(args, device):
         return GPT(GPTConfig(**TINY_CONFIG)).to(device)
     if args.init == "random":
         return GPT(GPTConfig(**GPT2_MODELS[args.model])).to(device)
+    if args.weights:
+        return GPT.from_pretrained(args.weights, device=device)
     try:
-        return GPT.from_pretrained(args.weights or args.model, device=device)
+        return GPT.from_pretrained(args.model, device=device)
     except (FileNotFoundError, RuntimeError) as e:
         raise type(e)(f"{e}\nTo run without the download: --weights path/to/model.safetensors, "
                       "--init random (random weights), or --model tiny (offline, seconds).") from None
@@ -107,8 +114,9 @@ def load_policy(args, device):
 
 def sft_warmup(model, enc, pairs, steps, lr, log):
     """Next-token training on prompt + rejected completion: the tiny model's 'pretraining',
-    after which, like GPT-2, it finds the intuitive completions likely."""
-    texts = [enc.encode(p["prompt"] + p["rejected"]) + [enc.eot_token] for p in pairs]
+    after which, like GPT-2, it finds the intuitive completions likely. Tokenised as DPO
+    will score them: prompt and completion apart (dpo.encode_completion)."""
+    texts = [sum(dpo.encode_completion(enc, p["prompt"], p["rejected"]), []) for p in pairs]
     T = max(len(t) for t in texts)
     device = next(model.parameters()).device
     ids = torch.full((len(texts), T), enc.eot_token, dtype=torch.long)
@@ -192,6 +200,7 @@ def import_pyplot():
 
 def save_plot(history, path):
     plt = import_pyplot()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     steps = [m["step"] for m in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(steps, [m["loss"] for m in history])
@@ -237,16 +246,50 @@ def parse_args(argv=None):
     args.beta = defaults["beta"][args.loss] if args.beta is None else args.beta
     if args.model == "tiny" and (args.weights or args.init == "random"):
         parser.error("--model tiny is always built here; --weights and --init are for the GPT-2 sizes")
+    if args.weights and args.init == "random":
+        parser.error("--weights loads weights and --init random makes new ones: pick one")
     if args.epochs < 1 or args.batch_size < 1:
         parser.error(f"--epochs and --batch-size must be at least 1, got {args.epochs} and {args.batch_size}")
-    if args.beta <= 0 or args.lr <= 0:
-        parser.error(f"--beta and --lr must be > 0, got {args.beta} and {args.lr}")
+    if not (math.isfinite(args.beta) and args.beta > 0 and math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--beta and --lr must be finite numbers > 0, got {args.beta} and {args.lr}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; it must be a folder (it is created if missing)")
     if not 0 <= args.label_smoothing < 0.5:
         parser.error(f"--label-smoothing is the probability that a label is flipped, in [0, 0.5); "
                      f"got {args.label_smoothing}")
     if args.loss == "ipo" and args.label_smoothing:
         parser.error("--label-smoothing is conservative DPO's; use it with --loss dpo")
     return args
+
+
+def describe_model(args, policy, device):
+    origin = {"tiny": "random init, then SFT"}.get(args.model) or (
+        "random init" if args.init == "random" else args.weights or "pretrained")
+    n_params = sum(p.numel() for p in policy.parameters())
+    return (f"model {args.model} ({origin}): {policy.config.n_layer} layers, {policy.config.n_embd} wide, "
+            f"{n_params:,} parameters, on {device}")
+
+
+def describe_training(args):
+    line = (f"{args.loss.upper()} (beta {args.beta}, lr {args.lr}, batch {args.batch_size}, "
+            f"{args.epochs} epochs, seed {args.seed})")
+    if args.loss == "ipo":  # IPO paper, Eq. 17: the loss is zero at h = 1/(2 beta)
+        line += (f"; IPO's target: log-ratio difference h = 1/(2 beta) = {1 / (2 * args.beta):g} nats "
+                 "above the reference's")
+    return line
+
+
+def print_results(pairs, before, after, reference_logps, beta, completions_before, completions_after):
+    n = len(pairs)
+    print()
+    print_table(pairs, before, after, reference_logps, beta)
+    preferred_before = sum(before[i] > before[n + i] for i in range(n))
+    preferred_after = sum(after[i] > after[n + i] for i in range(n))
+    print(f"\noriginal model preferred chosen in {preferred_before}/{n}, trained model in {preferred_after}/{n}\n")
+    print("greedy completions (before -> after):")
+    for pair, b, a in zip(pairs, completions_before, completions_after):
+        print(f"  {pair['prompt']!r}\n    before: {b!r}\n    after:  {a!r}")
+    return preferred_before, preferred_after
 
 
 def run(args):
@@ -258,40 +301,35 @@ def run(args):
     enc = load_tokenizer()
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    records = []
+    records, seconds = [], {}
 
     def log(record):
         records.append(record)
-        if record.get("phase") == "sft":
-            print(f"  sft step {record['step']:3d} | loss {record['loss']:.4f}")
-        else:
-            print("  " + format_step(record))
+        print(f"  sft step {record['step']:3d} | loss {record['loss']:.4f}" if record["phase"] == "sft"
+              else "  " + format_step(record))
 
+    # 1. the model, and (tiny only) its warm-up
     t0 = time.perf_counter()
     policy = load_policy(args, device)
     data = dpo.encode_pairs(enc, pairs, policy.config.block_size)
-    n_params = sum(p.numel() for p in policy.parameters())
-    origin = ("random init, then SFT" if args.model == "tiny" else "random init" if args.init == "random"
-              else args.weights or "pretrained")
-    print(f"model {args.model} ({origin}): "
-          f"{policy.config.n_layer} layers, {policy.config.n_embd} wide, {n_params:,} parameters, on {device}")
-    load_s = time.perf_counter() - t0
+    print(describe_model(args, policy, device))
+    seconds["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if args.model == "tiny":
         print(f"SFT warm-up on prompt + rejected completion ({SFT_STEPS} steps, lr {SFT_LR})")
         sft_warmup(policy, enc, pairs, SFT_STEPS, SFT_LR, log)
-    sft_s = time.perf_counter() - t0
+    seconds["sft_s"] = time.perf_counter() - t0
 
+    # 2. the frozen reference, and where the untouched model stands
     t0 = time.perf_counter()
     reference = dpo.make_reference(policy)
     reference_cache = dpo.precompute_reference(reference, data)
+    before = reference_cache["logps"]  # the policy starts as the reference: the same log-probs
     completions_before = [greedy_completion(policy, enc, p["prompt"]) for p in pairs]
-    before = reference_cache["logps"]  # the policy starts as the reference: same log-probs
-    eval_s = time.perf_counter() - t0
+    seconds["eval_s"] = time.perf_counter() - t0
 
-    print(f"{args.loss.upper()} (beta {args.beta}, lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
-          f"seed {args.seed})" + (f"; IPO's target: a log-ratio margin of 1/(2 beta) = {1 / (2 * args.beta):g} "
-                                  "nats over the reference's" if args.loss == "ipo" else ""))
+    # 3. DPO
+    print(describe_training(args))
     optimizer = dpo.make_optimizer(policy, lr=args.lr)
     t0 = time.perf_counter()
     history = dpo.train_dpo(policy, reference, data, optimizer, epochs=args.epochs, batch_size=args.batch_size,
@@ -300,36 +338,30 @@ def run(args):
                             on_step=lambda m: log({"phase": "dpo", **m}))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    train_s = time.perf_counter() - t0
+    seconds["train_s"] = time.perf_counter() - t0
 
+    # 4. what changed
     t0 = time.perf_counter()
     after = pair_logps(policy, data)
     completions_after = [greedy_completion(policy, enc, p["prompt"]) for p in pairs]
-    eval_s += time.perf_counter() - t0
-
-    n = len(pairs)
-    preferred_before = int((before[:n] > before[n:]).sum())
-    preferred_after = int((after[:n] > after[n:]).sum())
-    print()
-    print_table(pairs, before.tolist(), after.tolist(), reference_cache["logps"].tolist(), args.beta)
-    print(f"\noriginal model preferred chosen in {preferred_before}/{n}, trained model in {preferred_after}/{n}\n")
-    print("greedy completions (before -> after):")
-    for pair, b, a in zip(pairs, completions_before, completions_after):
-        print(f"  {pair['prompt']!r}\n    before: {b!r}\n    after:  {a!r}")
-
-    tokens = sum(m["tokens"] for m in history)
+    seconds["eval_s"] += time.perf_counter() - t0
+    preferred_before, preferred_after = print_results(
+        pairs, before.tolist(), after.tolist(), reference_cache["logps"].tolist(), args.beta,
+        completions_before, completions_after)
+    tokens_per_s = sum(m["tokens"] for m in history) / seconds["train_s"]
     peak = peak_memory_bytes(device)
-    sft = f" | sft {sft_s:.2f} s" if args.model == "tiny" else ""
-    print(f"\ntime: load {load_s:.2f} s{sft} | train {train_s:.2f} s ({len(history)} steps, {tokens / train_s:,.0f} tokens/s)"
-          f" | eval {eval_s:.2f} s | peak memory {peak / 2**20:,.0f} MiB"
-          f" ({'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'})")
+    sft = f" | sft {seconds['sft_s']:.2f} s" if args.model == "tiny" else ""
+    print(f"\ntime: load {seconds['load_s']:.2f} s{sft} | train {seconds['train_s']:.2f} s ({len(history)} steps, "
+          f"{tokens_per_s:,.0f} tokens/s) | eval {seconds['eval_s']:.2f} s | peak memory {peak / 2**20:,.0f} MiB "
+          f"({'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'})")
 
+    # 5. the trained policy and the numbers, for other tools
     summary = {
         "summary": True, "model": args.model, "loss_type": args.loss, "beta": args.beta, "lr": args.lr,
         "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "device": str(device),
-        "load_s": load_s, "sft_s": sft_s, "train_s": train_s, "eval_s": eval_s, "tokens_per_s": tokens / train_s,
-        "peak_memory_bytes": peak, "preferred_before": preferred_before, "preferred_after": preferred_after,
-        "n_pairs": n, "final_reward_accuracy": history[-1]["reward_accuracy"],
+        **seconds, "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak,
+        "preferred_before": preferred_before, "preferred_after": preferred_after, "n_pairs": len(pairs),
+        "final_reward_accuracy": history[-1]["reward_accuracy"],
         "logps_before": before.tolist(), "logps_after": after.tolist(),
         "completions_before": completions_before, "completions_after": completions_after,
     }
