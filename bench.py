@@ -96,9 +96,9 @@ def floor_step(policy, optimizer, batch):
     """(c): the least any training step on these completions costs: one forward, one backward,
     one update, with the completions' next-token loss (logits only where they score one)."""
     ids, scored = batch["input_ids"], batch["loss_mask"][:, 1:].bool()
+    optimizer.zero_grad(set_to_none=True)  # before the forward pass, as in dpo_step
     logits = policy(ids, logits_at=torch.nn.functional.pad(scored, (0, 1)))  # (N, V)
     loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][scored])
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
@@ -115,22 +115,27 @@ def random_batch(n_pairs, prompt_len, completion_len, vocab_size, generator):
 
 
 def time_steps(step, n_steps, device):
-    """Seconds per step over n_steps, after one untimed warm-up step."""
+    """Median seconds per step over n_steps, after one untimed warm-up step. The median,
+    because a shared machine now and then stalls one step for reasons of its own."""
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    seconds = []
     for _ in range(n_steps):
+        synchronize()
+        start = time.perf_counter()
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n_steps
+        synchronize()
+        seconds.append(time.perf_counter() - start)
+    return sorted(seconds)[len(seconds) // 2]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Time the DPO step against the straightforward loop and the floor.")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per phase, after one warm-up (3)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per phase, after one warm-up (5)")
     parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step (2, as train_toy.py)")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (32)")
     parser.add_argument("--completion-len", type=int, default=32, help="tokens of each completion (32)")

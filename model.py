@@ -650,6 +650,62 @@ def stream_to_file(response, f, label, expected_size):
     return done, sha256.hexdigest()
 
 
+def fetch(url, f, filename):
+    """Stream url's file into f; returns (what the hub stated about it, bytes written, sha256)."""
+    try:
+        response, expected = ask_hub(url)
+        with response:
+            size = int(expected["size"]) if "size" in expected else None
+            done, sha256 = stream_to_file(response, f, filename, size)
+        return expected, done, sha256
+    except OSError as e:  # URLError, timeouts and refused connections are OSErrors too
+        if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            raise RuntimeError(f"could not write the download of {url} to {f.name}: {e}") from None
+        raise RuntimeError(
+            f"could not download {url}: {getattr(e, 'reason', None) or e!r}. Check the network "
+            f"(or HF_ENDPOINT), or download {filename} yourself and pass "
+            "--weights path/to/model.safetensors") from None
+    except http.client.HTTPException as e:  # e.g. IncompleteRead, a connection cut mid-answer
+        raise RuntimeError(f"could not download {url}: {e!r}; nothing was kept, run again to retry") from None
+
+
+def stated_hash(expected, key, length):
+    """A hex digest the hub stated, unquoted, or None when it stated none of that length."""
+    value = (expected.get(key) or "").removeprefix("W/").strip('"').lower()
+    return value if re.fullmatch(f"[0-9a-f]{{{length}}}", value) else None
+
+
+def verified_blob_name(url, path, done, sha256, expected):
+    """Check the downloaded file against the hub's size and hash; returns the name
+    huggingface_hub gives its blob (the sha256 for large files, git's id for small ones)."""
+    size = expected.get("size")
+    linked_sha256 = stated_hash(expected, "sha256", 64)
+    git_sha1 = stated_hash(expected, "git_sha1", 40)
+    if size is not None and done != int(size):
+        raise RuntimeError(f"download of {url} stopped after {done} of {size} bytes (connection dropped?); "
+                           "nothing was kept, run again to retry")
+    if linked_sha256 and sha256 != linked_sha256:
+        raise RuntimeError(f"download of {url} is corrupt: its sha256 is {sha256} but the hub says "
+                           f"{linked_sha256}; nothing was kept, run again to retry")
+    if git_sha1 and git_blob_sha1(path) != git_sha1:
+        raise RuntimeError(f"download of {url} is corrupt: its git blob sha1 is not the hub's "
+                           f"{git_sha1}; nothing was kept, run again to retry")
+    return linked_sha256 or git_sha1 or sha256
+
+
+def link_into_snapshot(repo_dir, filename, blob, commit):
+    """snapshots/<commit>/<filename> -> ../../blobs/<blob>, and refs/main -> commit."""
+    link = repo_dir / "snapshots" / commit / filename
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    try:
+        link.symlink_to(Path("..") / ".." / "blobs" / blob.name)  # relative, as huggingface_hub makes them
+    except OSError:  # no symlinks here (some Windows setups): keep the bytes in the snapshot instead
+        os.replace(blob, link)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    write_atomically(repo_dir / "refs" / "main", lambda f: f.write(commit.encode()))
+
+
 def download_to_cache(repo, filename):
     """Download one file of `repo` into the hub cache, verified; returns the commit sha.
     The bytes go to a temporary file that is renamed only once size and hash check out."""
@@ -660,36 +716,8 @@ def download_to_cache(repo, filename):
     fd, tmp = tempfile.mkstemp(dir=blobs, suffix=".incomplete")
     try:
         with os.fdopen(fd, "wb") as f:
-            try:
-                response, expected = ask_hub(url)
-                with response:
-                    size = int(expected["size"]) if "size" in expected else None
-                    done, sha256 = stream_to_file(response, f, filename, size)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
-                    raise RuntimeError(f"could not write the download of {url} to {blobs}: {e}") from None
-                raise RuntimeError(
-                    f"could not download {url}: {getattr(e, 'reason', None) or e!r}. Check the network "
-                    f"(or HF_ENDPOINT), or download {filename} yourself and pass "
-                    "--weights path/to/model.safetensors") from None
-            except http.client.HTTPException as e:  # e.g. IncompleteRead, a connection cut mid-answer
-                raise RuntimeError(f"could not download {url}: {e!r}; nothing was kept, run again to retry") from None
-        def stated_hash(key, length):
-            value = (expected.get(key) or "").removeprefix("W/").strip('"').lower()
-            return value if re.fullmatch(f"[0-9a-f]{{{length}}}", value) else None
-
-        expected_sha256, expected_git_sha1 = stated_hash("sha256", 64), stated_hash("git_sha1", 40)
-        if size is not None and done != size:
-            raise RuntimeError(f"download of {url} stopped after {done} of {size} bytes (connection dropped?); "
-                               "nothing was kept, run again to retry")
-        if expected_sha256 and sha256 != expected_sha256:
-            raise RuntimeError(f"download of {url} is corrupt: its sha256 is {sha256} but the hub says "
-                               f"{expected_sha256}; nothing was kept, run again to retry")
-        if expected_git_sha1 and git_blob_sha1(tmp) != expected_git_sha1:
-            raise RuntimeError(f"download of {url} is corrupt: its git blob sha1 is not the hub's "
-                               f"{expected_git_sha1}; nothing was kept, run again to retry")
-        # blobs are named as huggingface_hub names them: sha256 for large files, git's id for small
-        blob = blobs / (expected_sha256 or expected_git_sha1 or sha256)
+            expected, done, sha256 = fetch(url, f, filename)
+        blob = blobs / verified_blob_name(url, tmp, done, sha256, expected)
         give_usual_permissions(tmp)
         os.replace(tmp, blob)
     except BaseException:
@@ -697,13 +725,5 @@ def download_to_cache(repo, filename):
             os.unlink(tmp)
         raise
     commit = expected.get("commit") or "main"
-    link = repo_cache_dir(repo) / "snapshots" / commit / filename
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.unlink(missing_ok=True)
-    try:
-        link.symlink_to(Path("..") / ".." / "blobs" / blob.name)  # relative, as huggingface_hub makes them
-    except OSError:  # no symlinks here (some Windows setups): keep the bytes in the snapshot instead
-        os.replace(blob, link)
-    (link.parent.parent.parent / "refs").mkdir(exist_ok=True)
-    write_atomically(link.parent.parent.parent / "refs" / "main", lambda f: f.write(commit.encode()))
+    link_into_snapshot(repo_cache_dir(repo), filename, blob, commit)
     return commit

@@ -1,7 +1,7 @@
 """
 The proof: every formula of this project checked against something independent of it.
 
-    pytest test_dpo.py          (about 30 s on a 2-core CPU; no network)
+    python -m pytest test_dpo.py          (about 13 s on a 2-core CPU; no network)
 
 Sections, in reading order (the same order as the code):
 1. The model: model.py's GPT-2 against a separate numpy GPT-2 forward pass (picoGPT style)

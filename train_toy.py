@@ -274,8 +274,9 @@ def describe_training(args):
     line = (f"{args.loss.upper()} (beta {args.beta}, lr {args.lr}, batch {args.batch_size}, "
             f"{args.epochs} epochs, seed {args.seed})")
     if args.loss == "ipo":  # IPO paper, Eq. 17: the loss is zero at h = 1/(2 beta)
-        line += (f"; IPO's target: log-ratio difference h = 1/(2 beta) = {1 / (2 * args.beta):g} nats "
-                 "above the reference's")
+        target = 1 / (2 * args.beta)
+        line += (f"; IPO's target h = 1/(2 beta) = {target:g}: log pi(chosen) - log pi(rejected) "
+                 f"ends {target:g} nats above the reference's")
     return line
 
 
