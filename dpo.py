@@ -6,8 +6,10 @@ reference pi_ref with no reward model and no sampling (Rafailov et al. 2023,
 "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"):
 
     h      = [log pi(y_c|x) - log pi_ref(y_c|x)] - [log pi(y_r|x) - log pi_ref(y_r|x)]
+           = chosen logratio - rejected logratio
     L_DPO  = -log sigmoid(beta * h)                                   (DPO paper, Eq. 7)
     reward = beta * log(pi(y|x) / pi_ref(y|x))            (the implicit reward, Eq. 5)
+    margin = chosen reward - rejected reward = beta * h
     grad L = -beta * sigmoid(-beta * h) * [grad log pi(y_c|x) - grad log pi(y_r|x)]
                                                   (DPO paper, Section 4, "What does the DPO update do?")
 
@@ -17,7 +19,7 @@ Its optimum, for Bradley-Terry preferences with rewards r, is pi_ref(y|x) exp(r(
   Mitchell 2023, "A note on DPO with noisy preferences"):
       L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
 - IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-  Preferences", Eq. 17): L = (h - 1/(2 beta))^2, which stops at a finite margin even when the
+  Preferences", Eq. 17): L = (h - 1/(2 beta))^2, which stops at h = 1/(2 beta) even when the
   preferences are deterministic, where DPO pushes pi(y_r) all the way to 0.
 
 In reading order: log-probabilities of completions, pairs to tensors, the losses, the frozen
@@ -25,6 +27,7 @@ reference, the training step and loop. Read next: train_toy.py, which runs all o
 """
 
 import copy
+import math
 
 import torch
 
@@ -142,7 +145,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         reference_chosen_logps: (N,) log pi_ref(y_chosen | x).
         reference_rejected_logps: (N,) log pi_ref(y_rejected | x).
         beta: strength of the KL penalty towards the reference (> 0). Small beta lets the
-            policy move far; IPO's target margin is 1/(2 beta).
+            policy move far; IPO's target is h = 1/(2 beta).
         loss_type: "dpo" (DPO paper, Eq. 7) or "ipo" (IPO paper, Eq. 17).
         label_smoothing: eps in [0, 0.5), the assumed probability that a preference label
             is flipped (conservative DPO); "dpo" only.
@@ -152,13 +155,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         are DPO's implicit rewards beta * (log pi - log pi_ref) (DPO paper, Eq. 5),
         detached: they are for reporting, not for the gradient.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0 (it scales the KL penalty), got {beta}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0 (it scales the KL penalty), got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    h = chosen_logratios - rejected_logratios
+    h = chosen_logratios - rejected_logratios  # margin = beta * h
     if loss_type == "dpo":
         # logsigmoid, not log(sigmoid(.)): stays finite for h = +-1e4
         losses = (-(1 - label_smoothing) * torch.nn.functional.logsigmoid(beta * h)
@@ -194,8 +197,9 @@ def precompute_reference(reference, data, batch_size=8, max_kl_bytes=2**30):
     """Everything DPO needs from the reference, computed once before training.
 
     The reference is frozen and the data do not change, so log pi_ref(y|x) is the same
-    number at every step: computing it once instead of at every step removes a third of
-    the forward passes (policy chosen + rejected remain). For the KL report the
+    number at every step: computing it once takes the reference's forward pass out of
+    every step, which is then one forward and one backward of the policy (chosen and
+    rejected together) instead of two forwards and a backward. For the KL report the
     reference's whole next-token distribution at each completion position is kept too,
     (tokens, vocab) floats per completion: cheap for small data, and skipped (the KL
     is then reported as nan) when it would take more than max_kl_bytes.

@@ -1301,7 +1301,7 @@ def test_encode_pairs_rejects_a_pair_longer_than_the_context_and_accepts_one_tha
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(beta=0.0), "beta"), (dict(beta=-0.1), "beta"),
+    (dict(beta=0.0), "beta"), (dict(beta=-0.1), "beta"), (dict(beta=float("nan")), "beta"),
     (dict(loss_type="sigmoid"), "loss_type"),
     (dict(label_smoothing=-0.1), "label_smoothing"), (dict(label_smoothing=0.5), "label_smoothing"),
     (dict(label_smoothing=1.0), "label_smoothing"),

@@ -198,13 +198,13 @@ def import_pyplot():
     return plt
 
 
-def save_plot(history, path):
+def save_plot(history, path, loss_type):
     plt = import_pyplot()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     steps = [m["step"] for m in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(steps, [m["loss"] for m in history])
-    ax1.set(xlabel="step", ylabel="loss", title="DPO loss")
+    ax1.set(xlabel="step", ylabel="loss", title=f"{loss_type.upper()} loss")
     ax2.plot(steps, [m["chosen_reward"] for m in history], label="chosen")
     ax2.plot(steps, [m["rejected_reward"] for m in history], label="rejected")
     ax2.set(xlabel="step", ylabel="beta * log(pi / pi_ref)", title="implicit rewards")
@@ -371,7 +371,7 @@ def run(args):
     write_atomically(out / "metrics.jsonl",
                      lambda f: f.write("".join(json.dumps(r) + "\n" for r in [*records, summary]).encode()))
     if args.plot:
-        save_plot(history, args.plot)
+        save_plot(history, args.plot, args.loss)
     print(f"saved the trained policy and metrics.jsonl to {out}/" + (f", curves to {args.plot}" if args.plot else ""))
     return summary
 
