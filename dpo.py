@@ -202,13 +202,14 @@ def precompute_reference(reference, data, batch_size=8, max_kl_bytes=2**30):
     rejected together) instead of two forwards and a backward. For the KL report the
     reference's whole next-token distribution at each completion position is kept too,
     (tokens, vocab) floats per completion: cheap for small data, and skipped (the KL
-    is then reported as nan) when it would take more than max_kl_bytes.
+    is then reported as None) when it would take more than max_kl_bytes.
 
     Returns {"logps": (2N,), "vocab_logprobs": list of 2N tensors (n_i, V) or None}."""
     n_rows = data["input_ids"].size(0)
     device = next(reference.parameters()).device
     n_scored = int(data["loss_mask"][:, 1:].sum())
-    keep_kl = n_scored * reference.config.vocab_size * 4 <= max_kl_bytes
+    itemsize = max(4, next(reference.parameters()).element_size())  # kept in at least float32
+    keep_kl = n_scored * reference.config.vocab_size * itemsize <= max_kl_bytes
     logps, vocab_logprobs = [], []
     for start in range(0, n_rows, batch_size):
         input_ids = data["input_ids"][start:start + batch_size].to(device)
@@ -257,15 +258,17 @@ def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothin
     optimizer.step()
 
     with torch.no_grad():
-        if batch.get("reference_vocab_logprobs") is not None:
-            kl = mean_token_kl(vocab_logprobs.detach(), batch["reference_vocab_logprobs"])
-        else:
-            kl = torch.tensor(float("nan"), device=loss.device)
+        track_kl = batch.get("reference_vocab_logprobs") is not None
+        kl = (mean_token_kl(vocab_logprobs.detach(), batch["reference_vocab_logprobs"]) if track_kl
+              else torch.zeros((), device=loss.device))
         margins = chosen_rewards - rejected_rewards
         numbers = torch.stack([loss.detach(), (margins > 0).float().mean(), margins.mean(),
                                chosen_rewards.mean(), rejected_rewards.mean(), kl, grad_norm])
     names = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "kl", "grad_norm")
-    return dict(zip(names, numbers.tolist()))  # one device-to-host copy per step
+    metrics = dict(zip(names, numbers.tolist()))  # one device-to-host copy per step
+    if not track_kl:
+        metrics["kl"] = None  # not tracked: see precompute_reference
+    return metrics
 
 
 def make_batch(data, reference_cache, pair_index, device):

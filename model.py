@@ -201,9 +201,9 @@ class GPT(nn.Module):
 def resolve_device(name="auto"):
     """'auto' picks cuda, then mps, then cpu; a device asked for by name must exist."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but this torch sees no CUDA GPU (a CPU-only build, or no driver)")
+        raise RuntimeError("device 'cuda' asked for, but this torch sees no CUDA GPU (a CPU-only build, or no driver)")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("--device mps, but MPS (Apple GPU) is not available here")
+        raise RuntimeError("device 'mps' asked for, but MPS (Apple GPU) is not available here")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -603,10 +603,9 @@ def ask_hub(url):
     for _ in range(10):
         response = open_url(url, follow_redirects=False)
         h, is_redirect = response.headers, 300 <= response.code < 400
-        # on a redirect, ETag and Content-Length describe the redirect, not the file; only a
-        # linked ETag is a sha256 of the content, a plain one on a 200 is git's blob id
+        # on a redirect, ETag and Content-Length describe the redirect, not the file
         stated = {"sha256": h.get("X-Linked-Etag"),
-                  "git_sha1": None if is_redirect else h.get("ETag"),
+                  "etag": None if is_redirect else h.get("ETag"),
                   "size": h.get("X-Linked-Size") or (None if is_redirect else h.get("Content-Length")),
                   "commit": h.get("X-Repo-Commit")}
         for key, value in stated.items():
@@ -650,8 +649,9 @@ def stream_to_file(response, f, label, expected_size):
     return done, sha256.hexdigest()
 
 
-def fetch(url, f, filename):
-    """Stream url's file into f; returns (what the hub stated about it, bytes written, sha256)."""
+def fetch(url, f, filename, path):
+    """Stream url's file into f (open on path); returns (what the hub stated about it,
+    bytes written, sha256)."""
     try:
         response, expected = ask_hub(url)
         with response:
@@ -659,8 +659,8 @@ def fetch(url, f, filename):
             done, sha256 = stream_to_file(response, f, filename, size)
         return expected, done, sha256
     except OSError as e:  # URLError, timeouts and refused connections are OSErrors too
-        if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
-            raise RuntimeError(f"could not write the download of {url} to {f.name}: {e}") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RuntimeError(f"could not write the download of {url} to {path}: {e}") from None
         raise RuntimeError(
             f"could not download {url}: {getattr(e, 'reason', None) or e!r}. Check the network "
             f"(or HF_ENDPOINT), or download {filename} yourself and pass "
@@ -679,8 +679,11 @@ def verified_blob_name(url, path, done, sha256, expected):
     """Check the downloaded file against the hub's size and hash; returns the name
     huggingface_hub gives its blob (the sha256 for large files, git's id for small ones)."""
     size = expected.get("size")
-    linked_sha256 = stated_hash(expected, "sha256", 64)
-    git_sha1 = stated_hash(expected, "git_sha1", 40)
+    # the hub's X-Linked-Etag is a sha256; a plain ETag on the hub's own 200 is git's blob id
+    # for small files, or a sha256 where a mirror serves large files directly (never the
+    # CDN's ETag: ask_hub does not record it)
+    linked_sha256 = stated_hash(expected, "sha256", 64) or stated_hash(expected, "etag", 64)
+    git_sha1 = None if linked_sha256 else stated_hash(expected, "etag", 40)
     if size is not None and done != int(size):
         raise RuntimeError(f"download of {url} stopped after {done} of {size} bytes (connection dropped?); "
                            "nothing was kept, run again to retry")
@@ -711,12 +714,16 @@ def download_to_cache(repo, filename):
     The bytes go to a temporary file that is renamed only once size and hash check out."""
     url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}/resolve/main/{filename}"
     blobs = repo_cache_dir(repo) / "blobs"
-    blobs.mkdir(parents=True, exist_ok=True)
+    try:
+        blobs.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=blobs, suffix=".incomplete")
+    except OSError as e:
+        raise RuntimeError(f"cannot write to the Hugging Face cache at {blobs} ({e.strerror}); point "
+                           "HF_HUB_CACHE or HF_HOME at a folder you can write to") from None
     print(f"downloading {url}", file=sys.stderr)
-    fd, tmp = tempfile.mkstemp(dir=blobs, suffix=".incomplete")
     try:
         with os.fdopen(fd, "wb") as f:
-            expected, done, sha256 = fetch(url, f, filename)
+            expected, done, sha256 = fetch(url, f, filename, tmp)
         blob = blobs / verified_blob_name(url, tmp, done, sha256, expected)
         give_usual_permissions(tmp)
         os.replace(tmp, blob)

@@ -605,6 +605,7 @@ class FakeHub:
     truncate: bool = False  # the CDN promises the whole file, sends half, hangs up
     linked_etag: str = ""  # override X-Linked-Etag (a wrong sha256)
     no_linked_etag: bool = False  # a hub that states no sha256: only the size can catch a cut
+    direct: bool = False  # a mirror that serves large files itself, 200 with a sha256 ETag
     requests: list = field(default_factory=list)
 
 
@@ -642,6 +643,10 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         elif m and m[2] == "config.json":  # small file in git: 200 directly
             data = hub.files["config.json"]
             self.send(200, {"ETag": f'"{git_blob_sha1(data)}"', "X-Repo-Commit": COMMIT}, data, send_body)
+        elif m and m[2] in hub.files and hub.direct:  # a mirror: the bytes at once, sha256 as ETag
+            data = hub.files[m[2]]
+            etag = hub.linked_etag or hashlib.sha256(data).hexdigest()
+            self.send(200, {"ETag": f'"{etag}"', "X-Repo-Commit": COMMIT}, data, send_body)
         elif m and m[2] in hub.files:  # LFS file: 302 to the CDN; the hub's facts only here
             data, port = hub.files[m[2]], self.server.server_address[1]
             cdn = f"http://localhost:{port}/cdn/{m[2]}?X-Amz-Signature=f00d"  # same server, another host name
@@ -771,6 +776,31 @@ def test_truncated_download_is_caught_by_its_size_when_no_sha256_is_stated(hub_c
     half, whole = len(files["model.safetensors"]) // 2, len(files["model.safetensors"])
     assert f"stopped after {half} of {whole} bytes" in str(err.value)
     assert files_under(hub_cache.parent) == []
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_a_mirror_serving_files_directly_is_checked_by_its_sha256_etag(hub_cache, tiny_repo, monkeypatch, good):
+    """HF_ENDPOINT may be a mirror that answers 200 with the bytes and a 64-hex ETag: that ETag
+    is the sha256 to check (and a wrong one is refused), while a 40-hex one is git's blob id."""
+    params, config, files = tiny_repo
+    wrong = "" if good else hashlib.sha256(b"another file").hexdigest()
+    with serving(FakeHub(files, direct=True, linked_etag=wrong)) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        if good:
+            assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
+        else:
+            with pytest.raises(RuntimeError, match="corrupt: its sha256"):
+                GPT.from_pretrained("gpt2")
+            assert files_under(hub_cache.parent) == []
+
+
+def test_an_unwritable_cache_is_a_clear_error(tmp_path, hub_cache, monkeypatch):
+    """A cache folder that cannot be made (here: a file is in the way) says where and what to set."""
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "not-a-folder" / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    with pytest.raises(RuntimeError, match="cannot write to the Hugging Face cache .* HF_HUB_CACHE"):
+        GPT.from_pretrained("gpt2")
 
 
 def test_from_pretrained_follows_relative_redirect_of_renamed_repo(hub_cache, tiny_repo, monkeypatch):
@@ -1278,7 +1308,7 @@ def test_special_token_text_in_the_data_is_a_clear_error():
     """tiktoken refuses "<|endoftext|>" inside ordinary text; the error names the pair's text."""
     enc = gpt2_tokenizer()
     pairs = [{"prompt": "Say <|endoftext|> now", "chosen": " yes", "rejected": " no"}]
-    with pytest.raises(ValueError, match="cannot tokenise prompt 'Say <|endoftext|> now'"):
+    with pytest.raises(ValueError, match=re.escape("cannot tokenise prompt 'Say <|endoftext|> now'")):
         dpo.encode_pairs(enc, pairs, block_size=64)
 
 
@@ -1496,14 +1526,14 @@ def test_cached_reference_log_probs_keep_the_model_precision():
 
 def test_kl_cache_is_skipped_when_it_would_be_too_large():
     """The reference's distributions are kept only within max_kl_bytes; beyond, the step still
-    trains and reports the KL as nan instead of running out of memory."""
+    trains and reports the KL as None (not tracked) instead of running out of memory."""
     policy = tiny_policy()
     data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
     cache = dpo.precompute_reference(dpo.make_reference(policy), data, max_kl_bytes=1000)
     assert cache["vocab_logprobs"] is None
     batch = dpo.make_batch(data, cache, torch.arange(2), "cpu")
     metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch)
-    assert math.isnan(metrics["kl"]) and metrics["loss"] == pytest.approx(LOG2, abs=1e-6)
+    assert metrics["kl"] is None and metrics["loss"] == pytest.approx(LOG2, abs=1e-6)
 
 
 def test_dpo_step_reports_the_kl_of_exactly_its_batch_rows():
@@ -1983,7 +2013,8 @@ def test_plot_without_matplotlib_is_refused_before_training(tmp_path, monkeypatc
     (["--label-smoothing", "0.7"], "in [0, 0.5)"),
     (["--loss", "ipo", "--label-smoothing", "0.1"], "use it with --loss dpo"),
     (["--init", "random"], "--model tiny is always built here"),
-    (["--out", __file__], "is a file; it must be a folder"),
+    (["--out", __file__], "is a file; --out must be a folder"),
+    (["--out", __file__ + "/sub"], "is a file; --out must be a folder"),
 ])
 def test_bad_options_are_refused_with_a_message(options, message, tmp_path, capsys):
     """Nonsensical options stop the script at once (argparse's exit code 2) with what was wrong."""

@@ -168,24 +168,27 @@ def peak_memory_bytes(device):
 # -----------------------------------------------------------------------------
 # Printing
 
-def print_table(pairs, before, after, reference, beta):
+def print_table(pairs, before, after, beta):
+    """before: the untouched policy's log-probs, which are also the reference's (chosen rows first)."""
     n = len(pairs)
     print(f"{'pair':<46} {'log pi(chosen)':>22} {'log pi(rejected)':>22} {'prefers':>17} "
           f"{'reward c / r':>15}")
     print(f"{'':<46} {'before -> after':>22} {'before -> after':>22} {'before -> after':>17}")
     for i, pair in enumerate(pairs):
         prefers = lambda logps: "chosen" if logps[i] > logps[n + i] else "rejected"
-        reward_c = beta * (after[i] - reference[i])
-        reward_r = beta * (after[n + i] - reference[n + i])
+        reward_c = beta * (after[i] - before[i])  # the implicit reward, DPO paper Eq. 5
+        reward_r = beta * (after[n + i] - before[n + i])
         print(f"{pair['prompt'][:45]:<46} {before[i]:>9.2f} -> {after[i]:>9.2f} "
               f"{before[n + i]:>9.2f} -> {after[n + i]:>9.2f} {prefers(before):>8} -> {prefers(after):<8}"
               f"{reward_c:>+7.2f} / {reward_r:+.2f}")
 
 
 def format_step(m):
+    # the exact KL is >= 0, but rounding can give -1e-9; None when it is not tracked
+    kl = "n/a" if m["kl"] is None else f"{max(m['kl'], 0.0):.4f}"
     return (f"step {m['step']:3d} (epoch {m['epoch']}) | loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.2f}"
             f" | margin {m['margin']:+.3f} | chosen {m['chosen_reward']:+.3f} | rejected {m['rejected_reward']:+.3f}"
-            f" | kl {max(m['kl'], 0.0):.4f}")  # exact KL is >= 0; rounding can give -1e-9
+            f" | kl {kl}")
 
 
 def import_pyplot():
@@ -252,8 +255,9 @@ def parse_args(argv=None):
         parser.error(f"--epochs and --batch-size must be at least 1, got {args.epochs} and {args.batch_size}")
     if not (math.isfinite(args.beta) and args.beta > 0 and math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--beta and --lr must be finite numbers > 0, got {args.beta} and {args.lr}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file; it must be a folder (it is created if missing)")
+    existing = next(p for p in [Path(args.out).absolute(), *Path(args.out).absolute().parents] if p.exists())
+    if not existing.is_dir():
+        parser.error(f"--out {args.out}: {existing} is a file; --out must be a folder (created if missing)")
     if not 0 <= args.label_smoothing < 0.5:
         parser.error(f"--label-smoothing is the probability that a label is flipped, in [0, 0.5); "
                      f"got {args.label_smoothing}")
@@ -263,8 +267,12 @@ def parse_args(argv=None):
 
 
 def describe_model(args, policy, device):
-    origin = {"tiny": "random init, then SFT"}.get(args.model) or (
-        "random init" if args.init == "random" else args.weights or "pretrained")
+    if args.model == "tiny":
+        origin = "random init, then SFT"
+    elif args.init == "random":
+        origin = "random init"
+    else:
+        origin = args.weights or "pretrained"
     n_params = sum(p.numel() for p in policy.parameters())
     return (f"model {args.model} ({origin}): {policy.config.n_layer} layers, {policy.config.n_embd} wide, "
             f"{n_params:,} parameters, on {device}")
@@ -280,17 +288,16 @@ def describe_training(args):
     return line
 
 
-def print_results(pairs, before, after, reference_logps, beta, completions_before, completions_after):
-    n = len(pairs)
-    print()
-    print_table(pairs, before, after, reference_logps, beta)
-    preferred_before = sum(before[i] > before[n + i] for i in range(n))
-    preferred_after = sum(after[i] > after[n + i] for i in range(n))
-    print(f"\noriginal model preferred chosen in {preferred_before}/{n}, trained model in {preferred_after}/{n}\n")
+def count_preferred(logps):
+    """How many pairs' chosen completion is more likely than the rejected one (chosen rows first)."""
+    n = len(logps) // 2
+    return sum(logps[i] > logps[n + i] for i in range(n))
+
+
+def print_completions(pairs, completions_before, completions_after):
     print("greedy completions (before -> after):")
     for pair, b, a in zip(pairs, completions_before, completions_after):
         print(f"  {pair['prompt']!r}\n    before: {b!r}\n    after:  {a!r}")
-    return preferred_before, preferred_after
 
 
 def run(args):
@@ -306,10 +313,12 @@ def run(args):
 
     def log(record):
         records.append(record)
-        print(f"  sft step {record['step']:3d} | loss {record['loss']:.4f}" if record["phase"] == "sft"
-              else "  " + format_step(record))
+        if record["phase"] == "sft":
+            print(f"  sft step {record['step']:3d} | loss {record['loss']:.4f}")
+        else:
+            print("  " + format_step(record))
 
-    # 1. the model, and (tiny only) its warm-up
+    # 1. the model; the tiny one first learns the intuitive completions, as GPT-2 has
     t0 = time.perf_counter()
     policy = load_policy(args, device)
     data = dpo.encode_pairs(enc, pairs, policy.config.block_size)
@@ -321,15 +330,17 @@ def run(args):
         sft_warmup(policy, enc, pairs, SFT_STEPS, SFT_LR, log)
     seconds["sft_s"] = time.perf_counter() - t0
 
-    # 2. the frozen reference, and where the untouched model stands
+    # 2. the frozen reference; its log-probs are also where the untouched policy stands
     t0 = time.perf_counter()
     reference = dpo.make_reference(policy)
     reference_cache = dpo.precompute_reference(reference, data)
+    if reference_cache["vocab_logprobs"] is None:
+        print("KL to the reference not tracked: its distributions would not fit in 1 GiB")
     before = reference_cache["logps"]  # the policy starts as the reference: the same log-probs
     completions_before = [greedy_completion(policy, enc, p["prompt"]) for p in pairs]
     seconds["eval_s"] = time.perf_counter() - t0
 
-    # 3. DPO
+    # 3. DPO (or IPO): one forward pass of the policy per step, the reference cached
     print(describe_training(args))
     optimizer = dpo.make_optimizer(policy, lr=args.lr)
     t0 = time.perf_counter()
@@ -341,14 +352,17 @@ def run(args):
         torch.cuda.synchronize()
     seconds["train_s"] = time.perf_counter() - t0
 
-    # 4. what changed
+    # 4. what changed: the same measurements as before training
     t0 = time.perf_counter()
     after = pair_logps(policy, data)
     completions_after = [greedy_completion(policy, enc, p["prompt"]) for p in pairs]
     seconds["eval_s"] += time.perf_counter() - t0
-    preferred_before, preferred_after = print_results(
-        pairs, before.tolist(), after.tolist(), reference_cache["logps"].tolist(), args.beta,
-        completions_before, completions_after)
+    preferred_before, preferred_after = count_preferred(before.tolist()), count_preferred(after.tolist())
+    print()
+    print_table(pairs, before.tolist(), after.tolist(), args.beta)
+    print(f"\noriginal model preferred chosen in {preferred_before}/{len(pairs)}, "
+          f"trained model in {preferred_after}/{len(pairs)}\n")
+    print_completions(pairs, completions_before, completions_after)
     tokens_per_s = sum(m["tokens"] for m in history) / seconds["train_s"]
     peak = peak_memory_bytes(device)
     sft = f" | sft {seconds['sft_s']:.2f} s" if args.model == "tiny" else ""
@@ -356,7 +370,7 @@ def run(args):
           f"{tokens_per_s:,.0f} tokens/s) | eval {seconds['eval_s']:.2f} s | peak memory {peak / 2**20:,.0f} MiB "
           f"({'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'})")
 
-    # 5. the trained policy and the numbers, for other tools
+    # 5. the trained policy, and the numbers for other tools to read without parsing text
     summary = {
         "summary": True, "model": args.model, "loss_type": args.loss, "beta": args.beta, "lr": args.lr,
         "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "device": str(device),
