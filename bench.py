@@ -24,12 +24,12 @@ Read first: dpo.py.
 import argparse
 import gc
 import resource
-import sys
 import time
 
 import torch
 
 import dpo
+import train_toy
 from model import GPT, GPTConfig, resolve_device
 
 # -----------------------------------------------------------------------------
@@ -58,14 +58,15 @@ def reset_peak_memory(device):
 
 
 def peak_memory_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+    """The peak since reset_peak_memory: Linux's VmHWM on the CPU; elsewhere, and on CUDA,
+    what train_toy.py reports (CUDA's counter, or the whole run's peak RSS)."""
+    if device.type != "cuda":
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            pass
+    return train_toy.peak_memory_bytes(device)
 
 
 def baseline_memory_bytes(device):
@@ -152,7 +153,6 @@ def main(argv=None):
     n_params = sum(p.numel() for p in policy.parameters())
     param_bytes = n_params * 4
     if args.toy:
-        import train_toy
         pairs = train_toy.TOY_PAIRS[:args.pairs]
         data = dpo.encode_pairs(train_toy.load_tokenizer(), pairs, policy.config.block_size)
         shape = f"the first {len(pairs)} toy pairs"

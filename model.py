@@ -423,10 +423,9 @@ def config_from_hf_json(config_path):
         raise ValueError(f"{config_path}: GPT-2 config.json has no {e.args[0]!r}") from None
 
 
-def config_from_shapes(tensors, path):
-    """Without config.json: read the sizes off the tensors. The number of heads is the
-    one thing shapes cannot say, so only the four GPT-2 widths are accepted here."""
-    ours = hf_to_our_state_dict(tensors, path)
+def config_from_shapes(ours, path):
+    """Without config.json: read the sizes off the tensors (already in our names). The number
+    of heads is the one thing shapes cannot say, so only the four GPT-2 widths are accepted."""
     if "transformer.wte.weight" not in ours or "transformer.wpe.weight" not in ours:
         raise ValueError(f"{path}: no wte.weight / wpe.weight, so this is not a GPT-2 checkpoint")
     vocab_size, n_embd = ours["transformer.wte.weight"].shape
@@ -458,10 +457,9 @@ def check_tensors_match(expected_shapes, tensors, path):
 
 
 def model_from_checkpoint(weights_path, config, device=None, dtype=None):
-    tensors = load_safetensors(weights_path)
+    ours = hf_to_our_state_dict(load_safetensors(weights_path), weights_path)
     if config is None:
-        config = config_from_shapes(tensors, weights_path)
-    ours = hf_to_our_state_dict(tensors, weights_path)
+        config = config_from_shapes(ours, weights_path)
     with torch.device("meta"):
         model = GPT(config)  # shapes only: no time spent on a random init we would overwrite
     expected = {n: t.shape for n, t in model.state_dict().items() if n != "lm_head.weight"}

@@ -1112,18 +1112,25 @@ def test_losses_pass_gradcheck_in_float64(loss_type, label_smoothing):
 # Gradients with respect to the model's parameters
 
 
+def perturbed_policy_and_pairs(n_pairs):
+    """A float64 tiny GPT moved away from its reference (so h != 0), n_pairs of PAIRS encoded,
+    and the reference's log-probs of them (chosen rows, then rejected)."""
+    policy = tiny_policy(dtype=torch.float64)
+    reference = dpo.make_reference(policy)
+    perturb(policy)
+    data = dpo.encode_pairs(CharTokenizer(), PAIRS[:n_pairs], block_size=32)
+    ids, mask = data["input_ids"], data["loss_mask"]
+    with torch.no_grad():
+        reference_logps = dpo.sequence_logps(reference(ids), ids, mask)
+    return policy, ids, mask, reference_logps
+
+
 def test_policy_gradient_follows_the_dpo_paper_identity_on_a_tiny_gpt():
     """DPO paper, Section 4: grad L = -beta sigmoid(-beta h) [grad log pi(y_c) - grad log pi(y_r)].
     Left: the gradient dpo_step leaves in the policy (learning rate 0, no clipping).
     Right: grad log pi(y_c) and grad log pi(y_r) from two separate backward passes."""
     beta = 0.5
-    policy = tiny_policy(dtype=torch.float64)
-    reference = dpo.make_reference(policy)
-    perturb(policy)
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS[:1], block_size=32)
-    ids, mask = data["input_ids"], data["loss_mask"]
-    with torch.no_grad():
-        reference_logps = dpo.sequence_logps(reference(ids), ids, mask)  # (2,): chosen, rejected
+    policy, ids, mask, reference_logps = perturbed_policy_and_pairs(1)  # reference_logps: chosen, rejected
 
     params = list(policy.parameters())
     chosen_logp = dpo.sequence_logps(policy(ids[:1]), ids[:1], mask[:1])[0]
@@ -1146,13 +1153,7 @@ def test_dpo_loss_gradient_matches_central_finite_differences_on_model_parameter
     """d L / d theta from autograd equals (L(theta + eps) - L(theta - eps)) / (2 eps) for a few
     single weights of a float64 tiny GPT, L the mean DPO loss (Eq. 7) over two pairs."""
     beta, eps = 0.5, 1e-6
-    policy = tiny_policy(dtype=torch.float64)
-    reference = dpo.make_reference(policy)
-    perturb(policy)
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS[:2], block_size=32)
-    ids, mask = data["input_ids"], data["loss_mask"]
-    with torch.no_grad():
-        ref = dpo.sequence_logps(reference(ids), ids, mask)
+    policy, ids, mask, ref = perturbed_policy_and_pairs(2)
 
     def loss():
         logps = dpo.sequence_logps(policy(ids), ids, mask)
