@@ -204,6 +204,7 @@ def precompute_reference(reference, data, batch_size=8, max_kl_bytes=2**30):
     (tokens, vocab) floats per completion: cheap for small data, and skipped (the KL
     is then reported as None) when it would take more than max_kl_bytes.
 
+    batch_size: rows per forward pass.
     Returns {"logps": (2N,), "vocab_logprobs": list of 2N tensors (n_i, V) or None}."""
     n_rows = data["input_ids"].size(0)
     device = next(reference.parameters()).device
@@ -278,7 +279,9 @@ def make_batch(data, reference_cache, pair_index, device):
     longest: with the same sequence length as when the reference was computed, the CPU
     kernels add up in the same order, so at step 0 the policy's log-probs equal the cached
     reference's to the last bit and the first loss is exactly log 2 (trimmed, they differ
-    by ~1e-6). GPU kernels may still differ in the last bits between batch sizes."""
+    by ~1e-6). GPU kernels can still differ in the last bits between batch shapes: there the
+    first step's margins are rounding noise, and its reward accuracy, which counts margins
+    > 0, can read anything from 0 to 1."""
     n_pairs = data["input_ids"].size(0) // 2
     rows = torch.cat([pair_index, pair_index + n_pairs])  # the chosen rows, then their rejected partners
     batch = {"input_ids": data["input_ids"][rows].to(device),

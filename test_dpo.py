@@ -1,7 +1,7 @@
 """
 The proof: every formula of this project checked against something independent of it.
 
-    python -m pytest test_dpo.py          (about 13 s on a 2-core CPU; no network)
+    python -m pytest test_dpo.py          (about 20 s on a 2-core CPU; no network)
 
 Sections, in reading order (the same order as the code):
 1. The model: model.py's GPT-2 against a separate numpy GPT-2 forward pass (picoGPT style)
@@ -20,14 +20,15 @@ Sections, in reading order (the same order as the code):
    checkpoint and metrics, and repeats itself exactly with the same seed.
 
 Tests that need the GPT-2 tokenizer skip with a reason when tiktoken cannot load it
-offline: set TIKTOKEN_CACHE_DIR (see README.md).
+offline: set TIKTOKEN_CACHE_DIR (see README.md). Two tests run only on a CUDA GPU (the model
+and a DPO step there, against the numpy GPT-2 and the CPU), and three only where Hugging
+Face's transformers and safetensors packages are installed (cross-checks; never needed).
 """
 
 import contextlib
 import copy
 import hashlib
 import http.server
-import inspect
 import json
 import math
 import os
@@ -236,6 +237,9 @@ def write_checkpoint(directory, params, config, layout="hub", lm_head=False):
     write_safetensors(directory / "model.safetensors", tensors, align=(layout == "transformers"))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this torch sees none")
 
 
 def random_tokens(B=2, T=32, V=61, seed=0):
@@ -884,6 +888,83 @@ def test_asking_for_cuda_without_it_is_a_clear_error():
         resolve_device("cuda")
 
 
+@needs_cuda
+def test_model_on_cuda_matches_numpy_gpt2_and_decodes_the_same_tokens(tmp_path):
+    """The GPU path loads onto the GPU and computes the same GPT-2 as the numpy forward pass,
+    to float32 rounding (PyTorch keeps TF32 off for float32 matmuls unless asked)."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config)
+    model = GPT.from_pretrained(str(write_checkpoint(tmp_path, params, config)), device="cuda")
+    assert all(p.is_cuda for p in model.parameters())
+    idx = random_tokens()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(idx, device="cuda")).double().cpu().numpy()
+    np.testing.assert_allclose(logits, numpy_logits(params, config["n_head"], idx), rtol=0, atol=1e-4)
+    prompt = random_tokens(B=2, T=5)
+    out = model.generate(torch.as_tensor(prompt, device="cuda"), max_new_tokens=10, temperature=0)
+    for row, p in zip(out.tolist(), prompt):
+        assert row == numpy_greedy(params, config["n_head"], p, 10)
+
+
+# ---------------------------------------------------------------------------
+# Cross-checks with Hugging Face's own libraries. The project never needs them and CI does
+# not install them; where they are installed, these check the hand-written safetensors code
+# and the weight mapping against the implementations everyone else uses.
+
+def test_safetensors_library_reads_our_files_and_we_read_its_files(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch", reason="cross-check needs the safetensors package")
+    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3).bfloat16(),
+               "f64": torch.randn(2, dtype=torch.float64), "i64": torch.tensor([1, -2, 2**40])}
+    save_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt", "note": "x"})
+    theirs = safetensors_torch.load_file(str(tmp_path / "ours.safetensors"))
+    assert set(theirs) == set(tensors)
+    assert all(theirs[k].dtype == t.dtype and torch.equal(theirs[k], t) for k, t in tensors.items())
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+
+    safetensors_torch.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+    ours = load_safetensors(tmp_path / "theirs.safetensors")
+    assert set(ours) == set(tensors)
+    assert all(ours[k].dtype == t.dtype and torch.equal(ours[k], t) for k, t in tensors.items())
+
+
+def transformers_gpt2():
+    """A GPT2LMHeadModel of TINY's shape with weights far from their initialisation."""
+    transformers = pytest.importorskip("transformers", reason="cross-check needs the transformers package")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # non-trivial layer norms and biases too
+            p.normal_(0.0, 0.3)
+    return transformers, hf
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(torch.as_tensor(idx)).logits.double().numpy()
+
+
+def test_transformers_gpt2_checkpoint_loads_with_the_same_logits(tmp_path):
+    """transformers' own save_pretrained output (its real layout, not our imitation of it)
+    loads here, and this GPT-2 computes transformers' GPT-2 logits."""
+    _, hf = transformers_gpt2()
+    hf.save_pretrained(tmp_path / "hf")
+    model = GPT.from_pretrained(str(tmp_path / "hf"))
+    idx = random_tokens()
+    np.testing.assert_allclose(model_logits(model, idx), hf_logits(hf, idx), rtol=0, atol=1e-4)
+
+
+def test_transformers_gpt2_loads_what_save_pretrained_writes(tmp_path):
+    """The other way: transformers reads save_pretrained's hub-layout files as GPT-2."""
+    transformers, hf = transformers_gpt2()
+    hf.save_pretrained(tmp_path / "hf")
+    GPT.from_pretrained(str(tmp_path / "hf")).save_pretrained(tmp_path / "ours")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    idx = random_tokens()
+    np.testing.assert_array_equal(hf_logits(again, idx), hf_logits(hf, idx))
+
+
 # =============================================================================
 # 2. Losses and gradients: DPO, conservative DPO and IPO against closed forms and finite differences
 # =============================================================================
@@ -1376,8 +1457,7 @@ def test_train_dpo_runs_the_reference_once_before_training_not_per_step():
     reference_forwards, policy_forwards = count_forwards(reference), count_forwards(policy)
     history = dpo.train_dpo(policy, reference, data, torch.optim.SGD(policy.parameters(), lr=0.1),
                             epochs=3, batch_size=2)
-    precompute_batch = inspect.signature(dpo.precompute_reference).parameters["batch_size"].default
-    assert len(reference_forwards) == math.ceil(10 / precompute_batch)  # 2 with the default batch of 8
+    assert [x.size(0) for x in reference_forwards] == [8, 2]  # 10 rows, 8 at a time (the default)
     assert len(history) == 3 * 3  # 3 epochs of ceil(5 / 2) = 3 steps
     assert len(policy_forwards) == len(history)
 
@@ -1559,6 +1639,29 @@ def test_dpo_step_reports_the_kl_of_exactly_its_batch_rows():
     metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.1)
     assert expected > 1e-3  # the policy really differs from the reference
     assert metrics["kl"] == pytest.approx(expected, rel=1e-9)
+
+
+@needs_cuda
+def test_dpo_step_on_cuda_computes_what_the_cpu_step_computes():
+    """The same reference log-probs, step numbers and gradients on the GPU as on the CPU, to
+    float32 rounding: the device changes where the numbers are computed, not which."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        policy = tiny_policy()
+        reference = dpo.make_reference(policy)
+        perturb(policy)  # h != 0, so that the loss, rewards and KL are not all at their trivial values
+        policy.to(device), reference.to(device)
+        data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+        cache = dpo.precompute_reference(reference, data)
+        batch = dpo.make_batch(data, cache, torch.tensor([3, 0, 2]), device)
+        metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.5)
+        results[device] = cache["logps"], metrics, [p.grad.cpu() for p in policy.parameters()]
+    (cpu_logps, cpu_metrics, cpu_grads), (gpu_logps, gpu_metrics, gpu_grads) = results["cpu"], results["cuda"]
+    assert torch.allclose(gpu_logps, cpu_logps, rtol=0, atol=1e-4)
+    assert cpu_metrics["kl"] > 0 and cpu_metrics["margin"] != 0
+    assert gpu_metrics == pytest.approx(cpu_metrics, rel=1e-4, abs=1e-6)
+    for g_gpu, g_cpu in zip(gpu_grads, cpu_grads):
+        assert torch.allclose(g_gpu, g_cpu, rtol=1e-3, atol=1e-6)
 
 
 # =============================================================================
@@ -1901,6 +2004,8 @@ def test_toy_metrics_file_has_every_step_and_a_summary(tiny_dpo_run):
     steps = [r for r in records if r.get("phase") == "dpo"]
     assert len(steps) == 6 * 2 and [r["step"] for r in steps] == list(range(1, 13))
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    if summary["device"] == "cpu":  # the policy is the reference to the last bit there (make_batch)
+        assert steps[0]["margin"] == 0.0 and steps[0]["reward_accuracy"] == 0.0
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[-1]["kl"] > 0
     assert any(r.get("phase") == "sft" for r in records)
     last = records[-1]
@@ -1918,11 +2023,13 @@ def test_toy_checkpoint_reloads_with_the_trained_log_probs(tiny_dpo_run):
     out, summary = tiny_dpo_run
     import train_toy
     enc = gpt2_tokenizer()
-    model = GPT.from_pretrained(out)
+    device = summary["device"]  # the same kernels as in the run: cuda where it ran on cuda
+    model = GPT.from_pretrained(out, device=device)
     data = dpo.encode_pairs(enc, train_toy.TOY_PAIRS, model.config.block_size)
+    ids, mask = data["input_ids"].to(device), data["loss_mask"].to(device)
     with torch.no_grad():
-        logps, _ = dpo.score_completions(model, data["input_ids"], data["loss_mask"])
-        plain = dpo.sequence_logps(model(data["input_ids"]), data["input_ids"], data["loss_mask"])
+        logps, _ = dpo.score_completions(model, ids, mask)
+        plain = dpo.sequence_logps(model(ids), ids, mask)
     assert logps.tolist() == summary["logps_after"]
     assert plain.tolist() == pytest.approx(summary["logps_after"], abs=1e-4)
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2
@@ -1938,15 +2045,30 @@ def test_toy_run_is_reproducible_with_the_same_seed(tiny_dpo_run, tmp_path):
     assert (tmp_path / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
-def test_toy_script_runs_from_the_command_line(tmp_path):
-    """`python train_toy.py --model tiny` as a user types it: exit 0, the headline and timing printed."""
+def test_toy_script_runs_from_the_command_line_with_the_numbers_of_this_process(tmp_path):
+    """`python train_toy.py --model tiny` as a user types it: exit 0, the headline and timing
+    printed, and the same trained weights, to the byte, as the same run inside this test
+    process, whose memory has been through everything the tests before it did. (Same seed,
+    same device, same numbers across processes: the reason model.py sets MKL_CBWR.)"""
     gpt2_tokenizer()
-    result = subprocess.run([sys.executable, str(ROOT / "train_toy.py"), "--model", "tiny", "--epochs", "1",
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    args = ["--model", "tiny", "--epochs", "1", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # as a user's shell has it
+    result = subprocess.run([sys.executable, str(ROOT / "train_toy.py"), *args, "--out", str(tmp_path / "cli")],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "original model preferred chosen in 0/4, trained model in" in result.stdout
     assert "peak memory" in result.stdout and "tokens/s" in result.stdout
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    run_toy(tmp_path / "here", *args)
+    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (tmp_path / "here" / "model.safetensors").read_bytes()
+
+
+def test_importing_model_asks_mkl_for_reproducible_matrix_products_unless_the_user_chose():
+    code = "import os, model; print(os.environ['MKL_CBWR'])"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    theirs = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**env, "MKL_CBWR": "COMPATIBLE"})
+    assert (ours.stdout.strip(), theirs.stdout.strip()) == ("AUTO,STRICT", "COMPATIBLE")
 
 
 @pytest.mark.parametrize("content, message", [

@@ -21,8 +21,10 @@ Read first: model.py, dpo.py. Read next: test_dpo.py.
 """
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -156,6 +158,27 @@ def greedy_completion(model, enc, prompt, max_new_tokens=12):
     if enc.eot_token in out:
         out = out[:out.index(enc.eot_token)]
     return enc.decode(out)
+
+
+@contextlib.contextmanager
+def repeatable(device):
+    """Same seed, same device: same numbers, on a GPU too. The CPU kernels used here are
+    deterministic; on CUDA, some backward kernels (memory-efficient attention, the index_put
+    behind logits_at) add up with atomics in whatever order threads finish, so the last bits
+    can differ between runs unless PyTorch is told to use its deterministic kernels. (On an
+    H200 the toy happened to repeat itself either way; this makes it a rule, not luck.) The
+    cuBLAS setting is the one PyTorch's reproducibility notes ask for."""
+    if device.type != "cuda":
+        yield
+        return
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
 
 
 def peak_memory_bytes(device):
@@ -393,7 +416,8 @@ def run(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return run(args)
+        with repeatable(resolve_device(args.device)):
+            return run(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")  # a message to act on, not a traceback
 
