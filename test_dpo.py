@@ -1650,7 +1650,8 @@ def test_dpo_step_on_cuda_computes_what_the_cpu_step_computes():
         policy = tiny_policy()
         reference = dpo.make_reference(policy)
         perturb(policy)  # h != 0, so that the loss, rewards and KL are not all at their trivial values
-        policy.to(device), reference.to(device)
+        policy.to(device)
+        reference.to(device)
         data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
         cache = dpo.precompute_reference(reference, data)
         batch = dpo.make_batch(data, cache, torch.tensor([3, 0, 2]), device)
@@ -2045,30 +2046,74 @@ def test_toy_run_is_reproducible_with_the_same_seed(tiny_dpo_run, tmp_path):
     assert (tmp_path / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
+@needs_cuda
+def test_toy_run_on_cuda_is_deterministic_inside_and_leaves_the_settings_as_they_were(tmp_path, monkeypatch):
+    """train_toy.py asks PyTorch for deterministic CUDA kernels during its run only: inside the
+    run they are on; after it, on success or on an error, the settings are as before."""
+    import train_toy
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    seen, real_run = [], train_toy.run
+
+    def run_and_record_the_settings(args):
+        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return real_run(args)
+
+    monkeypatch.setattr(train_toy, "run", run_and_record_the_settings)
+    run_toy(tmp_path / "ok", "--model", "tiny", "--epochs", "1", "--device", "cuda")
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    with pytest.raises(SystemExit):
+        run_toy(tmp_path / "bad", "--model", "tiny", "--device", "cuda", "--data", str(tmp_path / "bad.jsonl"))
+    assert seen == [(True, ":4096:8")] * 2
+    assert torch.are_deterministic_algorithms_enabled() == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
 def test_toy_script_runs_from_the_command_line_with_the_numbers_of_this_process(tmp_path):
     """`python train_toy.py --model tiny` as a user types it: exit 0, the headline and timing
     printed, and the same trained weights, to the byte, as the same run inside this test
-    process, whose memory has been through everything the tests before it did. (Same seed,
-    same device, same numbers across processes: the reason model.py sets MKL_CBWR.)"""
+    process, whose memory holds whatever the tests before it left. (Same seed, same device,
+    same numbers across processes: see model.py on MKL_CBWR.)"""
     gpt2_tokenizer()
     args = ["--model", "tiny", "--epochs", "1", "--device", "cpu"]
-    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # as a user's shell has it
     result = subprocess.run([sys.executable, str(ROOT / "train_toy.py"), *args, "--out", str(tmp_path / "cli")],
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "original model preferred chosen in 0/4, trained model in" in result.stdout
     assert "peak memory" in result.stdout and "tokens/s" in result.stdout
     run_toy(tmp_path / "here", *args)
-    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (tmp_path / "here" / "model.safetensors").read_bytes()
+    cli, here = (tmp_path / "cli" / "model.safetensors"), (tmp_path / "here" / "model.safetensors")
+    assert cli.read_bytes() == here.read_bytes()
 
 
-def test_importing_model_asks_mkl_for_reproducible_matrix_products_unless_the_user_chose():
-    code = "import os, model; print(os.environ['MKL_CBWR'])"
-    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
-    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
-    theirs = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                            env={**env, "MKL_CBWR": "COMPATIBLE"})
-    assert (ours.stdout.strip(), theirs.stdout.strip()) == ("AUTO,STRICT", "COMPATIBLE")
+MKL_MODE = """
+import ctypes, os, torch
+import {module}
+torch.ones(2, 2) @ torch.ones(2, 2)
+lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+print(hex(lib.mkl_serv_cbwr_get(-1)))  # -1: all of MKL's reproducibility settings
+"""
+
+
+def mkl_mode_after_importing(module, **env):
+    """MKL's reproducibility mode as MKL itself reports it after a matrix product, in a new
+    process that imports `module` first; None where torch is not linked with Intel's MKL."""
+    env = {**{k: v for k, v in os.environ.items() if k != "MKL_CBWR"}, **env}
+    result = subprocess.run([sys.executable, "-c", MKL_MODE.format(module=module)],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def test_mkl_takes_its_strict_reproducible_mode_in_the_scripts_unless_the_user_chose_one():
+    """model.py sets MKL_CBWR=AUTO,STRICT, but MKL reads it only at its first matrix product, so
+    setting it is not enough: MKL itself is asked, after a product, whether the mode took, in
+    processes that start as `python train_toy.py` and `python bench.py` do. 0x10002 is
+    MKL_CBWR_AUTO | MKL_CBWR_STRICT; 0x3, MKL_CBWR_COMPATIBLE, a user's own choice, is kept."""
+    if mkl_mode_after_importing("model") is None:
+        pytest.skip("this torch is not linked with Intel's MKL (or cannot be asked for its mode)")
+    assert mkl_mode_after_importing("train_toy") == "0x10002"
+    assert mkl_mode_after_importing("bench") == "0x10002"
+    assert mkl_mode_after_importing("model", MKL_CBWR="COMPATIBLE") == "0x3"
 
 
 @pytest.mark.parametrize("content, message", [

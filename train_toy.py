@@ -173,12 +173,15 @@ def repeatable(device):
         return
     was_on = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     try:
         yield
-    finally:
+    finally:  # as it was: main() can run inside a longer program (the tests)
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        if was_workspace is None:
+            del os.environ["CUBLAS_WORKSPACE_CONFIG"]
 
 
 def peak_memory_bytes(device):
