@@ -1,7 +1,7 @@
 """
 The proof: every formula of this project checked against something independent of it.
 
-    python -m pytest test_dpo.py          (about 20 s on a 2-core CPU; no network)
+    python -m pytest test_dpo.py          (about 25 s on a 2-core CPU; no network)
 
 Sections, in reading order (the same order as the code):
 1. The model: model.py's GPT-2 against a separate numpy GPT-2 forward pass (picoGPT style)
@@ -20,9 +20,10 @@ Sections, in reading order (the same order as the code):
    checkpoint and metrics, and repeats itself exactly with the same seed.
 
 Tests that need the GPT-2 tokenizer skip with a reason when tiktoken cannot load it
-offline: set TIKTOKEN_CACHE_DIR (see README.md). Two tests run only on a CUDA GPU (the model
-and a DPO step there, against the numpy GPT-2 and the CPU), and three only where Hugging
-Face's transformers and safetensors packages are installed (cross-checks; never needed).
+offline: set TIKTOKEN_CACHE_DIR (see README.md). Three tests run only on a CUDA GPU (the
+model and a DPO step there, against the numpy GPT-2 and the CPU; train_toy's deterministic
+mode), and three only where Hugging Face's transformers and safetensors packages are
+installed (cross-checks; never needed).
 """
 
 import contextlib
