@@ -207,17 +207,21 @@ class GPT(nn.Module):
         write_gpt2_checkpoint(self, directory)
 
 
+def mps_is_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(name="auto"):
     """'auto' picks cuda, then mps, then cpu; a device asked for by name must exist."""
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' asked for, but this torch sees no CUDA GPU (a CPU-only build, or no driver)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not mps_is_available():
         raise RuntimeError("device 'mps' asked for, but MPS (Apple GPU) is not available here")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if mps_is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -354,7 +358,7 @@ def save_safetensors(tensors, path, metadata=None):
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for t in tensors.values():
-            f.write(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            f.write(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())  # no extra copy
 
     write_atomically(path, write)
 
@@ -479,26 +483,30 @@ def model_from_checkpoint(weights_path, config, device=None, dtype=None):
     return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
+def local_weights_path(name_or_path):
+    """The model.safetensors that a local file or directory argument names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name_or_path!r} is neither one of {', '.join(GPT2_MODELS)} nor an existing "
+                                ".safetensors file or directory")
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{path} holds no model.safetensors (a Hugging Face GPT-2 snapshot "
+                                "directory has one); pass the .safetensors file itself instead")
+    return path / "model.safetensors"
+
+
 def load_gpt2_checkpoint(name_or_path, device=None, dtype=None):
     name = str(name_or_path).removeprefix("openai-community/")
     if name in GPT2_MODELS and not Path(name_or_path).exists():
-        snapshot = gpt2_snapshot(name)
-        config_path = snapshot / "config.json"
-        config = config_from_hf_json(config_path) if config_path.exists() else GPTConfig(**GPT2_MODELS[name])
-        return model_from_checkpoint(snapshot / "model.safetensors", config, device, dtype)
-    path = Path(name_or_path)
-    if path.is_dir():
-        weights = path / "model.safetensors"
-        if not weights.exists():
-            raise FileNotFoundError(f"{path} holds no model.safetensors (a Hugging Face GPT-2 snapshot "
-                                    "directory has one); pass the .safetensors file itself instead")
-    elif path.is_file():
-        weights = path
+        # a hub snapshot without config.json can only be the named size
+        weights, config = gpt2_snapshot(name) / "model.safetensors", GPTConfig(**GPT2_MODELS[name])
     else:
-        raise FileNotFoundError(f"{name_or_path!r} is neither one of {', '.join(GPT2_MODELS)} nor an existing "
-                                ".safetensors file or directory")
+        weights, config = local_weights_path(name_or_path), None  # None: read the sizes off the tensors
     config_path = weights.parent / "config.json"
-    config = config_from_hf_json(config_path) if config_path.exists() else None
+    if config_path.exists():
+        config = config_from_hf_json(config_path)
     return model_from_checkpoint(weights, config, device, dtype)
 
 

@@ -2056,9 +2056,9 @@ def test_toy_run_on_cuda_is_deterministic_inside_and_leaves_the_settings_as_they
     before = torch.are_deterministic_algorithms_enabled()
     seen, real_run = [], train_toy.run
 
-    def run_and_record_the_settings(args):
+    def run_and_record_the_settings(args, device):
         seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
-        return real_run(args)
+        return real_run(args, device)
 
     monkeypatch.setattr(train_toy, "run", run_and_record_the_settings)
     run_toy(tmp_path / "ok", "--model", "tiny", "--epochs", "1", "--device", "cuda")

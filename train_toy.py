@@ -326,14 +326,13 @@ def print_completions(pairs, completions_before, completions_after):
         print(f"  {pair['prompt']!r}\n    before: {b!r}\n    after:  {a!r}")
 
 
-def run(args):
-    """The whole experiment; returns the summary that ends metrics.jsonl."""
+def run(args, device):
+    """The whole experiment on `device`; returns the summary that ends metrics.jsonl."""
     # everything that can be wrong with the inputs is checked before any training
     pairs = load_pairs(args.data) if args.data else TOY_PAIRS
     if args.plot:
         import_pyplot()
     enc = load_tokenizer()
-    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     records, seconds = [], {}
 
@@ -419,8 +418,9 @@ def run(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        with repeatable(resolve_device(args.device)):
-            return run(args)
+        device = resolve_device(args.device)
+        with repeatable(device):
+            return run(args, device)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")  # a message to act on, not a traceback
 
