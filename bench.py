@@ -27,8 +27,10 @@ Read first: dpo.py.
 import argparse
 import contextlib
 import gc
+import itertools
 import os
 import resource
+import statistics
 import time
 
 import torch
@@ -168,25 +170,25 @@ def random_batch(n_pairs, prompt_len, completion_len, vocab_size, generator):
 
 
 def time_in_turns(steps, n_rounds, device):
-    """Median seconds per step of each of `steps` (name: step), which take turns, one step each
-    per round, starting each round one further along. Taking turns, a slow spell of a shared
-    machine falls on all of them alike, and each follows each of the others equally often;
-    the median, because now and then one step stalls for reasons of its own."""
+    """Median seconds per step of each of `steps` (name: step), which take turns: one step
+    each per round, the rounds going through every order of them. So a slow spell of a
+    shared machine falls on all of them alike, and within a round each step comes right
+    after each other one equally often (over 6 rounds, for three steps); the median,
+    because now and then one step stalls for reasons of its own."""
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    names = list(steps)
-    seconds = {name: [] for name in names}
+    orders = list(itertools.permutations(steps))
+    seconds = {name: [] for name in steps}
     for round_ in range(n_rounds):
-        k = round_ % len(names)
-        for name in names[k:] + names[:k]:
+        for name in orders[round_ % len(orders)]:
             synchronize()
             start = time.perf_counter()
             steps[name]()
             synchronize()
             seconds[name].append(time.perf_counter() - start)
-    return {name: sorted(times)[len(times) // 2] for name, times in seconds.items()}
+    return {name: statistics.median(times) for name, times in seconds.items()}
 
 
 def main(argv=None):

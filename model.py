@@ -177,6 +177,7 @@ class GPT(nn.Module):
         # forward, as nn.Linear does, its gradient is a view that autograd will not add to
         # in place, and their sum needs a third vocab x n_embd buffer (154 MB for GPT-2
         # small) at the end of every backward pass. The logits are bit for bit the same.
+        # (So lm_head only holds the matrix: its own forward, and hooks on it, never run.)
         head = self.lm_head.weight.t()  # (C, vocab_size)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:

@@ -1672,6 +1672,18 @@ def test_clip_grad_norm_gives_torch_numbers_and_leaves_short_gradients_untouched
     assert params[3].grad is None
 
 
+def test_clip_grad_norm_of_no_gradients_is_zero_and_a_nan_spreads_as_in_torch():
+    """Nothing to clip: the norm is 0, as torch says. A NaN in one gradient makes the norm NaN,
+    and then every gradient NaN, as torch.nn.utils.clip_grad_norm_ does, so that a broken step
+    shows instead of passing unnoticed through the clipping."""
+    assert dpo.clip_grad_norm([torch.nn.Parameter(torch.ones(3))], 1.0).item() == 0.0
+    params = [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
+    params[0].grad = torch.tensor([1.0, float("nan"), 2.0, 3.0])
+    params[1].grad = torch.ones(4)
+    assert math.isnan(dpo.clip_grad_norm(params, 1.0).item())
+    assert all(torch.isnan(p.grad).all() for p in params)
+
+
 def test_cached_reference_log_probs_keep_the_model_precision():
     """A float64 reference gives float64 cached log-probs, equal to a direct computation, so
     that h is exactly 0 at step 0 in float64 too."""
@@ -2201,13 +2213,14 @@ def test_bench_counts_the_peak_of_cpu_tensor_bytes_exactly():
     freed and 2 MB more. The peak is 12 MB: not 14, all that was ever allocated, nor 10, what
     is held at the end. Memory allocated before the count starts is not counted."""
     import bench
-    before = torch.empty(3_000_000)  # 12 MB, released during the count
+    before = torch.empty(3_000_000)  # 12 MB, released first thing in the count
 
     def run():
         nonlocal before
+        del before  # counted as a release, the peak below would be 0
         first = torch.empty(1_000_000)  # 4 MB
         second = torch.empty(2_000_000)  # 8 MB more: 12 MB held
-        del first, before
+        del first
         third = torch.empty(500_000)  # 2 MB more: 10 MB held
         return second, third
 
