@@ -243,9 +243,9 @@ def clip_grad_norm(parameters, max_norm):
     recurrent neural networks", Algorithm 1).
 
     The same numbers as torch.nn.utils.clip_grad_norm_ for a finite max_norm, except that
-    gradients already short enough are left alone, which clip_grad_norm_ multiplies by 1.0: on GPT-2 small that is a
-    pass over half a gigabyte of memory for nothing, 25 ms of every step on a 2-core CPU.
-    Deciding costs one number's copy from a GPU to the host."""
+    gradients already short enough are left alone, where clip_grad_norm_ multiplies them by
+    1.0: on GPT-2 small that is a pass over half a gigabyte of memory for nothing, 25 ms of
+    every step on a 2-core CPU. Deciding costs one number's copy from a GPU to the host."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
