@@ -1624,15 +1624,11 @@ def test_dpo_step_clips_the_gradient_to_max_grad_norm_and_reports_the_unclipped_
     """Gradient clipping (max-norm): after dpo_step the policy's gradient has total norm
     max_grad_norm, in the direction of the unclipped gradient of the mean loss, taken here by
     a separate backward pass; the reported grad_norm is the norm before clipping."""
-    policy = tiny_policy().double()
-    reference = dpo.make_reference(policy)
-    perturb(policy)
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
-    cache = dpo.precompute_reference(reference, data)
-    batch = dpo.make_batch(data, cache, torch.arange(len(PAIRS)), "cpu")
+    policy, ids, mask, reference_logps = perturbed_policy_and_pairs(len(PAIRS))
+    batch = {"input_ids": ids, "loss_mask": mask, "reference_logps": reference_logps}
     n = len(PAIRS)
-    logps = dpo.sequence_logps(policy(batch["input_ids"]), batch["input_ids"], batch["loss_mask"])
-    losses, _, _ = dpo.dpo_loss(logps[:n], logps[n:], cache["logps"][:n], cache["logps"][n:], beta=0.1)
+    logps = dpo.sequence_logps(policy(ids), ids, mask)
+    losses, _, _ = dpo.dpo_loss(logps[:n], logps[n:], reference_logps[:n], reference_logps[n:], beta=0.1)
     unclipped = torch.autograd.grad(losses.mean(), list(policy.parameters()))
     norm = torch.sqrt(sum((g ** 2).sum() for g in unclipped)).item()
     max_norm = norm / 4  # so that clipping must act
@@ -1653,7 +1649,10 @@ def test_clip_grad_norm_gives_torch_numbers_and_leaves_short_gradients_untouched
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(7, 5), (5,), (3, 3, 2), (4,)]]
     for p in params[:3]:  # the last has no gradient
         p.grad = torch.randn_like(p)
-    norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params[:3]))
+    def gradient_norm():  # in float64, by the definition
+        return math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params[:3]))
+
+    norm = gradient_norm()
     max_norm = norm / 3 if clipped else norm * 3
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for p, c in zip(params, copies):
@@ -1664,7 +1663,7 @@ def test_clip_grad_norm_gives_torch_numbers_and_leaves_short_gradients_untouched
     assert torch.equal(got, expected) and got.item() == pytest.approx(norm, rel=1e-6)
     for p, c in zip(params[:3], copies):
         assert torch.equal(p.grad, c.grad)
-    new_norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params[:3]))
+    new_norm = gradient_norm()
     if clipped:
         assert new_norm == pytest.approx(max_norm, rel=1e-5)
     else:

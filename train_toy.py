@@ -361,7 +361,7 @@ def run(args, device):
     reference_cache = dpo.precompute_reference(reference, data)
     if reference_cache["vocab_logprobs"] is None:
         print("KL to the reference not tracked: its distributions would not fit in 1 GiB")
-    before = reference_cache["logps"]  # the policy starts as the reference: the same log-probs
+    before = reference_cache["logps"].tolist()  # the policy starts as the reference: the same log-probs
     completions_before = [greedy_completion(policy, enc, p["prompt"]) for p in pairs]
     seconds["eval_s"] = time.perf_counter() - t0
 
@@ -379,12 +379,12 @@ def run(args, device):
 
     # 4. what changed: the same measurements as before training
     t0 = time.perf_counter()
-    after = pair_logps(policy, data)
+    after = pair_logps(policy, data).tolist()
     completions_after = [greedy_completion(policy, enc, p["prompt"]) for p in pairs]
     seconds["eval_s"] += time.perf_counter() - t0
-    preferred_before, preferred_after = count_preferred(before.tolist()), count_preferred(after.tolist())
+    preferred_before, preferred_after = count_preferred(before), count_preferred(after)
     print()
-    print_table(pairs, before.tolist(), after.tolist(), args.beta)
+    print_table(pairs, before, after, args.beta)
     print(f"\noriginal model preferred chosen in {preferred_before}/{len(pairs)}, "
           f"trained model in {preferred_after}/{len(pairs)}\n")
     print_completions(pairs, completions_before, completions_after)
@@ -402,7 +402,7 @@ def run(args, device):
         **seconds, "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak,
         "preferred_before": preferred_before, "preferred_after": preferred_after, "n_pairs": len(pairs),
         "final_reward_accuracy": history[-1]["reward_accuracy"],
-        "logps_before": before.tolist(), "logps_after": after.tolist(),
+        "logps_before": before, "logps_after": after,
         "completions_before": completions_before, "completions_after": completions_after,
     }
     out = Path(args.out)
