@@ -1640,13 +1640,14 @@ def test_dpo_step_clips_the_gradient_to_max_grad_norm_and_reports_the_unclipped_
 
 
 @pytest.mark.parametrize("clipped", [True, False])
-def test_clip_grad_norm_gives_torch_numbers_and_leaves_short_gradients_untouched(clipped):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_clip_grad_norm_gives_torch_numbers_and_leaves_short_gradients_untouched(device, clipped):
     """dpo.clip_grad_norm returns the same norm and leaves the same gradients, to the bit, as
-    torch.nn.utils.clip_grad_norm_ (computed here on a copy); when the norm is within
-    max_norm it writes nothing at all (no tensor's version counter moves), rather than
-    multiplying by 1.0. Parameters without a gradient are skipped."""
+    torch.nn.utils.clip_grad_norm_ (computed here on a copy), on the CPU and on a GPU; when
+    the norm is within max_norm it writes nothing at all (no tensor's version counter moves),
+    rather than multiplying by 1.0. Parameters without a gradient are skipped."""
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(7, 5), (5,), (3, 3, 2), (4,)]]
+    params = [torch.nn.Parameter(torch.randn(shape, device=device)) for shape in [(7, 5), (5,), (3, 3, 2), (4,)]]
     for p in params[:3]:  # the last has no gradient
         p.grad = torch.randn_like(p)
     def gradient_norm():  # in float64, by the definition
