@@ -20,10 +20,11 @@ Sections, in reading order (the same order as the code):
    checkpoint and metrics, and repeats itself exactly with the same seed.
 
 Tests that need the GPT-2 tokenizer skip with a reason when tiktoken cannot load it
-offline: set TIKTOKEN_CACHE_DIR (see README.md). Three tests run only on a CUDA GPU (the
-model and a DPO step there, against the numpy GPT-2 and the CPU; train_toy's deterministic
-mode), and three only where Hugging Face's transformers and safetensors packages are
-installed (cross-checks; never needed).
+offline: set TIKTOKEN_CACHE_DIR (see README.md). Five checks run only on a CUDA GPU (the
+model and a DPO step there, against the numpy GPT-2 and the CPU; clipping there against
+torch's, with and without clipping to do; train_toy's deterministic mode), and three only
+where Hugging Face's transformers and safetensors packages are installed (cross-checks;
+never needed).
 """
 
 import contextlib
