@@ -112,6 +112,33 @@ class Block(nn.Module):
         return x
 
 
+class TiedEmbedding(torch.autograd.Function):
+    """GPT-2's token lookup and output head share one matrix W (vocab_size, n_embd).
+
+    apply(W, idx) returns the lookup W[idx] (B, T, C) and W itself, for the head. Left to
+    itself, autograd gives each use its own vocab x n_embd gradient buffer and adds them,
+    so at the end of every backward pass it holds two of them (154 MB each for GPT-2
+    small). Here backward runs once both gradients are in, and adds the lookup's rows into
+    the head's gradient in place: one buffer. The sums are bit for bit autograd's, since
+    the rows are what F.embedding's backward computes and a + b == b + a in floating point."""
+
+    @staticmethod
+    def forward(ctx, weight, idx):
+        ctx.save_for_backward(idx)
+        return F.embedding(idx, weight), weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_lookup, grad_head):
+        (idx,) = ctx.saved_tensors
+        # the lookup's gradient for the distinct tokens only, (U, C), with the very kernel
+        # F.embedding's backward uses (deterministic on the CPU and CUDA, where a plain
+        # index_add_ over repeated tokens adds in a varying order on CUDA)
+        tokens, where = torch.unique(idx, return_inverse=True)  # (U,), and idx's entries as 0..U-1
+        rows = torch.ops.aten.embedding_dense_backward(grad_lookup, where, tokens.numel(), -1, False)
+        return grad_head.index_add_(0, tokens, rows), None  # distinct rows: each gets one addition
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # the context length, n_positions in Hugging Face's config
@@ -171,21 +198,16 @@ class GPT(nn.Module):
                 f"(block_size {self.config.block_size}); shorten the prompt or completion"
             )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        # The tied matrix gets two gradients, from the output head and from the lookup below.
-        # Taking the head's transpose first, before the lookup, makes autograd finish that
-        # branch last: the lookup's gradient is then added to in place. Taken at the end of
-        # forward, as nn.Linear does, its gradient is a view that autograd will not add to
-        # in place, and their sum needs a third vocab x n_embd buffer (154 MB for GPT-2
-        # small) at the end of every backward pass. The logits are bit for bit the same.
-        # (So lm_head only holds the matrix: its own forward, and hooks on it, never run.)
-        head = self.lm_head.weight.t()  # (C, vocab_size)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        # one matrix for the lookup and the head, with one gradient buffer (TiedEmbedding);
+        # lm_head and wte only hold it: their own forward, and hooks on them, never run
+        tok_emb, head = TiedEmbedding.apply(self.transformer.wte.weight, idx)  # (B, T, C), (vocab_size, C)
+        x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if logits_at is not None:
             x = x[logits_at]  # (N, C)
-        return x @ head  # (B, T, vocab_size), or (N, vocab_size)
+        return x @ head.t()  # (B, T, vocab_size), or (N, vocab_size)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
