@@ -278,17 +278,21 @@ def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothin
         logps[:n], logps[n:], reference_logps[:n], reference_logps[n:],
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     loss = losses.mean()
+    with torch.no_grad():
+        # the report's numbers before the backward pass, while no gradient exists yet: the
+        # KL's (N, V) temporaries then never sit beside a model's worth of gradients
+        track_kl = batch.get("reference_vocab_logprobs") is not None
+        kl = (mean_token_kl(vocab_logprobs, batch["reference_vocab_logprobs"]) if track_kl
+              else torch.zeros((), device=loss.device))
+        margins = chosen_rewards - rejected_rewards
+        numbers = [loss.detach(), (margins > 0).float().mean(), margins.mean(),
+                   chosen_rewards.mean(), rejected_rewards.mean(), kl]
+    del vocab_logprobs  # autograd keeps what its backward needs, and frees it there
     loss.backward()
     grad_norm = clip_grad_norm(policy.parameters(), max_grad_norm)
     optimizer.step()
 
-    with torch.no_grad():
-        track_kl = batch.get("reference_vocab_logprobs") is not None
-        kl = (mean_token_kl(vocab_logprobs.detach(), batch["reference_vocab_logprobs"]) if track_kl
-              else torch.zeros((), device=loss.device))
-        margins = chosen_rewards - rejected_rewards
-        numbers = torch.stack([loss.detach(), (margins > 0).float().mean(), margins.mean(),
-                               chosen_rewards.mean(), rejected_rewards.mean(), kl, grad_norm])
+    numbers = torch.stack(numbers + [grad_norm.to(loss.device)])
     names = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "kl", "grad_norm")
     metrics = dict(zip(names, numbers.tolist()))  # one device-to-host copy per step
     if not track_kl:
