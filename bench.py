@@ -16,7 +16,9 @@ phase above the `import torch` baseline, next to the unavoidable part: policy + 
 + gradients + AdamW's two moments = 5 x the parameter bytes. Two peaks: the bytes that
 tensors held at once (CUDA's own count; on the CPU, the count PyTorch's profiler records
 with every allocation), and on the CPU also the process's resident memory, which holds
-more than tensors (freed memory the C library keeps, MKL's buffers).
+more than tensors (freed memory the C library keeps, MKL's buffers). That one is measured
+in a new process for each phase, which runs nothing else: what a training run of that kind
+needs, and not what glibc kept of the phases before it.
 
     python bench.py                 # CPU or CUDA, whichever --device auto finds
     python bench.py --toy           # two of the toy pairs: short sequences, the optimizer dominates
@@ -31,6 +33,8 @@ import itertools
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -191,7 +195,7 @@ def time_in_turns(steps, n_rounds, device):
     return {name: statistics.median(times) for name, times in seconds.items()}
 
 
-def main(argv=None):
+def parse_args(argv):
     parser = argparse.ArgumentParser(description="Time the DPO step against the straightforward loop and the floor.")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--steps", type=int, default=6, help="timed steps per phase, after two untimed ones (6)")
@@ -201,15 +205,16 @@ def main(argv=None):
     parser.add_argument("--toy", action="store_true",
                         help="use the first --pairs of train_toy.py's pairs (GPT-2 tokenizer) instead of random tokens")
     parser.add_argument("--lr", type=float, default=5e-5)
-    args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    baseline = baseline_memory_bytes(device)
-    torch.manual_seed(0)
+    parser.add_argument("--process-peak-of", choices=["a", "b", "c"], help=argparse.SUPPRESS)  # bench.py's own use
+    return parser.parse_args(argv)
 
-    policy = GPT(GPTConfig()).to(device).eval()  # GPT-2 124M shapes; eval: dropout off, as in DPO
+
+def build(args, device):
+    """The policy (GPT-2 124M shapes, random weights), its reference, and one step's tokens:
+    `data` on the CPU, as train_toy.py holds a data set, and `batch`, the same on `device`."""
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig()).to(device).eval()  # eval: dropout off, as in DPO
     reference = dpo.make_reference(policy)
-    n_params = sum(p.numel() for p in policy.parameters())
-    param_bytes = n_params * 4
     if args.toy:
         pairs = train_toy.TOY_PAIRS[:args.pairs]
         data = dpo.encode_pairs(train_toy.load_tokenizer(), pairs, policy.config.block_size)
@@ -219,31 +224,67 @@ def main(argv=None):
                             torch.Generator().manual_seed(0))
         shape = f"{args.pairs} pairs x ({args.prompt_len} prompt + {args.completion_len} completion tokens)"
     batch = {key: value.to(device) for key, value in data.items()}
-    tokens = batch["input_ids"].numel()
-    print(f"GPT-2 124M shapes ({n_params:,} parameters, random weights) on {device}, {torch.get_num_threads()} "
-          f"threads; {shape} = {tokens} tokens per step; {args.steps} timed steps per phase")
+    return policy, reference, data, batch, shape
 
+
+def make_phases(policy, reference, data, batch, device, lr):
+    """{letter: (label, which optimizer, make the step from it)}, and the two optimizers."""
     def dpo_phase(opt):
         cache = dpo.precompute_reference(reference, data)  # once, before training, as train_dpo does
         full = dpo.make_batch(data, cache, torch.arange(data["input_ids"].size(0) // 2), device)
         return lambda: dpo.dpo_step(policy, opt, full, beta=0.1)
 
-    optimizers = {"default AdamW": lambda: torch.optim.AdamW(policy.parameters(), lr=args.lr),
-                  "dpo.make_optimizer": lambda: dpo.make_optimizer(policy, lr=args.lr)}
-    phases = {  # name: (which optimizer, make the step from it)
-        "(a) straightforward: 4 forwards, default AdamW": (
-            "default AdamW", lambda opt: lambda: straightforward_step(policy, reference, opt, batch, beta=0.1)),
-        "(b) dpo.dpo_step: 1 forward, cached reference": ("dpo.make_optimizer", dpo_phase),
-        "(c) floor: 1 forward + backward + step": (
-            "dpo.make_optimizer", lambda opt: lambda: floor_step(policy, opt, batch)),
+    optimizers = {"default AdamW": lambda: torch.optim.AdamW(policy.parameters(), lr=lr),
+                  "dpo.make_optimizer": lambda: dpo.make_optimizer(policy, lr=lr)}
+    phases = {
+        "a": ("(a) straightforward: 4 forwards, default AdamW", "default AdamW",
+              lambda opt: lambda: straightforward_step(policy, reference, opt, batch, beta=0.1)),
+        "b": ("(b) dpo.dpo_step: 1 forward, cached reference", "dpo.make_optimizer", dpo_phase),
+        "c": ("(c) floor: 1 forward + backward + step", "dpo.make_optimizer",
+              lambda opt: lambda: floor_step(policy, opt, batch)),
     }
+    return phases, optimizers
 
-    def first_two_steps(make_step, optimizer):
-        """Untimed; the second step runs with AdamW's state and the last step's gradients."""
-        step = make_step(optimizer)
-        step()
-        step()
-        return step
+
+def first_two_steps(make_step, optimizer):
+    """Untimed; the second step runs with AdamW's state and the last step's gradients."""
+    step = make_step(optimizer)
+    step()
+    step()
+    return step
+
+
+def process_peak_in_a_fresh_process(argv, letter):
+    """(peak, exact) of a new `python bench.py` process that builds the models and runs only
+    phase `letter`'s first two steps: the resident memory a training run of that kind needs.
+    Measured in this process, after other phases, it would also hold what glibc kept of their
+    freed memory, and in the shape they left it (0.1 GB more for (b) on the 2-core CPU)."""
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--process-peak-of", letter],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring phase ({letter})'s memory in a new process failed:\n{result.stderr}")
+    peak, exact = result.stdout.split()[-2:]
+    return int(peak), exact == "exact"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    baseline = baseline_memory_bytes(device)
+    policy, reference, data, batch, shape = build(args, device)
+    phases, optimizers = make_phases(policy, reference, data, batch, device, args.lr)
+    if args.process_peak_of:  # bench.py measuring one phase's process peak for itself
+        exact = reset_peak_memory(device)
+        _, kind, make_step = phases[args.process_peak_of]
+        first_two_steps(make_step, optimizers[kind]())
+        print(peak_memory_bytes(device) - baseline, "exact" if exact else "whole-run")
+        return None
+
+    param_bytes = 4 * sum(p.numel() for p in policy.parameters())
+    tokens = batch["input_ids"].numel()
+    print(f"GPT-2 124M shapes ({param_bytes // 4:,} parameters, random weights) on {device}, "
+          f"{torch.get_num_threads()} threads; {shape} = {tokens} tokens per step; {args.steps} timed steps per phase")
 
     def forget_gradients():
         for p in policy.parameters():
@@ -251,46 +292,50 @@ def main(argv=None):
         gc.collect()
 
     # Memory, one phase at a time, so that each peak holds nothing of the other phases.
-    results = {name: {"tensors": None, "process": None} for name in phases}
-    for name, (kind, make_step) in phases.items():
-        results[name]["exact"] = reset_peak_memory(device)
-        first_two_steps(make_step, optimizers[kind]())
-        peak = peak_memory_bytes(device) - baseline
-        results[name]["tensors" if device.type == "cuda" else "process"] = peak  # CUDA counts tensors
-        forget_gradients()
-    if device.type == "cpu":  # after the process peaks, which the profiler's own memory would spoil
+    results = {letter: {"tensors": None, "process": None, "exact": True} for letter in phases}
+    for letter, (_, kind, make_step) in phases.items():
+        if device.type == "cuda":  # CUDA counts tensors, and its counter resets exactly
+            reset_peak_memory(device)
+            first_two_steps(make_step, optimizers[kind]())
+            results[letter]["tensors"] = peak_memory_bytes(device) - baseline
+            forget_gradients()
+        else:
+            results[letter]["process"], results[letter]["exact"] = process_peak_in_a_fresh_process(argv, letter)
+    if device.type == "cpu":
         held = tensor_bytes([*policy.parameters(), *reference.parameters(), *data.values(), *batch.values()])
-        for name, (kind, make_step) in phases.items():
+        for letter, (_, kind, make_step) in phases.items():
             allocated = cpu_tensor_peak_bytes(lambda: first_two_steps(make_step, optimizers[kind]()))
-            results[name]["tensors"] = None if allocated is None else held + allocated
+            results[letter]["tensors"] = None if allocated is None else held + allocated
             forget_gradients()
 
     # Time, the three steps in turns; (b) and (c) share one optimizer to keep the memory down.
     shared = {kind: make() for kind, make in optimizers.items()}
-    steps = {name: first_two_steps(make_step, shared[kind]) for name, (kind, make_step) in phases.items()}
-    for name, seconds in time_in_turns(steps, args.steps, device).items():
-        results[name]["seconds"] = seconds
+    steps = {letter: first_two_steps(make_step, shared[kind]) for letter, (_, kind, make_step) in phases.items()}
+    for letter, seconds in time_in_turns(steps, args.steps, device).items():
+        results[letter]["seconds"] = seconds
 
     def gb(n):
         return "-" if n is None else f"{n / 1e9:.2f} GB"
 
     print(f"\n{'':<68} {'peak above baseline':>20}")
     print(f"{'phase':<48} {'s/step':>8} {'tokens/s':>9} {'tensors':>10} {'process':>10}")
-    for name, r in results.items():
-        print(f"{name:<48} {r['seconds']:>8.3f} {tokens / r['seconds']:>9.0f} {gb(r['tensors']):>10} "
-              f"{gb(r['process']):>10}" + ("" if r["exact"] or r["process"] is None else " *"))
+    for letter, r in results.items():
+        print(f"{phases[letter][0]:<48} {r['seconds']:>8.3f} {tokens / r['seconds']:>9.0f} {gb(r['tensors']):>10} "
+              f"{gb(r['process']):>10}" + ("" if r["exact"] else " *"))
     a, b, c = (r["seconds"] for r in results.values())
     budget = 5 * param_bytes
     print(f"\n(a) / (b) = {a / b:.2f}x faster   (b) / (c) = {b / c:.2f}x the floor")
     print(f"peaks in units of policy + reference + gradients + AdamW state "
           f"(5 x {param_bytes / 1e9:.3f} GB = {budget / 1e9:.2f} GB):")
     # the floor holds the same five copies (the reference is loaded for all three phases) plus
-    # what any forward and backward needs: activations, and the tied embedding's two gradient parts
-    for label, r in zip(("(b)", "(c) the floor"), list(results.values())[1:]):
+    # what any forward and backward needs: the activations
+    for label, r in (("(b)", results["b"]), ("(c) the floor", results["c"])):
         units = ["-" if r[kind] is None else f"{r[kind] / budget:.2f} x" for kind in ("tensors", "process")]
         print(f"  {label:<14} tensors {units[0]:>7}   process {units[1]:>7}")
-    if not all(r["exact"] or r["process"] is None for r in results.values()):
-        print("* the peak memory of the whole run so far: this system cannot reset the peak between phases")
+    if device.type == "cpu":
+        print("process: the peak of a new process that ran only that phase (bench.py starts one for each)")
+    if not all(r["exact"] for r in results.values()):
+        print("* that process's peak since it started: this system cannot reset the peak after building the models")
     return results
 
 
