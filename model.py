@@ -2,10 +2,11 @@
 GPT-2 in one file, in the style of nanoGPT, able to load the real GPT-2 weights.
 
 What is here, in reading order:
-1. The network: causal self-attention, MLP, block, config, model. Pre-LayerNorm
-   transformer blocks, learned position embeddings, the tanh approximation of
-   GELU, and an output head tied to the token embedding, exactly as GPT-2
-   (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners",
+1. The network: causal self-attention, MLP, block, the tied embedding (one matrix
+   for the token lookup and the output head, and one gradient buffer for it), config,
+   model. Pre-LayerNorm transformer blocks, learned position embeddings, the tanh
+   approximation of GELU, and an output head tied to the token embedding, exactly as
+   GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners",
    Section 2.3; the block itself is Vaswani et al. 2017, Eq. 1 for attention).
 2. The .safetensors file format, read and written by hand (8-byte little-endian
    header length, a JSON header, then raw little-endian tensor bytes), so that
