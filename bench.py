@@ -27,6 +27,7 @@ Read first: dpo.py.
 """
 
 import argparse
+import collections
 import contextlib
 import gc
 import itertools
@@ -108,8 +109,11 @@ def cpu_tensor_peak_bytes(run):
     one time. CUDA counts this itself (max_memory_allocated). On the CPU, PyTorch's profiler,
     asked to profile memory, records every allocation and release with its size; reading them
     back goes through the profiler's event tree, which is not public API, so this returns None
-    where that is missing. Releases of memory allocated before run() are not recorded, so the
-    count can only err upwards."""
+    where that is missing. Only memory allocated during run() counts: the profiler also
+    records releases of memory allocated under an earlier profile (some of it garbage that
+    the collector happens to free during run()), and those are matched by address and left
+    out. A release and an allocation at the same nanosecond count the allocation first, so
+    the count can only err upwards."""
     from torch.profiler import ProfilerActivity, profile
     with stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
@@ -118,14 +122,21 @@ def cpu_tensor_peak_bytes(run):
         events = list(prof.profiler.kineto_results.experimental_event_tree())
     except AttributeError:
         return None
-    sizes = []  # (time, bytes): + for an allocation, - for a release
+    records = []  # (time, bytes, address): bytes > 0 for an allocation, < 0 for a release
     while events:
         event = events.pop()
         if isinstance(event.extra_fields, allocation):
-            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
+            records.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.ptr))
         events += event.children
+    live = collections.Counter()  # address: allocations made during run() and not yet released
     net = peak = 0
-    for _, size in sorted(sizes, key=lambda e: (e[0], -e[1])):  # a tie: the allocation first
+    for _, size, address in sorted(records, key=lambda r: (r[0], -r[1])):
+        if size > 0:
+            live[address] += 1
+        elif live[address] > 0:
+            live[address] -= 1
+        else:
+            continue  # allocated before run()
         net += size
         peak = max(peak, net)
     return peak
@@ -258,11 +269,18 @@ def process_peak_in_a_fresh_process(argv, letter):
     """(peak, exact) of a new `python bench.py` process that builds the models and runs only
     phase `letter`'s first two steps: the resident memory a training run of that kind needs.
     Measured in this process, after other phases, it would also hold what glibc kept of their
-    freed memory, and in the shape they left it (0.1 GB more for (b) on the 2-core CPU)."""
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--process-peak-of", letter],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"measuring phase ({letter})'s memory in a new process failed:\n{result.stderr}")
+    freed memory, and in the shape they left it (0.1 GB more for (b) on the 2-core CPU).
+    The new process is made from the command line argv alone: what a caller of main()
+    changed in this process (a patched model, say) does not reach it."""
+    command = [sys.executable, os.path.abspath(__file__), *argv, "--process-peak-of", letter]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"measuring phase ({letter})'s memory in a new process took over 30 minutes: "
+                           f"{' '.join(command)}") from None
+    if result.returncode != 0:  # -9: killed, most likely for memory, and then stderr is empty
+        raise RuntimeError(f"measuring phase ({letter})'s memory in a new process failed with exit code "
+                           f"{result.returncode}: {' '.join(command)}\n{result.stderr}")
     peak, exact = result.stdout.split()[-2:]
     return int(peak), exact == "exact"
 
@@ -271,6 +289,13 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = resolve_device(args.device)
+    results = {letter: {"tensors": None, "process": None, "exact": True} for letter in "abc"}
+    if device.type != "cuda" and not args.process_peak_of:
+        # each phase's process peak first, in a new process of its own (CUDA counts tensors
+        # instead), while this one does not yet hold its own copy of the models
+        for letter in results:
+            results[letter]["process"], results[letter]["exact"] = process_peak_in_a_fresh_process(argv, letter)
+
     baseline = baseline_memory_bytes(device)
     policy, reference, data, batch, shape = build(args, device)
     phases, optimizers = make_phases(policy, reference, data, batch, device, args.lr)
@@ -291,22 +316,17 @@ def main(argv=None):
             p.grad = None
         gc.collect()
 
-    # Memory, one phase at a time, so that each peak holds nothing of the other phases.
-    results = {letter: {"tensors": None, "process": None, "exact": True} for letter in phases}
+    # Tensors' peaks, one phase at a time, so that each holds nothing of the other phases
     for letter, (_, kind, make_step) in phases.items():
         if device.type == "cuda":  # CUDA counts tensors, and its counter resets exactly
             reset_peak_memory(device)
             first_two_steps(make_step, optimizers[kind]())
             results[letter]["tensors"] = peak_memory_bytes(device) - baseline
-            forget_gradients()
-        else:
-            results[letter]["process"], results[letter]["exact"] = process_peak_in_a_fresh_process(argv, letter)
-    if device.type == "cpu":
-        held = tensor_bytes([*policy.parameters(), *reference.parameters(), *data.values(), *batch.values()])
-        for letter, (_, kind, make_step) in phases.items():
+        elif device.type == "cpu":  # the profiler's count; it has none for MPS
+            held = tensor_bytes([*policy.parameters(), *reference.parameters(), *data.values(), *batch.values()])
             allocated = cpu_tensor_peak_bytes(lambda: first_two_steps(make_step, optimizers[kind]()))
             results[letter]["tensors"] = None if allocated is None else held + allocated
-            forget_gradients()
+        forget_gradients()
 
     # Time, the three steps in turns; (b) and (c) share one optimizer to keep the memory down.
     shared = {kind: make() for kind, make in optimizers.items()}
@@ -332,7 +352,7 @@ def main(argv=None):
     for label, r in (("(b)", results["b"]), ("(c) the floor", results["c"])):
         units = ["-" if r[kind] is None else f"{r[kind] / budget:.2f} x" for kind in ("tensors", "process")]
         print(f"  {label:<14} tensors {units[0]:>7}   process {units[1]:>7}")
-    if device.type == "cpu":
+    if device.type != "cuda":
         print("process: the peak of a new process that ran only that phase (bench.py starts one for each)")
     if not all(r["exact"] for r in results.values()):
         print("* that process's peak since it started: this system cannot reset the peak after building the models")

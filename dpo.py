@@ -71,11 +71,17 @@ def score_completions(model, input_ids, loss_mask):
     return logps.masked_scatter(scored, token_logps).sum(dim=-1), vocab_logprobs
 
 
-def mean_token_kl(policy_logprobs, reference_logprobs):
+def mean_token_kl(policy_logprobs, reference_logprobs, rows_at_once=64):
     """Mean over completion positions of the exact KL(pi || pi_ref) = sum_v pi(v) log(pi(v)/pi_ref(v)).
     Both (N, V): log-probabilities over the vocabulary at the N completion positions
-    (vocab_logprobs of score_completions)."""
-    return (policy_logprobs.exp() * (policy_logprobs - reference_logprobs)).sum(dim=-1).mean()
+    (vocab_logprobs of score_completions).
+
+    Taken rows_at_once positions at a time, so that its temporaries are (64, V) floats
+    (13 MB for GPT-2), not (N, V) ones, which for long completions would be the largest
+    tensors of a step."""
+    per_position = [(p.exp() * (p - r)).sum(dim=-1)  # (rows,)
+                    for p, r in zip(policy_logprobs.split(rows_at_once), reference_logprobs.split(rows_at_once))]
+    return torch.cat(per_position).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +286,7 @@ def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothin
     loss = losses.mean()
     with torch.no_grad():
         # the report's numbers before the backward pass, while no gradient exists yet: the
-        # KL's (N, V) temporaries then never sit beside a model's worth of gradients
+        # KL's temporaries then never sit beside a model's worth of gradients
         track_kl = batch.get("reference_vocab_logprobs") is not None
         kl = (mean_token_kl(vocab_logprobs, batch["reference_vocab_logprobs"]) if track_kl
               else torch.zeros((), device=loss.device))

@@ -116,25 +116,36 @@ class Block(nn.Module):
 class TiedEmbedding(torch.autograd.Function):
     """GPT-2's token lookup and output head share one matrix W (vocab_size, n_embd).
 
-    apply(W, idx) returns the lookup W[idx] (B, T, C) and W itself, for the head. Left to
-    itself, autograd gives each use its own vocab x n_embd gradient buffer and adds them,
-    so at the end of every backward pass it holds two of them (154 MB each for GPT-2
-    small). Here backward runs once both gradients are in, and adds the lookup's rows into
-    the head's gradient in place: one buffer. The sums are bit for bit autograd's, since
-    the rows are what F.embedding's backward computes and a + b == b + a in floating point."""
+    apply(W, idx) returns the lookup W[idx] (B, T, C) and W (a view of it) for the head.
+    Left to itself, autograd gives each use its own vocab x n_embd gradient buffer and
+    adds them, so at the end of every backward pass it holds two of them (154 MB each for
+    GPT-2 small). Here backward runs once both gradients are in, and adds the lookup's rows
+    into the head's gradient in place: one buffer. On the CPU the sums are bit for bit
+    autograd's, since the rows are what F.embedding's backward computes and a + b == b + a
+    in floating point (a test checks this).
+
+    The head's gradient is written into, so the head must go straight into a matrix
+    product, as in GPT.forward: the product's backward makes that gradient a new buffer
+    that nothing else holds. The backward pass is not itself differentiable (no second
+    derivatives through it): asked for one, PyTorch raises an error rather than give a
+    wrong one."""
 
     @staticmethod
-    def forward(ctx, weight, idx):
-        ctx.save_for_backward(idx)
-        return F.embedding(idx, weight), weight
+    def forward(weight, idx):
+        return F.embedding(idx, weight), weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # forward and setup_context apart: torch.func works too
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_lookup, grad_head):
         (idx,) = ctx.saved_tensors
-        # the lookup's gradient for the distinct tokens only, (U, C), with the very kernel
-        # F.embedding's backward uses (deterministic on the CPU and CUDA, where a plain
-        # index_add_ over repeated tokens adds in a varying order on CUDA)
+        # the lookup's gradient for the distinct tokens only, (U, C), with the kernel that
+        # F.embedding's backward uses. A plain index_add_ of every token's row would add a
+        # repeated token's rows in a varying order on CUDA (atomic adds). torch.unique has
+        # to tell the host U, which makes the host wait for the GPU once per backward pass.
         tokens, where = torch.unique(idx, return_inverse=True)  # (U,), and idx's entries as 0..U-1
         rows = torch.ops.aten.embedding_dense_backward(grad_lookup, where, tokens.numel(), -1, False)
         return grad_head.index_add_(0, tokens, rows), None  # distinct rows: each gets one addition
@@ -197,6 +208,12 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of length {T} is longer than the model's context "
                 f"(block_size {self.config.block_size}); shorten the prompt or completion"
+            )
+        if self.lm_head.weight is not self.transformer.wte.weight:
+            raise ValueError(
+                "lm_head.weight is no longer the token embedding's matrix (GPT-2 ties them, and "
+                "this forward pass uses wte's for both); tie them again with "
+                "model.lm_head.weight = model.transformer.wte.weight"
             )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         # one matrix for the lookup and the head, with one gradient buffer (TiedEmbedding);

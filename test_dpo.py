@@ -284,9 +284,20 @@ def test_lm_head_is_tied_to_token_embedding():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_a_model_whose_head_was_untied_is_refused_not_silently_half_used():
+    """The forward pass uses wte's matrix for the lookup and the head (TiedEmbedding), so a
+    model whose lm_head got a matrix of its own (load_state_dict(assign=True), or assigning
+    a new Parameter) would have that one ignored: it is an error that says how to tie them."""
+    model = GPT(TINY_CONFIG)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    with pytest.raises(ValueError, match="model.lm_head.weight = model.transformer.wte.weight"):
+        model(torch.zeros(1, 3, dtype=torch.long))
+
+
 def logits_with_plain_autograd(model, idx):
     """The model's logits with the tied matrix used the ordinary way, F.embedding for the
-    lookup and x @ W.T for the head, each use getting its gradient from autograd itself."""
+    lookup and x @ W.T for the head, each use getting its gradient from autograd itself.
+    (Without the dropout layer: for models with dropout off, as all of these are.)"""
     t = model.transformer
     x = F.embedding(idx, t.wte.weight) + t.wpe(torch.arange(idx.size(1)))  # (B, T, C)
     for block in t.h:
@@ -302,6 +313,7 @@ def test_tied_matrix_gradient_is_the_head_part_plus_the_lookup_part():
     for bit the one autograd gives when W is used the ordinary way (TiedEmbedding's claim)."""
     torch.manual_seed(0)
     model = GPT(TINY_CONFIG)
+    plain = copy.deepcopy(model)  # the same weights, for autograd's own sum below
     wte = model.transformer.wte.weight
     idx = torch.randint(61, (2, 9))
     idx[0, :4] = 7  # a repeated token: its rows add up
@@ -322,8 +334,6 @@ def test_tied_matrix_gradient_is_the_head_part_plus_the_lookup_part():
             lookup_part[idx[b, t]] += seen["x0"].grad[b, t].double()
     assert torch.allclose(wte.grad.double(), head_part + lookup_part, rtol=1e-5, atol=1e-6)
 
-    plain = copy.deepcopy(model)
-    plain.zero_grad(set_to_none=True)
     (logits_with_plain_autograd(plain, idx) * weights).sum().backward()
     assert torch.equal(wte.grad, plain.transformer.wte.weight.grad)
 
@@ -353,18 +363,6 @@ def test_tied_matrix_backward_holds_one_vocab_by_embd_gradient_not_two():
     plain = backward_peak(lambda idx: logits_with_plain_autograd(model, idx))
     assert ours < gradient_bytes + matrix_bytes / 2
     assert plain >= ours + 0.9 * matrix_bytes
-
-
-def graph_nodes(root):
-    """Every node of an autograd graph, from its root."""
-    seen, todo = [], [root]
-    while todo:
-        node = todo.pop()
-        if node is None or any(node is other for other in seen):
-            continue
-        seen.append(node)
-        todo += [next_node for next_node, _ in node.next_functions]
-    return seen
 
 
 def test_logits_have_shape_batch_time_vocab():
@@ -1619,7 +1617,8 @@ def test_train_dpo_turns_dropout_off_so_the_first_loss_is_log2():
 
 
 def test_mean_token_kl_matches_torch_distributions_and_is_zero_only_for_equal_distributions():
-    """KL(pi || pi_ref) = sum_v pi(v) log(pi(v) / pi_ref(v)), averaged over positions."""
+    """KL(pi || pi_ref) = sum_v pi(v) log(pi(v) / pi_ref(v)), averaged over positions, also
+    when it is taken a few positions at a time."""
     generator = torch.Generator().manual_seed(0)
     policy_logprobs = (2 * torch.randn(6, 13, generator=generator, dtype=torch.float64)).log_softmax(-1)
     reference_logprobs = (2 * torch.randn(6, 13, generator=generator, dtype=torch.float64)).log_softmax(-1)
@@ -1632,6 +1631,8 @@ def test_mean_token_kl_matches_torch_distributions_and_is_zero_only_for_equal_di
     kl = dpo.mean_token_kl(policy_logprobs, reference_logprobs)
     assert kl.item() == pytest.approx(expected.item(), rel=1e-12)
     assert kl > 0
+    uneven_blocks = dpo.mean_token_kl(policy_logprobs, reference_logprobs, rows_at_once=4)  # 4 rows, then 2
+    assert uneven_blocks.item() == pytest.approx(expected.item(), rel=1e-12)
     assert dpo.mean_token_kl(policy_logprobs, policy_logprobs).item() == pytest.approx(0.0, abs=1e-15)
 
 
@@ -2282,13 +2283,19 @@ def test_bench_counts_the_peak_of_cpu_tensor_bytes_exactly():
     """bench.py's CPU count of what tensors held at once (CUDA's max_memory_allocated has no CPU
     twin; it reads the profiler's allocation records): 4 MB, then 8 MB more, then the 4 MB
     freed and 2 MB more. The peak is 12 MB: not 14, all that was ever allocated, nor 10, what
-    is held at the end. Memory allocated before the count starts is not counted."""
+    is held at the end. Memory allocated before the count starts is not counted when it is
+    released, also when it was allocated under an earlier count, whose releases the profiler
+    does record (with their sizes, which would take 12 MB off here)."""
     import bench
     before = torch.empty(3_000_000)  # 12 MB, released first thing in the count
+    earlier = []
+    if bench.cpu_tensor_peak_bytes(lambda: earlier.append(torch.empty(3_000_000))) is None:  # 12 MB more
+        pytest.skip("this torch's profiler does not expose its allocation records")
 
     def run():
         nonlocal before
         del before  # counted as a release, the peak below would be 0
+        earlier.clear()  # likewise
         first = torch.empty(1_000_000)  # 4 MB
         second = torch.empty(2_000_000)  # 8 MB more: 12 MB held
         del first
@@ -2296,8 +2303,6 @@ def test_bench_counts_the_peak_of_cpu_tensor_bytes_exactly():
         return second, third
 
     peak = bench.cpu_tensor_peak_bytes(run)
-    if peak is None:
-        pytest.skip("this torch's profiler does not expose its allocation records")
     assert 12_000_000 <= peak < 12_000_000 + 4096
 
 
