@@ -76,9 +76,9 @@ def mean_token_kl(policy_logprobs, reference_logprobs, rows_at_once=64):
     Both (N, V): log-probabilities over the vocabulary at the N completion positions
     (vocab_logprobs of score_completions).
 
-    Taken rows_at_once positions at a time, so that its temporaries are (64, V) floats
-    (13 MB for GPT-2), not (N, V) ones, which for long completions would be the largest
-    tensors of a step."""
+    Taken rows_at_once positions at a time, so that its temporaries are (rows_at_once, V)
+    floats (13 MB for GPT-2 at the default 64), not (N, V) ones, which for long
+    completions would be the largest tensors of a step."""
     per_position = [(p.exp() * (p - r)).sum(dim=-1)  # (rows,)
                     for p, r in zip(policy_logprobs.split(rows_at_once), reference_logprobs.split(rows_at_once))]
     return torch.cat(per_position).mean()
