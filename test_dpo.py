@@ -338,6 +338,16 @@ def test_tied_matrix_gradient_is_the_head_part_plus_the_lookup_part():
     assert torch.equal(wte.grad, plain.transformer.wte.weight.grad)
 
 
+def cpu_tensor_peak_bytes(run):
+    """bench.py's count of the most bytes that tensors allocated during run() held at once;
+    the test skips where this torch's profiler does not expose its allocation records."""
+    import bench
+    peak = bench.cpu_tensor_peak_bytes(run)
+    if peak is None:
+        pytest.skip("this torch's profiler does not expose its allocation records")
+    return peak
+
+
 def test_tied_matrix_backward_holds_one_vocab_by_embd_gradient_not_two():
     """Left to autograd, the tied matrix's two uses each get a vocab x n_embd gradient buffer,
     both held at the end of the backward pass (for GPT-2 small, 154 MB more at the peak of
@@ -345,7 +355,6 @@ def test_tied_matrix_backward_holds_one_vocab_by_embd_gradient_not_two():
     bench.py's tally of the bytes tensors hold at once, on a model whose matrix dwarfs the
     rest: the backward pass peaks below all the gradients + half a matrix, and the plain
     way, measured alike, peaks at least a matrix higher."""
-    import bench
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=4096, n_layer=1, n_head=2, n_embd=32))
     matrix_bytes = 4096 * 32 * 4
@@ -355,11 +364,9 @@ def test_tied_matrix_backward_holds_one_vocab_by_embd_gradient_not_two():
     def backward_peak(logits_of):
         model.zero_grad(set_to_none=True)
         loss = logits_of(idx).sum()
-        return bench.cpu_tensor_peak_bytes(loss.backward)
+        return cpu_tensor_peak_bytes(loss.backward)
 
     ours = backward_peak(model)
-    if ours is None:
-        pytest.skip("this torch's profiler does not expose its allocation records")
     plain = backward_peak(lambda idx: logits_with_plain_autograd(model, idx))
     assert ours < gradient_bytes + matrix_bytes / 2
     assert plain >= ours + 0.9 * matrix_bytes
@@ -1549,9 +1556,7 @@ def test_dpo_step_holds_little_more_than_the_gradients_beyond_what_it_was_given(
     batch = dpo.make_batch(data, cache, torch.arange(2), "cpu")
     optimizer = dpo.make_optimizer(policy, lr=1e-4)
     dpo.dpo_step(policy, optimizer, batch)  # AdamW's moments are made here
-    peak = bench.cpu_tensor_peak_bytes(lambda: dpo.dpo_step(policy, optimizer, batch))
-    if peak is None:
-        pytest.skip("this torch's profiler does not expose its allocation records")
+    peak = cpu_tensor_peak_bytes(lambda: dpo.dpo_step(policy, optimizer, batch))
     parameter_bytes = sum(p.numel() * 4 for p in policy.parameters())  # 183 MB
     assert parameter_bytes <= peak < 1.3 * parameter_bytes
 
@@ -2286,11 +2291,9 @@ def test_bench_counts_the_peak_of_cpu_tensor_bytes_exactly():
     is held at the end. Memory allocated before the count starts is not counted when it is
     released, also when it was allocated under an earlier count, whose releases the profiler
     does record (with their sizes, which would take 12 MB off here)."""
-    import bench
     before = torch.empty(3_000_000)  # 12 MB, released first thing in the count
     earlier = []
-    if bench.cpu_tensor_peak_bytes(lambda: earlier.append(torch.empty(3_000_000))) is None:  # 12 MB more
-        pytest.skip("this torch's profiler does not expose its allocation records")
+    cpu_tensor_peak_bytes(lambda: earlier.append(torch.empty(3_000_000)))  # 12 MB more
 
     def run():
         nonlocal before
@@ -2302,7 +2305,7 @@ def test_bench_counts_the_peak_of_cpu_tensor_bytes_exactly():
         third = torch.empty(500_000)  # 2 MB more: 10 MB held
         return second, third
 
-    peak = bench.cpu_tensor_peak_bytes(run)
+    peak = cpu_tensor_peak_bytes(run)
     assert 12_000_000 <= peak < 12_000_000 + 4096
 
 
