@@ -317,13 +317,13 @@ def main(argv=None):
         gc.collect()
 
     # Tensors' peaks, one phase at a time, so that each holds nothing of the other phases
+    held = tensor_bytes([*policy.parameters(), *reference.parameters(), *data.values(), *batch.values()])
     for letter, (_, kind, make_step) in phases.items():
         if device.type == "cuda":  # CUDA counts tensors, and its counter resets exactly
             reset_peak_memory(device)
             first_two_steps(make_step, optimizers[kind]())
             results[letter]["tensors"] = peak_memory_bytes(device) - baseline
-        elif device.type == "cpu":  # the profiler's count; it has none for MPS
-            held = tensor_bytes([*policy.parameters(), *reference.parameters(), *data.values(), *batch.values()])
+        elif device.type == "cpu":  # the profiler's count, on top of what is held already; none for MPS
             allocated = cpu_tensor_peak_bytes(lambda: first_two_steps(make_step, optimizers[kind]()))
             results[letter]["tensors"] = None if allocated is None else held + allocated
         forget_gradients()
