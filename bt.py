@@ -6,8 +6,8 @@ and a comparison between i and j is won by i with probability
 
     P(i beats j) = sigmoid(s_i - s_j)
 
-Only differences of scores matter, so we report scores with mean zero. Given
-comparisons (winner, loser) we maximise
+Only differences of scores matter, so we report scores with mean zero (they sum
+to zero up to rounding). Given comparisons (winner, loser) we maximise
 
     log_likelihood(s) = sum over comparisons of log sigmoid(s_winner - s_loser)
     objective(s)      = log_likelihood(s) - (l2 / 2) * ||s||^2
@@ -41,8 +41,9 @@ existence problem carries over too: a completion that always wins is pushed to
 an infinite margin, which IPO (Azar et al. 2023) avoids by changing the loss
 where this file adds l2.
 
-Read next: dpo.py, which applies this loss to the margins of policy rewards, and
-section 4 of test_dpo.py, which checks this file against closed forms.
+`python bt.py` fits a small example and prints the scores with their standard errors.
+Read next: dpo.py, which applies this loss to the margins of policy rewards, and the
+Bradley-Terry section of test_dpo.py, which checks this file against closed forms.
 """
 
 from dataclasses import dataclass
@@ -231,3 +232,32 @@ def fit_bradley_terry(comparisons, n_items=None, l2=0.0, tol=1e-10, max_iter=100
         n_iter=n_iter,
         converged=converged,
     )
+
+
+# -----------------------------------------------------------------------------
+# `python bt.py`: a small example
+
+def example_comparisons():
+    """Five items of known scores (mean zero, as the fit reports them) and 400 comparisons
+    of random pairs, each won as the model says; seeded."""
+    true_scores = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+    n, rng = 400, np.random.default_rng(0)
+    i = rng.integers(0, len(true_scores), n)
+    j = (i + rng.integers(1, len(true_scores), n)) % len(true_scores)  # any item but i
+    i_wins = rng.random(n) < win_probability(true_scores, i, j)
+    return true_scores, np.stack([np.where(i_wins, i, j), np.where(i_wins, j, i)], axis=1)  # (n, 2): winner, loser
+
+
+if __name__ == "__main__":
+    true_scores, comparisons = example_comparisons()
+    fit = fit_bradley_terry(comparisons)
+    wins = count_wins(comparisons)
+    print(f"{len(comparisons)} comparisons among {len(true_scores)} items, simulated from known scores; "
+          f"fitted in {fit.n_iter} Newton steps\n")
+    print(f"{'item':>4} {'wins':>5} {'games':>6} {'true score':>11} {'fitted':>8} {'std. error':>11}")
+    for item in range(len(true_scores)):
+        games = wins[item].sum() + wins[:, item].sum()
+        print(f"{item:>4} {wins[item].sum():>5.0f} {games:>6.0f} {true_scores[item]:>11.3f} "
+              f"{fit.scores[item]:>8.3f} {fit.standard_errors[item]:>11.3f}")
+    print(f"\nP(item 4 beats item 0) = {win_probability(fit.scores, 4, 0):.3f} "
+          f"(true {win_probability(true_scores, 4, 0):.3f})")

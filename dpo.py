@@ -1,35 +1,66 @@
 """
 Direct Preference Optimization (DPO) and Identity Preference Optimization (IPO), in one file.
 
-Given pairs (x, y_chosen, y_rejected), DPO trains a policy pi_theta against a frozen
-reference pi_ref with no reward model and no sampling (Rafailov et al. 2023,
-"Direct Preference Optimization: Your Language Model is Secretly a Reward Model"):
+A preference pair is a prompt x with two completions: y_c (chosen) and y_r (rejected).
+DPO (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is
+Secretly a Reward Model") trains a policy pi on such pairs directly, with no reward model
+and no sampling. The derivation, in four steps:
 
-    h      = [log pi(y_c|x) - log pi_ref(y_c|x)] - [log pi(y_r|x) - log pi_ref(y_r|x)]
-           = chosen logratio - rejected logratio
-    L_DPO  = -log sigmoid(beta * h)                                   (DPO paper, Eq. 7)
-    reward = beta * log(pi(y|x) / pi_ref(y|x))            (the implicit reward, Eq. 5)
-    margin = chosen reward - rejected reward = beta * h
-    grad L = -beta * sigmoid(-beta * h) * [grad log pi(y_c|x) - grad log pi(y_r|x)]
-                                                  (DPO paper, Section 4, "What does the DPO update do?")
+1. RLHF maximises  E[r(x, y)] - beta KL(pi || pi_ref),  a reward r kept in check by a
+   KL penalty towards a frozen reference pi_ref (DPO paper, Eq. 3).
+2. Its optimum is  pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x),  where
+   Z(x) = sum over every completion y of pi_ref(y|x) exp(r(x, y) / beta)   (Eq. 4).
+   Solved for the reward:  r(x, y) = beta log(pi*(y|x) / pi_ref(y|x)) + beta log Z(x)   (Eq. 5).
+3. Bradley-Terry says  P(y_c preferred to y_r | x) = sigmoid(r(x, y_c) - r(x, y_r))   (Eq. 1).
+   Only the *difference* of two rewards enters, and both completions answer the same
+   prompt x, so beta log Z(x) cancels. This is the step that makes DPO possible: Z(x), a
+   sum over all possible completions, never has to be computed.
+4. Maximum likelihood of the preferences under that model, with pi in place of pi*:
 
-Its optimum, for Bradley-Terry preferences with rewards r, is pi_ref(y|x) exp(r(x,y)/beta) / Z(x)
-(DPO paper, Eq. 4). Two variants:
-- conservative DPO (label smoothing eps, for preferences flipped with probability eps;
-  Mitchell 2023, "A note on DPO with noisy preferences"):
-      L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+       h      = [log pi(y_c|x) - log pi_ref(y_c|x)] - [log pi(y_r|x) - log pi_ref(y_r|x)]
+              = chosen logratio - rejected logratio
+       L_DPO  = -log sigmoid(beta h)                                        (Eq. 7)
+       reward = beta log(pi(y|x) / pi_ref(y|x))      (the implicit reward; Eq. 5 without Z)
+       margin = chosen reward - rejected reward = beta h
+       grad L = -beta sigmoid(-beta h) [grad log pi(y_c|x) - grad log pi(y_r|x)]   (Section 4)
+
+Variants:
+- conservative DPO, for labels flipped with probability eps (Mitchell 2023, "A note on
+  DPO with noisy preferences"):  L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
 - IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-  Preferences", Eq. 17): L = (h - 1/(2 beta))^2, which stops at h = 1/(2 beta) even when the
-  preferences are deterministic, where DPO pushes pi(y_r) all the way to 0.
+  Preferences", Eq. 17):  L = (h - 1/(2 beta))^2.  Its minimum is at h = 1/(2 beta), also
+  when a preference is deterministic, where DPO pushes pi(y_r) all the way to 0
+  (`python dpo.py` shows both on a bandit).
+
+log pi(y|x) is the *sum* of the completion's token log-probs, as in the paper. With
+average=True it is their mean instead (the "length-normalised" choice): DPO's implicit
+reward is then per token, and IPO's target 1/(2 beta) is nats per token instead of nats
+per completion (the mean is what TRL's IPO uses).
+
+One batch of B pairs is 2B rows, the chosen rows first, then the rejected rows in the same
+order, each padded on the right to the batch's longest row:
+
+    row 0      [ prompt 0 | chosen 0   <eot> | pad ]      loss_mask  0 0 0 | 1 1 1 1 1 | 0
+    ...
+    row B-1    [ prompt B-1 | chosen B-1 <eot> ]
+    row B      [ prompt 0 | rejected 0 <eot> | pad pad ]  loss_mask  0 0 0 | 1 1 1 1 | 0 0
+    ...
+    row 2B-1   [ prompt B-1 | rejected B-1 <eot> | pad ]
+
+One forward pass of the policy over all 2B rows gives log pi(y|x) for each row (prompt and
+padding masked out); the first half is log pi(y_c|x), the second log pi(y_r|x). From each,
+the reference's log-probs of the same rows, computed once before training, are subtracted.
 
 In reading order: log-probabilities of completions, pairs to tensors, the losses, the frozen
-reference, the training step and loop. Read next: train_toy.py, which runs all of this.
+reference, the training step and loop, evaluation; `python dpo.py` runs the bandit.
+Read first: model.py. Read next: train_toy.py, which runs all of this.
 """
 
 import copy
 import math
 
 import torch
+from torch.nn import functional as F
 
 
 # -----------------------------------------------------------------------------
@@ -40,61 +71,63 @@ def at_least_float32(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def sequence_logps(logits, labels, loss_mask):
+def sequence_logps(logits, labels, loss_mask, average=False):
     """log pi(y|x) = sum over completion tokens of log pi(y_t | x, y_<t), one number per row.
 
     logits (B, T, V) from the model; labels (B, T) are the input ids themselves;
     loss_mask (B, T) is 1 on completion tokens, 0 on prompt tokens and padding, which
     therefore contribute nothing. A causal LM's logits at position t score the token at
     t+1, hence the shift: the last position scores a token beyond the sequence, and the
-    first token is scored by no position. Computed in at least float32 whatever the
-    model's dtype, because the sums run over many tokens."""
+    first token is scored by no position. average=True divides by the number of
+    completion tokens. Computed in at least float32 whatever the model's dtype, because
+    the sums run over many tokens."""
     logprobs = at_least_float32(logits[:, :-1, :]).log_softmax(dim=-1)  # (B, T-1, V): log pi(. | x, y_<t)
     token_logps = logprobs.gather(2, labels[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T-1): log pi(y_t)
-    return (token_logps * loss_mask[:, 1:]).sum(dim=-1)  # (B,)
+    mask = loss_mask[:, 1:]
+    logps = (token_logps * mask).sum(dim=-1)  # (B,)
+    return logps / mask.sum(dim=-1) if average else logps
 
 
-def score_completions(model, input_ids, loss_mask):
-    """sequence_logps(model(input_ids), input_ids, loss_mask), computed where it is cheap.
+# The same numbers, computed where they are cheap. Only the positions that score a
+# completion token need logits: the output head (a third of GPT-2 small's compute) and the
+# log-softmax then skip the prompt and the padding.
 
-    The model is asked for logits only at the N positions that score a completion token,
-    so the output head and log-softmax skip the prompt and the padding. Returns
-    (logps (B,), vocab_logprobs (N, V)): the latter is the log-distribution over the
-    vocabulary at each scored position, which the KL report needs."""
+def next_token_logprobs(model, input_ids, loss_mask):
+    """log pi(. | x, y_<t) over the vocabulary at the N positions that score a completion
+    token, (N, V), in row-major order."""
     scored = loss_mask[:, 1:].bool()  # (B, T-1): which next tokens are completion tokens
-    scoring_positions = torch.nn.functional.pad(scored, (0, 1))  # (B, T): position t scores token t+1
-    vocab_logprobs = at_least_float32(model(input_ids, logits_at=scoring_positions)).log_softmax(dim=-1)  # (N, V)
+    scoring_positions = F.pad(scored, (0, 1))  # (B, T): position t scores token t+1
+    return at_least_float32(model(input_ids, logits_at=scoring_positions)).log_softmax(dim=-1)
+
+
+def logps_of_scored(vocab_logprobs, input_ids, loss_mask, average=False):
+    """sequence_logps from next_token_logprobs' (N, V) rows: pick each completion token's
+    log-prob and sum them per row, (B,)."""
+    scored = loss_mask[:, 1:].bool()
     targets = input_ids[:, 1:][scored]  # (N,), the same row-major order
     token_logps = vocab_logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
-    # back to (B, T-1) and sum each row (not index_add, whose CUDA sums are not deterministic)
-    logps = torch.zeros(scored.shape, dtype=token_logps.dtype, device=token_logps.device)
-    return logps.masked_scatter(scored, token_logps).sum(dim=-1), vocab_logprobs
+    # back to (B, T-1), then sum each row (not index_add_, whose CUDA sums are not deterministic)
+    per_position = torch.zeros(scored.shape, dtype=token_logps.dtype, device=token_logps.device)
+    logps = per_position.masked_scatter(scored, token_logps).sum(dim=-1)  # (B,)
+    return logps / scored.sum(dim=-1) if average else logps
 
 
-def mean_token_kl(policy_logprobs, reference_logprobs, rows_at_once=64):
-    """Mean over completion positions of the exact KL(pi || pi_ref) = sum_v pi(v) log(pi(v)/pi_ref(v)).
-    Both (N, V): log-probabilities over the vocabulary at the N completion positions
-    (vocab_logprobs of score_completions).
-
-    Taken rows_at_once positions at a time, so that its temporaries are (rows_at_once, V)
-    floats (13 MB for GPT-2 at the default 64), not (N, V) ones, which for long
-    completions would be the largest tensors of a step."""
-    per_position = [(p.exp() * (p - r)).sum(dim=-1)  # (rows,)
-                    for p, r in zip(policy_logprobs.split(rows_at_once), reference_logprobs.split(rows_at_once))]
-    return torch.cat(per_position).mean()
+def completion_logps(model, input_ids, loss_mask, average=False):
+    """sequence_logps(model(input_ids), input_ids, loss_mask, average), computed cheaply."""
+    return logps_of_scored(next_token_logprobs(model, input_ids, loss_mask), input_ids, loss_mask, average)
 
 
 # -----------------------------------------------------------------------------
 # Pairs to tensors
 
-def encode_completion(enc, prompt, completion, add_eos=True):
+def encode_completion(enc, prompt, completion):
     """Token ids of prompt and completion, tokenised *separately*.
 
     Tokenising prompt + completion as one string could merge the last prompt
     characters with the first completion characters into one BPE token, and then
     the completion would no longer be exactly the tokens being scored. Tokenised
-    apart, the completion tokens are exactly enc.encode(completion) (+ <|endoftext|>,
-    which marks where the completion ends)."""
+    apart, the completion tokens are exactly enc.encode(completion) + <|endoftext|>,
+    which marks where the completion ends (and is scored with it)."""
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}: a pair needs a prompt to condition on")
     if not isinstance(completion, str) or not completion:
@@ -104,38 +137,55 @@ def encode_completion(enc, prompt, completion, add_eos=True):
         prompt_ids, completion_ids = enc.encode(prompt), enc.encode(completion)
     except ValueError as e:  # tiktoken refuses text such as "<|endoftext|>" inside the data
         raise ValueError(f"cannot tokenise prompt {prompt!r} / completion {completion!r}: {e}") from None
-    return prompt_ids, completion_ids + ([enc.eot_token] if add_eos else [])
+    return prompt_ids, completion_ids + [enc.eot_token]
 
 
-def encode_pairs(enc, pairs, block_size, add_eos=True):
-    """Tokenise preference pairs into one right-padded batch.
-
-    pairs: a list of dicts with string fields "prompt", "chosen", "rejected".
-    Returns {"input_ids", "loss_mask"}, both (2N, T): rows 0..N-1 are the chosen
-    completions and rows N..2N-1 the rejected ones, in the same order, so that the
-    policy scores both halves of every pair in one forward pass.
-    A pair longer than block_size is an error (rather than silently truncated)."""
+def encode_pairs(enc, pairs):
+    """Tokenise preference pairs: a list of dicts with string fields "prompt", "chosen",
+    "rejected" becomes a list of (prompt_ids, chosen_ids, rejected_ids)."""
     if len(pairs) == 0:
         raise ValueError("no preference pairs: need at least one {prompt, chosen, rejected}")
-    rows = []
-    for side in ("chosen", "rejected"):
-        for i, pair in enumerate(pairs):
-            prompt_ids, completion_ids = encode_completion(enc, pair["prompt"], pair[side], add_eos)
-            length = len(prompt_ids) + len(completion_ids)
-            if length > block_size:
-                raise ValueError(
-                    f"pair {i + 1} of {len(pairs)} (prompt {pair['prompt'][:40]!r}): prompt ({len(prompt_ids)} "
-                    f"tokens) + {side} ({len(completion_ids)} tokens) is {length} tokens, longer than the "
-                    f"model's context of {block_size}; shorten it")
-            rows.append((prompt_ids, completion_ids))
-    T = max(len(p) + len(r) for p, r in rows)
-    input_ids = torch.full((len(rows), T), enc.eot_token, dtype=torch.long)  # padding: masked out below
-    loss_mask = torch.zeros((len(rows), T), dtype=torch.float32)
+    encoded = []
+    for pair in pairs:
+        prompt_ids, chosen_ids = encode_completion(enc, pair["prompt"], pair["chosen"])
+        _, rejected_ids = encode_completion(enc, pair["prompt"], pair["rejected"])
+        encoded.append((prompt_ids, chosen_ids, rejected_ids))
+    return encoded
+
+
+def longest_row(pair):
+    """Tokens in the longer of a pair's two rows, prompt + completion: what must fit the context."""
+    prompt_ids, chosen_ids, rejected_ids = pair
+    return len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+
+
+def pad_rows(rows):
+    """(prompt_ids, completion_ids) rows -> input_ids and loss_mask (R, T), right-padded to
+    the longest row. loss_mask is 1 on exactly the completion tokens. The padding id is 0:
+    any token would do, because every padding position is masked out and, being on the
+    right, is never attended to by a real token (attention is causal)."""
+    T = max(len(prompt_ids) + len(completion_ids) for prompt_ids, completion_ids in rows)
+    input_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), T))
     for row, (prompt_ids, completion_ids) in enumerate(rows):
         ids = prompt_ids + completion_ids
         input_ids[row, :len(ids)] = torch.tensor(ids)
         loss_mask[row, len(prompt_ids):len(ids)] = 1.0
+    return input_ids, loss_mask
+
+
+def collate(pairs):
+    """Encoded pairs -> {"input_ids", "loss_mask"}, (2B, T): the chosen rows, then the
+    rejected rows in the same order (the layout in the module docstring), so that the
+    policy scores both completions of every pair in one forward pass."""
+    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    input_ids, loss_mask = pad_rows(rows)
     return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+def chosen_and_rejected(rows):
+    """Split what collate's 2B rows gave, (2B, ...), into the chosen half and the rejected half."""
+    return rows.chunk(2)
 
 
 # -----------------------------------------------------------------------------
@@ -146,12 +196,14 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     """The per-pair DPO / conservative DPO / IPO loss, from four tensors of log-probs.
 
     Args:
-        policy_chosen_logps: (N,) log pi(y_chosen | x), summed over the completion's tokens.
+        policy_chosen_logps: (N,) log pi(y_chosen | x), summed (or averaged) over the
+            completion's tokens.
         policy_rejected_logps: (N,) log pi(y_rejected | x).
         reference_chosen_logps: (N,) log pi_ref(y_chosen | x).
         reference_rejected_logps: (N,) log pi_ref(y_rejected | x).
         beta: strength of the KL penalty towards the reference (> 0). Small beta lets the
-            policy move far; IPO's target is h = 1/(2 beta).
+            policy move far; IPO's target is h = 1/(2 beta), in the units of the log-probs
+            (nats per completion when summed, per token when averaged).
         loss_type: "dpo" (DPO paper, Eq. 7) or "ipo" (IPO paper, Eq. 17).
         label_smoothing: eps in [0, 0.5), the assumed probability that a preference label
             is flipped (conservative DPO); "dpo" only.
@@ -170,12 +222,11 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     h = chosen_logratios - rejected_logratios  # margin = beta * h
     if loss_type == "dpo":
         # logsigmoid, not log(sigmoid(.)): stays finite for h = +-1e4
-        losses = (-(1 - label_smoothing) * torch.nn.functional.logsigmoid(beta * h)
-                  - label_smoothing * torch.nn.functional.logsigmoid(-beta * h))
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
         if label_smoothing != 0.0:
             raise ValueError("label_smoothing is for loss_type='dpo'; IPO is already robust to noisy labels")
-        losses = (h - 1 / (2 * beta)) ** 2  # IPO paper, Eq. 17, on summed log-probs
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO paper, Eq. 17
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}: use 'dpo' or 'ipo'")
     chosen_rewards = beta * chosen_logratios.detach()
@@ -199,33 +250,27 @@ def make_reference(policy):
 
 
 @torch.no_grad()
-def precompute_reference(reference, data, batch_size=8, max_kl_bytes=2**30):
-    """Everything DPO needs from the reference, computed once before training.
+def pair_logps(model, pairs, batch_size=8, average=False, progress=None):
+    """log pi(y_chosen|x) and log pi(y_rejected|x) of every encoded pair, (N,) each, on the
+    CPU, batch_size pairs at a time (each batch padded to its own longest row). No graph
+    is kept, whatever the model's requires_grad. progress(pairs done, total), if given,
+    is called after each batch.
 
-    The reference is frozen and the data do not change, so log pi_ref(y|x) is the same
-    number at every step: computing it once takes the reference's forward pass out of
-    every step, which is then one forward and one backward of the policy (chosen and
-    rejected together) instead of two forwards and a backward. For the KL report the
-    reference's whole next-token distribution at each completion position is kept too,
-    (tokens, vocab) floats per completion: cheap for small data, and skipped (the KL
-    is then reported as None) when it would take more than max_kl_bytes.
-
-    batch_size: rows per forward pass.
-    Returns {"logps": (2N,), "vocab_logprobs": list of 2N tensors (n_i, V) or None}."""
-    n_rows = data["input_ids"].size(0)
-    device = next(reference.parameters()).device
-    n_scored = int(data["loss_mask"][:, 1:].sum())
-    itemsize = max(4, next(reference.parameters()).element_size())  # kept in at least float32
-    keep_kl = n_scored * reference.config.vocab_size * itemsize <= max_kl_bytes
-    logps, vocab_logprobs = [], []
-    for start in range(0, n_rows, batch_size):
-        input_ids = data["input_ids"][start:start + batch_size].to(device)
-        loss_mask = data["loss_mask"][start:start + batch_size].to(device)
-        batch_logps, batch_vocab_logprobs = score_completions(reference, input_ids, loss_mask)
-        logps.append(batch_logps.cpu())
-        if keep_kl:  # split the (N, V) rows back into one tensor per completion
-            vocab_logprobs += list(batch_vocab_logprobs.split(loss_mask[:, 1:].sum(dim=1).long().tolist()))
-    return {"logps": torch.cat(logps), "vocab_logprobs": vocab_logprobs if keep_kl else None}
+    Run on the reference before training, this is everything DPO needs from it: the
+    reference is frozen and the data do not change, so log pi_ref(y|x) is the same number
+    at every step. Computed once, it takes the reference's forward pass out of every step,
+    which is then one forward and one backward of the policy."""
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(pairs[start:start + batch_size])
+        logps = completion_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device), average)
+        c, r = chosen_and_rejected(logps.cpu())
+        chosen.append(c)
+        rejected.append(r)
+        if progress is not None:
+            progress(min(start + batch_size, len(pairs)), len(pairs))
+    return torch.cat(chosen), torch.cat(rejected)
 
 
 # -----------------------------------------------------------------------------
@@ -235,122 +280,184 @@ def make_optimizer(policy, lr, weight_decay=0.01):
     """AdamW (Loshchilov & Hutter 2019) over the policy's parameters, never the reference's.
 
     The fused kernel updates each parameter in one pass over memory instead of a dozen
-    element-wise passes; on a 124M model that is most of an optimizer step. Older torch
-    builds without it get the ordinary implementation."""
+    element-wise passes. Torch builds without it get the ordinary implementation."""
     try:
         return torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def clip_grad_norm(parameters, max_norm):
-    """Scale the gradients down so that their global L2 norm is at most max_norm, and return
-    the norm they had (gradient clipping: Pascanu et al. 2013, "On the difficulty of training
-    recurrent neural networks", Algorithm 1).
-
-    The same numbers as torch.nn.utils.clip_grad_norm_ for a finite max_norm, except that
-    gradients already short enough are left alone, where clip_grad_norm_ multiplies them by
-    1.0: on GPT-2 small that is a pass over half a gigabyte of memory for nothing, 25 ms of
-    every step on a 2-core CPU. Deciding costs one number's copy from a GPU to the host: the
-    host waits for the backward pass to finish before it queues the optimizer's step (about
-    0.1 ms a step on an H200; README.md, Speed and memory)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    # the norm of the per-tensor norms, as clip_grad_norm_ takes it. On a GPU _foreach_norm
-    # is a few kernel launches for all ~150 tensors, where a Python loop is ~150: 1-2 ms of
-    # a 20 ms DPO step of GPT-2 small on an H200 (README.md, Speed and memory)
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    if not norm <= max_norm:  # not "norm > max_norm": a NaN norm must spread, as in clip_grad_norm_
-        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))  # clip_grad_norm_'s 1e-6, for its numbers
-    return norm
-
-
-def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothing=0.0, max_grad_norm=1.0):
-    """One DPO update on a batch of pairs; returns this step's numbers as floats.
-
-    batch: input_ids and loss_mask (2B, T), chosen rows first then rejected, on the
-    policy's device; reference_logps (2B,); reference_vocab_logprobs (N, V) or None.
-    max_grad_norm: the gradient is clipped to this norm before the update (clip_grad_norm).
-    The policy runs once, on chosen and rejected together."""
-    # last step's gradients go before the forward pass, not after it: they are
-    # a model's worth of memory that would otherwise sit beside the activations
-    optimizer.zero_grad(set_to_none=True)
-    # the only forward pass of the step: chosen and rejected rows together
-    logps, vocab_logprobs = score_completions(policy, batch["input_ids"], batch["loss_mask"])  # (2B,), (N, V)
-    n = logps.size(0) // 2
-    reference_logps = batch["reference_logps"]
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        logps[:n], logps[n:], reference_logps[:n], reference_logps[n:],
-        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    loss = losses.mean()
-    with torch.no_grad():
-        # the report's numbers before the backward pass, while no gradient exists yet: the
-        # KL's temporaries then never sit beside a model's worth of gradients
-        track_kl = batch.get("reference_vocab_logprobs") is not None
-        kl = (mean_token_kl(vocab_logprobs, batch["reference_vocab_logprobs"]) if track_kl
-              else torch.zeros((), device=loss.device))
-        margins = chosen_rewards - rejected_rewards
-        numbers = [loss.detach(), (margins > 0).float().mean(), margins.mean(),
-                   chosen_rewards.mean(), rejected_rewards.mean(), kl]
-    del vocab_logprobs  # autograd keeps what its backward needs, and frees it there
-    loss.backward()
-    grad_norm = clip_grad_norm(policy.parameters(), max_grad_norm)
-    optimizer.step()
-
-    numbers = torch.stack(numbers + [grad_norm.to(loss.device)])
-    names = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "kl", "grad_norm")
-    metrics = dict(zip(names, numbers.tolist()))  # one device-to-host copy per step
-    if not track_kl:
-        metrics["kl"] = None  # not tracked: see precompute_reference
-    return metrics
-
-
-def make_batch(data, reference_cache, pair_index, device):
-    """The tensors dpo_step needs for pairs `pair_index`, on `device`.
-
-    Rows keep the data set's full padded length rather than being trimmed to the batch's
-    longest: with the same sequence length as when the reference was computed, the CPU
-    kernels add up in the same order, so at step 0 the policy's log-probs equal the cached
-    reference's to the last bit and the first loss is exactly log 2 (trimmed, they differ
-    by ~1e-6). GPU kernels can still differ in the last bits between batch shapes: there the
-    first step's margins are rounding noise, and its reward accuracy, which counts margins
-    > 0, can read anything from 0 to 1."""
-    n_pairs = data["input_ids"].size(0) // 2
-    rows = torch.cat([pair_index, pair_index + n_pairs])  # the chosen rows, then their rejected partners
-    batch = {"input_ids": data["input_ids"][rows].to(device),
-             "loss_mask": data["loss_mask"][rows].to(device),
-             "reference_logps": reference_cache["logps"][rows].to(device)}
-    if reference_cache["vocab_logprobs"] is not None:
-        batch["reference_vocab_logprobs"] = torch.cat([reference_cache["vocab_logprobs"][r] for r in rows.tolist()])
+def make_batch(pairs, reference_logps, device):
+    """What dpo_step needs for some encoded pairs: collate's rows on `device`, and the
+    reference's log-probs of the same pairs, reference_logps = (chosen (B,), rejected (B,))."""
+    batch = {key: value.to(device) for key, value in collate(pairs).items()}
+    batch["reference_chosen_logps"], batch["reference_rejected_logps"] = (x.to(device) for x in reference_logps)
     return batch
 
 
-def train_dpo(policy, reference, data, optimizer, epochs=3, batch_size=2, seed=0, beta=0.1, loss_type="dpo",
-              label_smoothing=0.0, max_grad_norm=1.0, reference_cache=None, on_step=None):
-    """DPO over `data` (from encode_pairs) for some epochs of shuffled batches.
+def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothing=0.0, max_grad_norm=1.0,
+             average_logps=False):
+    """One DPO update on a batch from make_batch; returns this step's numbers as floats.
 
-    reference_cache: precompute_reference(reference, data), if the caller has it already.
-    Returns the list of per-step metric dicts; on_step(metrics) is called after each step."""
+    The policy runs once, on chosen and rejected together. The gradient is clipped to
+    max_grad_norm before the update; grad_norm is its norm before clipping."""
+    # last step's gradients go before the forward pass, not after it: they are
+    # a model's worth of memory that would otherwise sit beside the activations
+    optimizer.zero_grad(set_to_none=True)
+    logps = completion_logps(policy, batch["input_ids"], batch["loss_mask"], average_logps)  # (2B,)
+    chosen_logps, rejected_logps = chosen_and_rejected(logps)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen_logps, rejected_logps, batch["reference_chosen_logps"], batch["reference_rejected_logps"],
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    loss = losses.mean()
+    loss.backward()
+    # clipping: Pascanu et al. 2013, "On the difficulty of training recurrent neural networks"
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+    optimizer.step()
+
+    margins = chosen_rewards - rejected_rewards
+    numbers = torch.stack([loss.detach(), (margins > 0).float().mean(), margins.mean(),
+                           chosen_rewards.mean(), rejected_rewards.mean(), grad_norm.to(loss.device)])
+    names = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "grad_norm")
+    return dict(zip(names, numbers.tolist()))  # one device-to-host copy per step
+
+
+def epoch_batches(pairs, batch_size, generator, chunk_batches=50):
+    """One epoch's batches of pair indices: shuffled, with pairs of similar length together.
+
+    Each batch is padded to its own longest row, so a batch mixing short and long pairs is
+    mostly padding. The pairs are shuffled, cut into chunks of chunk_batches batches, sorted
+    by length within each chunk and cut into batches, and then the batches are shuffled:
+    the grouping of Hugging Face's LengthGroupedSampler. A new order every epoch, as the
+    generator moves on. With fewer than chunk_batches batches (every toy run) all pairs are
+    one chunk, so the batches are cut from the same sorted order every epoch and mostly
+    only their order changes."""
+    order = torch.randperm(len(pairs), generator=generator).tolist()
+    chunk = batch_size * chunk_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        by_length = sorted(order[start:start + chunk], key=lambda i: longest_row(pairs[i]))
+        batches += [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def train_dpo(policy, reference, pairs, optimizer, epochs=3, batch_size=2, seed=0, beta=0.1, loss_type="dpo",
+              label_smoothing=0.0, max_grad_norm=1.0, average_logps=False, reference_logps=None, on_step=None):
+    """DPO over encoded `pairs` (from encode_pairs) for some epochs of shuffled batches.
+
+    reference_logps: pair_logps(reference, pairs, average=average_logps), if the caller has
+    it already. Returns the list of per-step metric dicts; on_step(metrics) is called after
+    each step. A loss or gradient norm that is not finite stops training with a RuntimeError
+    (the policy then holds the weights that step left)."""
     # Dropout off in both models: with it, log pi would be noisy, the policy and the
     # reference would disagree at step 0 although they are the same network, and the
     # first loss would not be log 2. Eval mode turns dropout off without touching gradients.
     policy.eval()
     reference.eval()
     device = next(policy.parameters()).device
-    if reference_cache is None:
-        reference_cache = precompute_reference(reference, data)
-    n_pairs = data["input_ids"].size(0) // 2
+    if reference_logps is None:
+        reference_logps = pair_logps(reference, pairs, average=average_logps)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
     history = []
     for epoch in range(epochs):
-        order = torch.randperm(n_pairs, generator=generator)
-        for start in range(0, n_pairs, batch_size):
-            batch = make_batch(data, reference_cache, order[start:start + batch_size], device)
+        for index in epoch_batches(pairs, batch_size, generator):
+            batch_pairs = [pairs[i] for i in index]
+            batch = make_batch(batch_pairs, [logps[index] for logps in reference_logps], device)
             metrics = dpo_step(policy, optimizer, batch, beta=beta, loss_type=loss_type,
-                               label_smoothing=label_smoothing, max_grad_norm=max_grad_norm)
-            metrics.update(step=len(history) + 1, epoch=epoch + 1, tokens=batch["input_ids"].numel())
+                               label_smoothing=label_smoothing, max_grad_norm=max_grad_norm,
+                               average_logps=average_logps)
+            metrics.update(step=len(history) + 1, epoch=epoch + 1,
+                           tokens=sum(2 * len(p) + len(c) + len(r) for p, c, r in batch_pairs),
+                           positions=batch["input_ids"].numel())  # tokens plus padding
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                raise RuntimeError(
+                    f"training diverged at step {metrics['step']}: loss {metrics['loss']}, gradient norm "
+                    f"{metrics['grad_norm']}; stopped there. Try a smaller learning rate")
             history.append(metrics)
             if on_step is not None:
                 on_step(metrics)
     return history
+
+
+# -----------------------------------------------------------------------------
+# Evaluation on pairs that are not trained on
+
+@torch.no_grad()
+def evaluate(policy, reference, pairs, batch_size=8, beta=0.1, loss_type="dpo", label_smoothing=0.0,
+             average_logps=False, progress=None):
+    """The training step's numbers on encoded `pairs`, without a gradient, and the exact KL.
+
+    Both models run on the same batches, so at step 0, where they are equal, every margin
+    is exactly 0. kl is the mean over the completion positions of both rows of every pair
+    of KL(pi || pi_ref) = sum over the vocabulary v of pi(v) log(pi(v) / pi_ref(v)), the
+    exact divergence at that position (not a one-sample estimate). progress as in pair_logps."""
+    device = next(policy.parameters()).device
+    losses, chosen_rewards, rejected_rewards = [], [], []
+    kl_sum, n_positions = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(pairs[start:start + batch_size])
+        ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
+        policy_logprobs = next_token_logprobs(policy, ids, mask)  # (N, V): log pi(. | x, y_<t)
+        reference_logprobs = next_token_logprobs(reference, ids, mask)  # (N, V): log pi_ref(. | x, y_<t)
+        # a few hundred positions at a time: the temporaries stay small beside the two (N, V) tensors
+        for p, q in zip(policy_logprobs.split(256), reference_logprobs.split(256)):
+            kl_sum += (p.exp() * (p - q)).sum().item()
+        n_positions += policy_logprobs.size(0)
+        pair_losses, c, r = dpo_loss(*chosen_and_rejected(logps_of_scored(policy_logprobs, ids, mask, average_logps)),
+                                     *chosen_and_rejected(logps_of_scored(reference_logprobs, ids, mask, average_logps)),
+                                     beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        losses.append(pair_losses.cpu())
+        chosen_rewards.append(c.cpu())
+        rejected_rewards.append(r.cpu())
+        if progress is not None:
+            progress(min(start + batch_size, len(pairs)), len(pairs))
+    losses, chosen_rewards, rejected_rewards = (torch.cat(x) for x in (losses, chosen_rewards, rejected_rewards))
+    margins = chosen_rewards - rejected_rewards
+    return {"loss": losses.mean().item(), "reward_accuracy": (margins > 0).float().mean().item(),
+            "margin": margins.mean().item(), "chosen_reward": chosen_rewards.mean().item(),
+            "rejected_reward": rejected_rewards.mean().item(), "kl": kl_sum / n_positions}
+
+
+# -----------------------------------------------------------------------------
+# `python dpo.py`: where DPO and IPO stop when a preference is deterministic
+
+def bandit_experiment(betas=(0.1, 0.5, 2.0), checkpoints=(10, 100, 1_000), lr=0.1):
+    """A bandit with two answers and one pair, answer 0 always chosen over answer 1, and a
+    uniform reference. The policy is a softmax over two logits, trained with Adam on dpo_loss,
+    for DPO and IPO at each beta. With only two answers,
+    h = log(pi(y_c) / pi(y_r)) - 0, so IPO's minimum h = 1/(2 beta) (IPO paper, Eq. 17)
+    is pi(y_r) = 1 / (1 + exp(1/(2 beta))); DPO's loss -log sigmoid(beta h) has no minimum,
+    and pi(y_r) falls towards 0 for every beta (IPO paper, Section 4.2).
+    Returns {(loss_type, beta): [pi(y_r) at each checkpoint]}."""
+    reference_logps = torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64))
+    results = {}
+    for loss_type in ("dpo", "ipo"):
+        for beta in betas:
+            logits = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # the policy starts at the reference
+            optimizer = torch.optim.Adam([logits], lr=lr)
+            results[loss_type, beta] = []
+            for step in range(1, max(checkpoints) + 1):
+                logps = logits.log_softmax(dim=0)
+                loss, _, _ = dpo_loss(logps[:1], logps[1:], reference_logps[:1], reference_logps[1:],
+                                      beta=beta, loss_type=loss_type)
+                optimizer.zero_grad()
+                loss.sum().backward()
+                optimizer.step()
+                if step in checkpoints:
+                    results[loss_type, beta].append(logits.detach().softmax(dim=0)[1].item())
+    return results
+
+
+if __name__ == "__main__":
+    checkpoints = (10, 100, 1_000)
+    results = bandit_experiment(checkpoints=checkpoints)
+    print("One pair, answer 0 always chosen over answer 1, reference 50/50; Adam, lr 0.1.")
+    print("pi(y_rejected) after each number of steps:\n")
+    steps = "".join(f"{n:>10,}" for n in checkpoints)
+    print(f"{'beta':>6} | {'DPO':^30} | {'IPO':^30} | IPO's minimum")
+    print(f"{'':>6} | {steps} | {steps} | 1/(1+e^(1/(2 beta)))")
+    for beta in sorted({beta for _, beta in results}):
+        dpo_row = "".join(f"{p:>10.2e}" for p in results["dpo", beta])
+        ipo_row = "".join(f"{p:>10.4f}" for p in results["ipo", beta])
+        print(f"{beta:>6} | {dpo_row} | {ipo_row} | {1 / (1 + math.exp(1 / (2 * beta))):.4f}")
+    print("\nDPO keeps pushing pi(y_rejected) towards 0 whatever beta is; IPO stops where its beta says.")

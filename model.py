@@ -1,37 +1,38 @@
 """
 GPT-2 in one file, in the style of nanoGPT, able to load the real GPT-2 weights.
 
-What is here, in reading order:
-1. The network: causal self-attention, MLP, block, the tied embedding (one matrix
-   for the token lookup and the output head, and one gradient buffer for it), config,
-   model. Pre-LayerNorm transformer blocks, learned position embeddings, the tanh
-   approximation of GELU, and an output head tied to the token embedding, exactly as
-   GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners",
-   Section 2.3; the block itself is Vaswani et al. 2017, Eq. 1 for attention).
-2. The .safetensors file format, read and written by hand (8-byte little-endian
-   header length, a JSON header, then raw little-endian tensor bytes), so that
-   loading needs nothing but torch and the standard library and never unpickles.
-3. The Hugging Face GPT-2 checkpoint layout: the key names, the Conv1D weights
-   stored (in, out) that nn.Linear wants transposed, the causal-mask buffers
-   to ignore.
-4. The Hugging Face hub: find a copy already in the standard cache, or download
-   one with urllib, checking its size and sha256 before anything is kept.
+The network is GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask
+Learners", Section 2.3): pre-LayerNorm transformer blocks (the block itself is Vaswani et
+al. 2017; Eq. 1 for attention), learned position embeddings, the tanh approximation of
+GELU, and an output head tied to the token embedding (Press & Wolf 2017).
 
-References: nanoGPT (Karpathy), picoGPT (Mody), the safetensors format spec,
-and ../shared/GPT2_CHECKPOINT.md for the facts about the real files.
+In reading order:
+1. The network: attention, MLP, block, config, GPT.
+2. Writing files atomically: one helper that every write below goes through.
+3. The .safetensors format, read and written by hand, so loading needs only torch and
+   the standard library and never unpickles anything.
+4. GPT-2 checkpoints in the Hugging Face layout: key names, the Conv1D weights that
+   nn.Linear wants transposed, the causal-mask buffers to skip, config.json.
+5. The Hugging Face hub: reuse the copy in the standard cache, else download one,
+   checking size and sha256 before anything is kept.
+6. from_pretrained, put together.
+Each chapter states the facts about the real files and the real hub that it relies on.
+
+References: nanoGPT (Karpathy), picoGPT (Mody), the safetensors format spec, the
+huggingface_hub client's cache layout.
 Read next: dpo.py, which turns this model's logits into DPO's log-probabilities.
 """
 
-import errno
 import hashlib
 import http.client
 import json
 import math
 import os
 import re
+import secrets
+import shutil
 import struct
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -42,15 +43,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-# Same inputs, same numbers, in every process. On Intel CPUs PyTorch's matrix products go
-# through MKL, which now and then takes a different code path in a new process: 2 of about
-# 30 separate runs of `python train_toy.py --model tiny` here ended 0.01 nats away from the
-# others. MKL's conditional numerical reproducibility mode, strict, always takes the same
-# path (23 of 23 runs agreed, at no cost in speed that bench.py could see). MKL reads the
-# setting at its first matrix product, so it is set here, on import; a value the user set
-# is kept.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # -----------------------------------------------------------------------------
 # 1. The network
@@ -113,44 +105,6 @@ class Block(nn.Module):
         return x
 
 
-class TiedEmbedding(torch.autograd.Function):
-    """GPT-2's token lookup and output head share one matrix W (vocab_size, n_embd).
-
-    apply(W, idx) returns the lookup W[idx] (B, T, C) and W (a view of it) for the head.
-    Left to itself, autograd gives each use its own vocab x n_embd gradient buffer and
-    adds them, so at the end of every backward pass it holds two of them (154 MB each for
-    GPT-2 small). Here backward runs once both gradients are in, and adds the lookup's rows
-    into the head's gradient in place: one buffer. On the CPU the sums are bit for bit
-    autograd's, since the rows are what F.embedding's backward computes and a + b == b + a
-    in floating point (a test checks this).
-
-    The head's gradient is written into, so the head must go straight into a matrix
-    product, as in GPT.forward: the product's backward makes that gradient a new buffer
-    that nothing else holds. The backward pass is not itself differentiable (no second
-    derivatives through it): asked for one, PyTorch raises an error rather than give a
-    wrong one."""
-
-    @staticmethod
-    def forward(weight, idx):
-        return F.embedding(idx, weight), weight.view_as(weight)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # forward and setup_context apart: torch.func works too
-        ctx.save_for_backward(inputs[1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_lookup, grad_head):
-        (idx,) = ctx.saved_tensors
-        # the lookup's gradient for the distinct tokens only, (U, C), with the kernel that
-        # F.embedding's backward uses. A plain index_add_ of every token's row would add a
-        # repeated token's rows in a varying order on CUDA (atomic adds). torch.unique has
-        # to tell the host U, which makes the host wait for the GPU once per backward pass.
-        tokens, where = torch.unique(idx, return_inverse=True)  # (U,), and idx's entries as 0..U-1
-        rows = torch.ops.aten.embedding_dense_backward(grad_lookup, where, tokens.numel(), -1, False)
-        return grad_head.index_add_(0, tokens, rows), None  # distinct rows: each gets one addition
-
-
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # the context length, n_positions in Hugging Face's config
@@ -160,6 +114,16 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # off by default: DPO needs deterministic log-probs
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
+
+
+# The four published sizes (GPT-2 paper, Table 2), all with vocab 50257, a 1024-token
+# context, layer-norm eps 1e-5, the tanh GELU and an MLP of 4 x n_embd (no n_inner).
+GPT2_MODELS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
 
 
 class GPT(nn.Module):
@@ -178,8 +142,9 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (Press & Wolf 2017): GPT-2 scores tokens with its own
-        # embedding matrix, so its checkpoints hold no separate head
+        # weight tying (Press & Wolf 2017): GPT-2 scores tokens with its own embedding
+        # matrix, so its checkpoints hold no separate head. One Parameter, two uses:
+        # autograd adds the lookup's gradient and the head's.
         self.transformer.wte.weight = self.lm_head.weight
         # GPT-2's initialisation, with residual projections scaled by 1/sqrt(2 n_layer)
         # (GPT-2 paper, Section 2.3); only used when not loading weights
@@ -209,30 +174,26 @@ class GPT(nn.Module):
                 f"sequence of length {T} is longer than the model's context "
                 f"(block_size {self.config.block_size}); shorten the prompt or completion"
             )
-        if self.lm_head.weight is not self.transformer.wte.weight:
-            raise ValueError(
-                "lm_head.weight is no longer the token embedding's matrix (GPT-2 ties them, and "
-                "this forward pass uses wte's for both); tie them again with "
-                "model.lm_head.weight = model.transformer.wte.weight"
-            )
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        # one matrix for the lookup and the head, with one gradient buffer (TiedEmbedding);
-        # lm_head and wte only hold it: their own forward, and hooks on them, never run
-        tok_emb, head = TiedEmbedding.apply(self.transformer.wte.weight, idx)  # (B, T, C), (vocab_size, C)
-        x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))  # (B, T, C)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if logits_at is not None:
             x = x[logits_at]  # (N, C)
-        return x @ head.t()  # (B, T, vocab_size), or (N, vocab_size)
+        logits = self.lm_head(x)  # (B, T, vocab_size), or (N, vocab_size)
+        return logits
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Continue idx (B, T) by max_new_tokens tokens; temperature 0 is greedy."""
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size:]  # the context window slides
-            logits = self(idx_cond)[:, -1, :]  # (B, vocab_size): only the last position predicts the next token
+            last = torch.zeros(idx_cond.shape, dtype=torch.bool, device=idx.device)
+            last[:, -1] = True  # only the last position predicts the next token: the head runs there alone
+            logits = self(idx_cond, logits_at=last)  # (B, vocab_size)
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
@@ -246,8 +207,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None):
-        """A GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a .safetensors file,
-        or a directory holding model.safetensors (and config.json). See Section 3."""
+        """A GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, optionally with the hub's
+        "openai-community/" in front), a .safetensors file, or a directory holding
+        model.safetensors (and config.json). Chapters 4 to 6 below do the work."""
         return load_gpt2_checkpoint(name_or_path, device=device, dtype=dtype)
 
     def save_pretrained(self, directory):
@@ -255,31 +217,76 @@ class GPT(nn.Module):
         write_gpt2_checkpoint(self, directory)
 
 
-def mps_is_available():
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+# -----------------------------------------------------------------------------
+# 2. Writing files atomically
+#
+# A run killed half-way through a save must not leave a half-written checkpoint under the
+# real name, or a cache entry that looks complete. So everything is written under a
+# temporary name beside the target and renamed into place: a rename within one folder is
+# atomic, so the name holds either the old contents or the new ones, never a mix.
 
 
-def resolve_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu; a device asked for by name must exist."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' asked for, but this torch sees no CUDA GPU (a CPU-only build, or no driver)")
-    if name == "mps" and not mps_is_available():
-        raise RuntimeError("device 'mps' asked for, but MPS (Apple GPU) is not available here")
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if mps_is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def unused_sibling(path, suffix):
+    """A name beside path (same folder, so renames stay atomic) that nothing has yet."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{suffix}")
+        if not os.path.lexists(candidate):
+            return candidate
+
+
+def remove(path):
+    """Delete a file, a symlink or a whole folder, whichever path is; nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def write_atomically(path, write):
+    """Make `path` by calling write(tmp), then renaming tmp into path's place.
+
+    write(tmp) gets a fresh path that does not exist yet, in path's folder, and writes there
+    either a file (open(tmp, "wb")) or a folder (tmp.mkdir(), then its contents). Since
+    write itself creates them, files get the usual permissions, as open() makes them under
+    the umask.
+    On success tmp takes path's place: a file in one atomic rename; a folder by moving the
+    one already at path aside, renaming tmp into place, then deleting the old one (so for a
+    moment path may be missing, but it never holds half of either).
+    On any exception (KeyboardInterrupt too) tmp is removed, file or whole tree, path is
+    left exactly as it was, and the exception propagates."""
+    path = Path(path)
+    tmp = unused_sibling(path, "tmp")
+    try:
+        write(tmp)
+        folder = (tmp.is_dir() and not tmp.is_symlink()) or (path.is_dir() and not path.is_symlink())
+        if folder and os.path.lexists(path):
+            old = unused_sibling(path, "old")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            remove(old)  # the new one is in place: only now is the old one let go
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 # -----------------------------------------------------------------------------
-# 2. The .safetensors format, by hand
+# 3. The .safetensors format, by hand
 #
 # [8 bytes: N, little-endian u64][N bytes: JSON header][data bytes]
 # The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]},
-# offsets relative to the start of the data, plus an optional "__metadata__" of strings.
+# offsets relative to the start of the data, plus an optional "__metadata__" of strings
+# ({"format": "pt"} in GPT-2's files). Tensors are stored row-major, little-endian.
+#
+# Never assume the data is aligned: the hub's gpt2 model.safetensors has a header of
+# N = 14,283 bytes, so its data starts at byte 14,291, which is not a multiple of 8 (it
+# was written by an old writer that did not pad). Each tensor's bytes are copied out into
+# a fresh tensor instead of being viewed in place.
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -327,7 +334,7 @@ def read_safetensors_header(f, path, file_size):
                       f"{info['dtype']} shape {shape} needs {nbytes}")
         entries.append((offsets[0], offsets[1], name, info["dtype"], shape))
     # like the reference implementation: the tensors tile the data exactly, in order,
-    # with no gaps and no overlaps, and the data ends where the file ends
+    # with no gaps and no overlaps, and the data ends where the last tensor does
     entries.sort()
     data_size = file_size - 8 - n
     expected_begin = 0
@@ -340,7 +347,8 @@ def read_safetensors_header(f, path, file_size):
             raise bad(f"tensor '{name}' starts at data byte {begin}, which {kind} (expected {expected_begin})")
         expected_begin = end
     if expected_begin != data_size:
-        raise bad(f"the tensors cover {expected_begin} bytes of data but the file holds {data_size}")
+        raise bad(f"{data_size - expected_begin} trailing bytes after the last tensor (the tensors cover "
+                  f"{expected_begin} of the file's {data_size} data bytes); the file should end there")
     return entries, metadata, 8 + n
 
 
@@ -351,9 +359,7 @@ def load_safetensors(path):
     with open(path, "rb") as f:
         entries, _, data_start = read_safetensors_header(f, path, os.fstat(f.fileno()).st_size)
         for begin, end, name, dtype, shape in entries:
-            # read straight into a fresh (aligned) tensor: the data of real GPT-2 files
-            # starts at an odd offset, so viewing the file's bytes in place would be unaligned
-            t = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
+            t = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])  # fresh, so aligned
             f.seek(data_start + begin)
             if f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - begin:
                 raise ValueError(f"{path}: tensor '{name}' is cut short (truncated file?)")
@@ -361,30 +367,8 @@ def load_safetensors(path):
     return tensors
 
 
-def give_usual_permissions(path):
-    """mkstemp makes files only their owner can read; give the mode open() would have."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def write_atomically(path, write):
-    """Call write(f) on a temporary file beside path, then rename it into place, so an
-    interrupted write never leaves a half-written file under the real name."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        give_usual_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_safetensors(tensors, path, metadata=None):
-    """Write a dict of tensors as a .safetensors file (atomically: temp file + rename)."""
+    """Write a dict of tensors as a .safetensors file, atomically (write_atomically)."""
     for name, t in tensors.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise ValueError(f"save_safetensors needs a dict of str -> torch.Tensor; got {name!r} -> {type(t).__name__}")
@@ -400,36 +384,37 @@ def save_safetensors(tensors, path, metadata=None):
         header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
+    header_bytes += b" " * (-len(header_bytes) % 8)  # pad with spaces so the data starts 8-byte aligned
 
-    def write(f):
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for t in tensors.values():
-            f.write(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())  # no extra copy
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header_bytes)))
+            f.write(header_bytes)
+            for t in tensors.values():
+                f.write(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())  # no extra copy
 
     write_atomically(path, write)
 
 
 # -----------------------------------------------------------------------------
-# 3. The Hugging Face GPT-2 checkpoint layout
+# 4. GPT-2 checkpoints in the Hugging Face layout
 #
-# The hub's files name tensors "wte.weight", "h.0.attn.c_attn.weight", ... (files
-# written by transformers add a "transformer." prefix). Our names are the same
-# with the prefix. OpenAI's Conv1D modules store their weights (in, out), the
-# transpose of nn.Linear's (out, in); nothing else is transposed. "h.{i}.attn.bias"
-# is a causal-mask buffer (not to be confused with the parameter
-# "h.{i}.attn.c_attn.bias"); our attention builds its mask on the fly.
+# The hub's openai-community/gpt2/model.safetensors (548,105,171 bytes, all F32) holds 160
+# tensors with no "transformer." prefix: wte.weight, wpe.weight, h.{i}.ln_1.*,
+# h.{i}.attn.c_attn.*, h.{i}.attn.c_proj.*, h.{i}.ln_2.*, h.{i}.mlp.c_fc.*, h.{i}.mlp.c_proj.*,
+# ln_f.* (148 parameters, 124,439,808 numbers), plus 12 causal-mask buffers h.{i}.attn.bias
+# of shape [1, 1, 1024, 1024], which our attention does not need. Careful: h.{i}.attn.bias
+# is a buffer but h.{i}.attn.c_attn.bias a parameter, so match the whole name. There is no
+# lm_head.weight: the head is tied to wte.
+# OpenAI's Conv1D modules store their four weights (attn.c_attn, attn.c_proj, mlp.c_fc,
+# mlp.c_proj) as (in, out), e.g. c_attn.weight is [768, 2304]: the transpose of nn.Linear's
+# (out, in). Nothing else is transposed.
+# What transformers' save_pretrained writes is the second real layout: the same tensors with
+# a "transformer." prefix, no mask buffers, the header padded to a multiple of 8. Both
+# load; save_pretrained writes the hub's layout, which transformers loads too.
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-
-GPT2_MODELS = {  # GPT-2 paper, Table 2; all with vocab 50257 and a 1024-token context
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-}
 
 
 def is_conv1d_weight(name):
@@ -466,6 +451,8 @@ def our_to_hf_state_dict(state_dict):
 
 
 def config_from_hf_json(config_path):
+    """GPTConfig from a Hugging Face GPT-2 config.json (n_positions, n_embd, ...), refusing
+    what this model cannot compute: another activation, eps or MLP width."""
     try:
         hf = json.loads(Path(config_path).read_text())
     except json.JSONDecodeError as e:
@@ -518,6 +505,7 @@ def check_tensors_match(expected_shapes, tensors, path):
 
 
 def model_from_checkpoint(weights_path, config, device=None, dtype=None):
+    """A GPT holding the weights of a .safetensors file in either layout; config None: from the shapes."""
     ours = hf_to_our_state_dict(load_safetensors(weights_path), weights_path)
     if config is None:
         config = config_from_shapes(ours, weights_path)
@@ -527,38 +515,12 @@ def model_from_checkpoint(weights_path, config, device=None, dtype=None):
     check_tensors_match(expected, ours, weights_path)
     ours["lm_head.weight"] = ours["transformer.wte.weight"]
     model.load_state_dict({n: t.contiguous() for n, t in ours.items()}, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters; tie them again
+    model.transformer.wte.weight = model.lm_head.weight  # assign=True made two Parameters; tie them again
     return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
-def local_weights_path(name_or_path):
-    """The model.safetensors that a local file or directory argument names."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"{name_or_path!r} is neither one of {', '.join(GPT2_MODELS)} nor an existing "
-                                ".safetensors file or directory")
-    if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"{path} holds no model.safetensors (a Hugging Face GPT-2 snapshot "
-                                "directory has one); pass the .safetensors file itself instead")
-    return path / "model.safetensors"
-
-
-def load_gpt2_checkpoint(name_or_path, device=None, dtype=None):
-    name = str(name_or_path).removeprefix("openai-community/")
-    if name in GPT2_MODELS and not Path(name_or_path).exists():
-        # a hub snapshot without config.json can only be the named size
-        weights, config = gpt2_snapshot(name) / "model.safetensors", GPTConfig(**GPT2_MODELS[name])
-    else:
-        weights, config = local_weights_path(name_or_path), None  # None: read the sizes off the tensors
-    config_path = weights.parent / "config.json"
-    if config_path.exists():
-        config = config_from_hf_json(config_path)
-    return model_from_checkpoint(weights, config, device, dtype)
-
-
 def write_gpt2_checkpoint(model, directory):
+    """config.json and model.safetensors in the hub's layout (chapter 4's first paragraph)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     c = model.config
@@ -573,16 +535,33 @@ def write_gpt2_checkpoint(model, directory):
     }
     save_safetensors(our_to_hf_state_dict(model.state_dict()), directory / "model.safetensors",
                      metadata={"format": "pt"})
-    write_atomically(directory / "config.json", lambda f: f.write(json.dumps(hf_config, indent=2).encode()))
+    write_atomically(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2)))
 
 
 # -----------------------------------------------------------------------------
-# 4. The Hugging Face hub: reuse the standard cache, else download
+# 5. The Hugging Face hub: reuse the standard cache, else download
 #
-# Cache layout shared with transformers / huggingface_hub:
-#   models--openai-community--gpt2/blobs/<etag>       the bytes
-#   models--openai-community--gpt2/refs/main          the commit sha
+# transformers and huggingface_hub keep downloads in $HF_HUB_CACHE, else $HF_HOME/hub, else
+# $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub, laid out as
+#   models--openai-community--gpt2/blobs/<etag>       the bytes, named by the hub's ETag
+#   models--openai-community--gpt2/refs/main          a text file holding the commit sha
 #   models--openai-community--gpt2/snapshots/<commit>/model.safetensors -> ../../blobs/<etag>
+# (a relative symlink; a copy of the file where symlinks are not possible). People who
+# used transformers' "gpt2" before the repo moved to openai-community/gpt2 have it under
+# models--gpt2. HF_HUB_OFFLINE (or the legacy TRANSFORMERS_OFFLINE) is on when its value,
+# upper-cased, is 1, ON, YES or TRUE.
+#
+# The hub serves {HF_ENDPOINT or https://huggingface.co}/{repo}/resolve/main/{filename}:
+# - small files kept in git (config.json) answer 200 with the bytes; their ETag is the
+#   git blob sha1 (40 hex) of the content, not a sha256;
+# - large files (model.safetensors) answer 302 to a signed URL on a CDN host. The hub's
+#   facts are only on that 302: X-Linked-Etag (the quoted sha256 of the content, 64 hex),
+#   X-Linked-Size (bytes) and X-Repo-Commit. The CDN's answer has none of them, and its
+#   own ETag is a different 64-hex value that must never be checked against the content;
+# - a renamed repo answers with a relative redirect to its new path on the hub.
+# urllib would follow redirects silently and lose the 302's headers, so they are followed
+# by hand. A mirror (HF_ENDPOINT) may serve large files directly: 200 and a sha256 ETag.
+
 
 def hub_cache_dir():
     if os.environ.get("HF_HUB_CACHE"):
@@ -610,39 +589,16 @@ def cached_snapshot(repo):
     ref = repo_dir / "refs" / "main"
     if ref.is_file():
         candidates.append(repo_dir / "snapshots" / ref.read_text().strip())
-    candidates += sorted((repo_dir / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True) \
-        if (repo_dir / "snapshots").is_dir() else []
+    if (repo_dir / "snapshots").is_dir():
+        candidates += sorted((repo_dir / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for snapshot in candidates:
         if (snapshot / "model.safetensors").is_file():  # is_file follows the symlink: a dangling one fails
             return snapshot
     return None
 
 
-def gpt2_snapshot(name):
-    """A local snapshot folder for GPT-2 `name`: from the cache, else downloaded into it."""
-    repo = "openai-community/" + name
-    # transformers users who asked for plain "gpt2" have it cached under the old repo name
-    for cached_repo in (repo, name):
-        snapshot = cached_snapshot(cached_repo)
-        if snapshot is not None:
-            return snapshot
-    where = repo_cache_dir(repo) / "snapshots" / "<commit>" / "model.safetensors"
-    if hub_offline():
-        raise FileNotFoundError(
-            f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set, so it will not be downloaded. "
-            f"Put the file at {where} (with refs/main naming <commit>), or pass --weights path/to/model.safetensors")
-    # the weights first: if they fail, nothing is left in the cache
-    commit = download_to_cache(repo, "model.safetensors")
-    try:
-        download_to_cache(repo, "config.json")
-    except RuntimeError as e:  # the weights are safe; GPT2_MODELS knows the config
-        print(f"warning: {e}; using the known {name} config instead", file=sys.stderr)
-    return repo_cache_dir(repo) / "snapshots" / commit
-
-
 class NoRedirects(urllib.request.HTTPRedirectHandler):
-    """The hub's own headers (sha256, size, commit) are only on its redirect, not
-    on the CDN's answer it points to, so redirects are followed by hand."""
+    """Hand redirects back instead of following them, so their headers can be read."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None
@@ -661,21 +617,20 @@ def open_url(url, follow_redirects):
 
 def ask_hub(url):
     """Follow the hub's own redirects (a renamed repo) by hand and collect what the hub
-    says about the file; returns (the answer carrying the bytes, {etag, size, commit})."""
-    expected = {}
+    states about the file; returns (the answer carrying the bytes, {sha256, etag, size, commit})."""
+    stated = {}
     for _ in range(10):
         response = open_url(url, follow_redirects=False)
         h, is_redirect = response.headers, 300 <= response.code < 400
         # on a redirect, ETag and Content-Length describe the redirect, not the file
-        stated = {"sha256": h.get("X-Linked-Etag"),
-                  "etag": None if is_redirect else h.get("ETag"),
-                  "size": h.get("X-Linked-Size") or (None if is_redirect else h.get("Content-Length")),
-                  "commit": h.get("X-Repo-Commit")}
-        for key, value in stated.items():
-            if value and key not in expected:
-                expected[key] = value
+        for key, value in {"sha256": h.get("X-Linked-Etag"),
+                           "etag": None if is_redirect else h.get("ETag"),
+                           "size": h.get("X-Linked-Size") or (None if is_redirect else h.get("Content-Length")),
+                           "commit": h.get("X-Repo-Commit")}.items():
+            if value and key not in stated:
+                stated[key] = value
         if not is_redirect:
-            return response, expected
+            return response, stated
         location = urllib.parse.urljoin(url, h["Location"])
         response.close()
         if urllib.parse.urlsplit(location).netloc == urllib.parse.urlsplit(url).netloc:
@@ -683,10 +638,16 @@ def ask_hub(url):
             continue
         # the CDN: its Content-Length is still the size, but its ETag is its own hash, never the hub's
         cdn = open_url(location, follow_redirects=True)
-        if "size" not in expected and cdn.headers.get("Content-Length"):
-            expected["size"] = cdn.headers["Content-Length"]
-        return cdn, expected
+        if "size" not in stated and cdn.headers.get("Content-Length"):
+            stated["size"] = cdn.headers["Content-Length"]
+        return cdn, stated
     raise RuntimeError(f"{url}: more than 10 redirects")
+
+
+def stated_hash(stated, key, length):
+    """A hex digest the hub stated, unquoted, or None when it stated none of that length."""
+    value = (stated.get(key) or "").removeprefix("W/").strip('"').lower()
+    return value if re.fullmatch(f"[0-9a-f]{{{length}}}", value) else None
 
 
 def git_blob_sha1(path):
@@ -695,10 +656,28 @@ def git_blob_sha1(path):
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def stream_to_file(response, f, label, expected_size):
+def download_failed(url, filename, e):
+    reason = getattr(e, "reason", None) or repr(e)
+    return RuntimeError(f"could not download {url}: {reason}; nothing was kept. Check the network (or "
+                        f"HF_ENDPOINT) and run again, or download {filename} yourself and pass "
+                        "--weights path/to/model.safetensors")
+
+
+def cache_unwritable(where, e):
+    return RuntimeError(f"cannot write to the Hugging Face cache at {where} ({e.strerror or e}); point "
+                        "HF_HUB_CACHE or HF_HOME at a folder you can write to (and with space to spare)")
+
+
+def stream_to_file(response, f, url, filename, expected_size):
     """Copy the body to f with a progress line; returns (bytes written, sha256 hex)."""
     sha256, done, start, last_print = hashlib.sha256(), 0, time.time(), 0.0
-    while chunk := response.read(1 << 20):
+    while True:
+        try:
+            chunk = response.read(1 << 20)
+        except (OSError, http.client.HTTPException) as e:  # e.g. a timeout, or a connection cut mid-answer
+            raise download_failed(url, filename, e) from None
+        if not chunk:
+            break
         f.write(chunk)
         sha256.update(chunk)
         done += len(chunk)
@@ -706,94 +685,122 @@ def stream_to_file(response, f, label, expected_size):
         if now - last_print > 0.5 or done == expected_size:
             total = f" / {expected_size / 1e6:.1f}" if expected_size else ""
             rate = done / 1e6 / max(now - start, 1e-9)
-            print(f"\r  {label}: {done / 1e6:.1f}{total} MB ({rate:.1f} MB/s)", end="", file=sys.stderr, flush=True)
+            print(f"\r  {filename}: {done / 1e6:.1f}{total} MB ({rate:.1f} MB/s)", end="", file=sys.stderr, flush=True)
             last_print = now
     print(file=sys.stderr)
     return done, sha256.hexdigest()
 
 
-def fetch(url, f, filename, path):
-    """Stream url's file into f (open on path); returns (what the hub stated about it,
-    bytes written, sha256)."""
+def link_or_move(blob, link):
+    """link -> ../../blobs/<blob>, relative, as huggingface_hub makes them."""
     try:
-        response, expected = ask_hub(url)
-        with response:
-            size = int(expected["size"]) if "size" in expected else None
-            done, sha256 = stream_to_file(response, f, filename, size)
-        return expected, done, sha256
-    except OSError as e:  # URLError, timeouts and refused connections are OSErrors too
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RuntimeError(f"could not write the download of {url} to {path}: {e}") from None
-        raise RuntimeError(
-            f"could not download {url}: {getattr(e, 'reason', None) or e!r}. Check the network "
-            f"(or HF_ENDPOINT), or download {filename} yourself and pass "
-            "--weights path/to/model.safetensors") from None
-    except http.client.HTTPException as e:  # e.g. IncompleteRead, a connection cut mid-answer
-        raise RuntimeError(f"could not download {url}: {e!r}; nothing was kept, run again to retry") from None
-
-
-def stated_hash(expected, key, length):
-    """A hex digest the hub stated, unquoted, or None when it stated none of that length."""
-    value = (expected.get(key) or "").removeprefix("W/").strip('"').lower()
-    return value if re.fullmatch(f"[0-9a-f]{{{length}}}", value) else None
-
-
-def verified_blob_name(url, path, done, sha256, expected):
-    """Check the downloaded file against the hub's size and hash; returns the name
-    huggingface_hub gives its blob (the sha256 for large files, git's id for small ones)."""
-    size = expected.get("size")
-    # the hub's X-Linked-Etag is a sha256; a plain ETag on the hub's own 200 is git's blob id
-    # for small files, or a sha256 where a mirror serves large files directly (never the
-    # CDN's ETag: ask_hub does not record it)
-    linked_sha256 = stated_hash(expected, "sha256", 64) or stated_hash(expected, "etag", 64)
-    git_sha1 = None if linked_sha256 else stated_hash(expected, "etag", 40)
-    if size is not None and done != int(size):
-        raise RuntimeError(f"download of {url} stopped after {done} of {size} bytes (connection dropped?); "
-                           "nothing was kept, run again to retry")
-    if linked_sha256 and sha256 != linked_sha256:
-        raise RuntimeError(f"download of {url} is corrupt: its sha256 is {sha256} but the hub says "
-                           f"{linked_sha256}; nothing was kept, run again to retry")
-    if git_sha1 and git_blob_sha1(path) != git_sha1:
-        raise RuntimeError(f"download of {url} is corrupt: its git blob sha1 is not the hub's "
-                           f"{git_sha1}; nothing was kept, run again to retry")
-    return linked_sha256 or git_sha1 or sha256
-
-
-def link_into_snapshot(repo_dir, filename, blob, commit):
-    """snapshots/<commit>/<filename> -> ../../blobs/<blob>, and refs/main -> commit."""
-    link = repo_dir / "snapshots" / commit / filename
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.unlink(missing_ok=True)
-    try:
-        link.symlink_to(Path("..") / ".." / "blobs" / blob.name)  # relative, as huggingface_hub makes them
+        link.symlink_to(Path("..") / ".." / "blobs" / blob.name)
     except OSError:  # no symlinks here (some Windows setups): keep the bytes in the snapshot instead
         os.replace(blob, link)
-    (repo_dir / "refs").mkdir(exist_ok=True)
-    write_atomically(repo_dir / "refs" / "main", lambda f: f.write(commit.encode()))
 
 
 def download_to_cache(repo, filename):
     """Download one file of `repo` into the hub cache, verified; returns the commit sha.
-    The bytes go to a temporary file that is renamed only once size and hash check out."""
+
+    The blob is named, as huggingface_hub names it, by the hash the hub states (the sha256
+    of a large file, the git blob sha1 of a small one), and write_atomically puts it there
+    only once its size and that hash check out. A hub that states no hash gets the file
+    straight into the snapshot, checked by its size alone."""
     url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}/resolve/main/{filename}"
-    blobs = repo_cache_dir(repo) / "blobs"
+    repo_dir = repo_cache_dir(repo)
     try:
-        blobs.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=blobs, suffix=".incomplete")
+        (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RuntimeError(f"cannot write to the Hugging Face cache at {blobs} ({e.strerror}); point "
-                           "HF_HUB_CACHE or HF_HOME at a folder you can write to") from None
+        raise cache_unwritable(repo_dir, e) from None
     print(f"downloading {url}", file=sys.stderr)
     try:
-        with os.fdopen(fd, "wb") as f:
-            expected, done, sha256 = fetch(url, f, filename, tmp)
-        blob = blobs / verified_blob_name(url, tmp, done, sha256, expected)
-        give_usual_permissions(tmp)
-        os.replace(tmp, blob)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    commit = expected.get("commit") or "main"
-    link_into_snapshot(repo_cache_dir(repo), filename, blob, commit)
+        response, stated = ask_hub(url)
+    except (OSError, http.client.HTTPException) as e:  # URLError, refused connections and timeouts are OSErrors
+        raise download_failed(url, filename, e) from None
+    commit = stated.get("commit") or "main"
+    size = int(stated["size"]) if "size" in stated else None
+    # a plain ETag is git's blob id for small files, or a sha256 where a mirror serves large
+    # files directly (never the CDN's ETag: ask_hub does not record it)
+    sha256 = stated_hash(stated, "sha256", 64) or stated_hash(stated, "etag", 64)
+    sha1 = None if sha256 else stated_hash(stated, "etag", 40)
+
+    def download_and_check(tmp):
+        with open(tmp, "wb") as f:
+            done, got_sha256 = stream_to_file(response, f, url, filename, size)
+        if size is not None and done != size:
+            raise RuntimeError(f"download of {url} stopped after {done} of {size} bytes (connection dropped?); "
+                               "nothing was kept, run again to retry")
+        if sha256 and got_sha256 != sha256:
+            raise RuntimeError(f"download of {url} is corrupt: its sha256 is {got_sha256} but the hub says "
+                               f"{sha256}; nothing was kept, run again to retry")
+        if sha1 and git_blob_sha1(tmp) != sha1:
+            raise RuntimeError(f"download of {url} is corrupt: its git blob sha1 is not the hub's "
+                               f"{sha1}; nothing was kept, run again to retry")
+
+    snapshot_file = repo_dir / "snapshots" / commit / filename
+    target = repo_dir / "blobs" / (sha256 or sha1) if (sha256 or sha1) else snapshot_file
+    try:
+        with response:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, download_and_check)
+        if target != snapshot_file:  # a blob: the snapshot links to it
+            snapshot_file.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(snapshot_file, lambda tmp: link_or_move(target, tmp))
+        (repo_dir / "refs").mkdir(exist_ok=True)
+        write_atomically(repo_dir / "refs" / "main", lambda tmp: tmp.write_text(commit))
+    except OSError as e:  # network errors were turned into RuntimeErrors: this is the disk
+        raise cache_unwritable(repo_dir, e) from None
     return commit
+
+
+def gpt2_snapshot(name):
+    """A local snapshot folder for GPT-2 `name`: from the cache, else downloaded into it."""
+    repo = "openai-community/" + name
+    for cached_repo in (repo, name):  # name alone: the cache of the repo's old name, e.g. models--gpt2
+        snapshot = cached_snapshot(cached_repo)
+        if snapshot is not None:
+            return snapshot
+    where = repo_cache_dir(repo) / "snapshots" / "<commit>" / "model.safetensors"
+    if hub_offline():
+        raise FileNotFoundError(
+            f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set, so it will not be downloaded. "
+            f"Put the file at {where} (with refs/main naming <commit>), or pass --weights path/to/model.safetensors")
+    # the weights first: if they fail, nothing is left in the cache
+    commit = download_to_cache(repo, "model.safetensors")
+    try:
+        download_to_cache(repo, "config.json")
+    except RuntimeError as e:  # the weights are safe; GPT2_MODELS knows the config
+        print(f"warning: {e}; using the known {name} config instead", file=sys.stderr)
+    return repo_cache_dir(repo) / "snapshots" / commit
+
+
+# -----------------------------------------------------------------------------
+# 6. from_pretrained, put together: a name is found in the cache or downloaded (chapter 5),
+# a path is used as it is; then config.json if there is one, and the tensors (chapter 4).
+
+
+def local_weights_path(name_or_path):
+    """The model.safetensors that a local file or directory argument names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name_or_path!r} is neither one of {', '.join(GPT2_MODELS)} nor an existing "
+                                ".safetensors file or directory")
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{path} holds no model.safetensors (a Hugging Face GPT-2 snapshot "
+                                "directory has one); pass the .safetensors file itself instead")
+    return path / "model.safetensors"
+
+
+def load_gpt2_checkpoint(name_or_path, device=None, dtype=None):
+    name = str(name_or_path).removeprefix("openai-community/")
+    if name in GPT2_MODELS and not Path(name_or_path).exists():
+        # a hub snapshot without config.json can only be the named size
+        weights, config = gpt2_snapshot(name) / "model.safetensors", GPTConfig(**GPT2_MODELS[name])
+    else:
+        weights, config = local_weights_path(name_or_path), None  # None: read the sizes off the tensors
+    config_path = weights.parent / "config.json"
+    if config_path.exists():
+        config = config_from_hf_json(config_path)
+    return model_from_checkpoint(weights, config, device, dtype)

@@ -1,36 +1,62 @@
 """
 The proof: every formula of this project checked against something independent of it.
 
-    python -m pytest test_dpo.py          (about 25 s on a 2-core CPU; no network)
+    python -m pytest test_dpo.py          (under a minute on a 2-core CPU; no network)
 
-Sections, in reading order (the same order as the code):
-1. The model: model.py's GPT-2 against a separate numpy GPT-2 forward pass (picoGPT style)
-   that reads the Hugging Face tensors directly; safetensors files written and read by
-   hand here; loading both real checkpoint layouts; downloading from a fake hub on
-   127.0.0.1 that answers the way huggingface.co does.
-2. Losses and gradients: DPO (Rafailov et al. 2023, Eq. 7), conservative DPO (Mitchell
-   2023) and IPO (Azar et al. 2023, Eq. 17) against hand-computed numbers, closed-form
-   gradients, gradcheck, the DPO paper's gradient identity and finite differences on a
-   tiny GPT; masking, batching, the frozen reference, one forward pass per step.
-3. Theory on a bandit: DPO's population optimum is pi_ref exp(r / beta) / Z (DPO paper,
-   Eq. 4); with deterministic preferences DPO drives pi(y_rejected) to 0, IPO stops at its
-   closed form.
-4. Bradley-Terry (bt.py): recovers known strengths, KKT, closed forms, non-existent MLEs.
-5. End to end: `train_toy.py --model tiny` goes from 0/4 to 4/4 for DPO and IPO, writes a
-   checkpoint and metrics, and repeats itself exactly with the same seed.
+Index: claim -> the test that proves it.
+- The DPO loss is -log sigmoid(beta h) (Eq. 7), cDPO and IPO (Eq. 17) as written
+    -> test_dpo_loss_matches_hand_computed_values, test_conservative_dpo_..., test_ipo_loss_...
+- At step 0 the loss is log 2 and every margin 0
+    -> test_dpo_loss_is_log2_and_ipo_loss_is_inverse_2beta_squared_when_policy_equals_reference
+- The policy's gradient is -beta sigmoid(-beta h) [grad log pi(y_c) - grad log pi(y_r)]
+    -> test_policy_gradient_follows_the_dpo_paper_identity_on_a_tiny_gpt
+- Masking the prompt leaves the loss alone but moves the rewards
+    -> test_masking_the_prompt_leaves_the_dpo_loss_but_changes_rewards_and_log_probs
+- Only completion tokens are scored, tokenised apart from the prompt
+    -> test_sequence_logps_ignores_prompt_and_padding_..., test_encode_pairs_tokenises_...
+- The fast path (logits only where scored, per-batch padding) gives the plain numbers
+    -> test_completion_logps_equals_sequence_logps_..., test_per_batch_padding_gives_...
+- Mean instead of sum: IPO's target becomes nats per token
+    -> test_averaged_log_probs_are_the_sum_divided_by_..., test_ipo_on_averaged_log_probs_...
+- The reference is frozen, computed once, carries no graph; the optimizer holds the policy only
+    -> test_train_dpo_runs_the_reference_once_..., test_reference_log_probs_carry_no_graph_...,
+       test_make_optimizer_holds_exactly_the_policy_parameters
+- Held-out evaluation: loss, rewards and the exact KL(pi || pi_ref)
+    -> test_evaluate_equals_dpo_loss_and_kl_computed_pair_by_pair_from_full_logits
+- DPO's optimum is pi_ref exp(r / beta) / Z (Eq. 4); DPO drives pi(y_r) to 0, IPO stops
+    -> test_population_dpo_minimiser_is_..., test_dpo_drives_..., test_ipo_stops_...
+- model.py is GPT-2: the same logits as a numpy GPT-2 on the Hugging Face tensors
+    -> test_from_pretrained_directory_matches_numpy_gpt2, ..._float64_matches_numpy_gpt2_to_1e_9
+- .safetensors by hand: every dtype round-trips, malformed files are refused
+    -> test_every_dtype_round_trips_exactly_..., test_load_safetensors_rejects_malformed_...
+- The download is verified and nothing half-written is kept
+    -> test_from_pretrained_gpt2_downloads_into_hub_cache_..., test_failed_download_...
+- Bradley-Terry recovers known strengths with honest standard errors
+    -> test_fit_recovers_simulated_strengths_..., test_standard_errors_match_spread_...
+- train_toy.py flips 0/4 to 4/4, reports held-out pairs, repeats itself exactly
+    -> test_toy_experiment_flips_every_preference, test_toy_run_reports_the_held_out_pairs_...,
+       test_toy_script_runs_from_the_command_line_with_the_numbers_of_this_process
+- A failed run leaves an earlier --out as it was
+    -> test_a_diverging_run_stops_..., test_a_failure_while_saving_leaves_...
+
+Sections, in this order: 1. the DPO math (dpo.py); 2. theory on a bandit; 3. the model
+(model.py) against a numpy GPT-2; 4. checkpoints, safetensors and the hub; 5. Bradley-Terry
+(bt.py); 6. end to end (train_toy.py); 7. bench.py's steps.
 
 Tests that need the GPT-2 tokenizer skip with a reason when tiktoken cannot load it
-offline: set TIKTOKEN_CACHE_DIR (see README.md). Five checks run only on a CUDA GPU (the
-model and a DPO step there, against the numpy GPT-2 and the CPU; clipping there against
-torch's, with and without clipping to do; train_toy's deterministic mode), and three only
-where Hugging Face's transformers and safetensors packages are installed (cross-checks;
-never needed).
+offline: set TIKTOKEN_CACHE_DIR (see README.md). Three checks run only on a CUDA GPU (the
+model and a DPO step there, against the numpy GPT-2 and the CPU; train_toy's deterministic
+mode), and three only where Hugging Face's transformers and safetensors packages are
+installed (cross-checks; never needed).
 """
 
 import contextlib
 import copy
+import functools
 import hashlib
 import http.server
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -48,1024 +74,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
 
+import bench
+import bt
 import dpo
 from bt import fit_bradley_terry, win_probability
 from dpo import dpo_loss
-from model import GPT, GPTConfig, hub_cache_dir, load_safetensors, save_safetensors
-
-# =============================================================================
-# 1. The model: GPT-2 against an independent numpy forward pass, safetensors, loading, the hub
-# =============================================================================
-# Tests for model.py: GPT-2 forward pass, checkpoint loading and saving, generation, download.
-#
-# Every check compares model.py against something written here independently of it:
-# - `gpt2`, a numpy GPT-2 forward pass after picoGPT (Jay Mody), reading the Hugging Face
-#   tensors exactly as the hub stores them (Conv1D weights are (in, out), so x @ W + b);
-# - `write_safetensors` / `read_safetensors`, a tiny safetensors writer and reader
-#   (format: 8-byte little-endian header length N, N bytes of JSON, then raw data);
-# - `FakeHub`, an HTTP server that answers like huggingface.co (a 302 to a CDN for
-#   model.safetensors, with the sha256 only in X-Linked-Etag; a 200 with a git-sha1 ETag
-#   for config.json).
-# The facts these fakes imitate are in ../shared/GPT2_CHECKPOINT.md. Read model.py next.
-
-
-# ---------------------------------------------------------------------------
-# An independent GPT-2 forward pass in numpy (after picoGPT).
-
-def gelu(x):
-    """GPT-2's "gelu_new": the tanh approximation (the exact erf GELU breaks parity)."""
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-
-
-def softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def layer_norm(x, g, b, eps=1e-5):
-    mean, var = x.mean(axis=-1, keepdims=True), x.var(axis=-1, keepdims=True)
-    return g * (x - mean) / np.sqrt(var + eps) + b
-
-
-def linear(x, w, b):
-    return x @ w + b  # w is (in, out): the Conv1D orientation of the checkpoint
-
-
-def causal_self_attention(x, c_attn, c_proj, n_head):  # x: (T, C)
-    q, k, v = np.split(linear(x, *c_attn), 3, axis=-1)  # 3 x (T, C)
-    mask = np.triu(np.full((len(x), len(x)), -np.inf), k=1)  # token t sees tokens 0..t only
-    heads = [softmax(qh @ kh.T / np.sqrt(qh.shape[-1]) + mask) @ vh  # (T, C / n_head)
-             for qh, kh, vh in zip(*(np.split(a, n_head, axis=-1) for a in (q, k, v)))]
-    return linear(np.hstack(heads), *c_proj)  # (T, C)
-
-
-def mlp(x, c_fc, c_proj):
-    return linear(gelu(linear(x, *c_fc)), *c_proj)  # (T, 4C) -> (T, C)
-
-
-def gpt2(tokens, p, n_head):
-    """Logits (T, V) of one token sequence; p maps hub names ("h.0.attn.c_attn.weight") to arrays."""
-    def wb(name):
-        return p[name + ".weight"], p[name + ".bias"]
-    x = p["wte.weight"][tokens] + p["wpe.weight"][: len(tokens)]  # (T, C)
-    for i in range(len({k.split(".")[1] for k in p if k.startswith("h.")})):
-        h = f"h.{i}."
-        x = x + causal_self_attention(layer_norm(x, *wb(h + "ln_1")), wb(h + "attn.c_attn"),
-                                      wb(h + "attn.c_proj"), n_head)
-        x = x + mlp(layer_norm(x, *wb(h + "ln_2")), wb(h + "mlp.c_fc"), wb(h + "mlp.c_proj"))
-    return layer_norm(x, *wb("ln_f")) @ p["wte.weight"].T  # (T, V): the head is tied to wte
-
-
-def numpy_logits(params, n_head, idx):
-    """gpt2() on each row of idx (B, T), in float64 so that only model.py's rounding shows.
-    (Called "numpy" rather than "reference": in DPO the reference is the frozen model.)"""
-    p64 = {k: v.astype(np.float64) for k, v in params.items()}
-    return np.stack([gpt2(np.asarray(row), p64, n_head) for row in idx])  # (B, T, V)
-
-
-def model_logits(model, idx):
-    with torch.no_grad():
-        return model(torch.as_tensor(np.asarray(idx))).double().numpy()
-
-
-# ---------------------------------------------------------------------------
-# A test-side safetensors writer and reader (struct + json only).
-
-ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-             "I64": np.int64, "I32": np.int32, "U8": np.uint8}
-NP_TO_ST = {np.dtype(v): k for k, v in ST_DTYPES.items()}
-
-
-def safetensors_bytes(header, data, align=False):
-    """A safetensors file: 8-byte little-endian length N, N bytes of JSON header, then data."""
-    text = json.dumps(header, separators=(",", ":")).encode()
-    if align:  # what transformers' writer does: pad with spaces so the data is 8-byte aligned
-        text += b" " * (-len(text) % 8)
-    elif len(text) % 8 == 0:  # like the hub's gpt2 file, whose data starts at byte 14,291
-        text += b" "
-    assert (len(text) % 8 == 0) == align
-    return struct.pack("<Q", len(text)) + text + data
-
-
-def write_safetensors(path, arrays, align=False):
-    """Write numpy arrays back to back, in dict order, with {"format": "pt"} metadata."""
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, a in arrays.items():
-        raw = np.ascontiguousarray(a).tobytes()
-        header[name] = {"dtype": NP_TO_ST[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    Path(path).write_bytes(safetensors_bytes(header, b"".join(chunks), align))
-
-
-def bf16_to_float32(raw):
-    """BF16 is the top half of a float32's bits."""
-    return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def read_safetensors(path):
-    """Return (header, {name: np.ndarray}); BF16 is widened to float32."""
-    raw = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
-    arrays = {}
-    for name, info in header.items():
-        if name != "__metadata__":
-            begin, end = info["data_offsets"]
-            a = (bf16_to_float32(data[begin:end]) if info["dtype"] == "BF16"
-                 else np.frombuffer(data[begin:end], ST_DTYPES[info["dtype"]]))
-            arrays[name] = a.reshape(info["shape"])
-    return header, arrays
-
-
-# ---------------------------------------------------------------------------
-# Test-side GPT-2 checkpoints in the two real layouts.
-
-TINY = dict(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=32)
-TINY_CONFIG = GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=2, n_embd=16)
-COMMIT = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
-
-
-def hub_config(n_layer, n_head, n_embd, vocab_size, n_positions):
-    """config.json as openai-community/gpt2 has it, resized."""
-    return {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
-            "attn_pdrop": 0.1, "bos_token_id": vocab_size - 1, "embd_pdrop": 0.1,
-            "eos_token_id": vocab_size - 1, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
-            "model_type": "gpt2", "n_ctx": n_positions, "n_embd": n_embd, "n_head": n_head,
-            "n_layer": n_layer, "n_positions": n_positions, "resid_pdrop": 0.1,
-            "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-            "summary_type": "cls_index", "summary_use_proj": True,
-            "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
-            "vocab_size": vocab_size}
-
-
-def random_gpt2_params(config, seed=0):
-    """Random float32 weights named and shaped as in the hub's model.safetensors (no masks).
-
-    The scales keep activations O(1), so that a formula slip (erf GELU, a missing transpose,
-    a wrong eps) moves the logits far more than float32 rounding does."""
-    rng = np.random.default_rng(seed)
-    C, L = config["n_embd"], config["n_layer"]
-
-    def normal(*shape, mean=0.0, std=1.0):
-        return (mean + std * rng.standard_normal(shape)).astype(np.float32)
-
-    p = {"wte.weight": normal(config["vocab_size"], C, std=2 * C**-0.5),  # logits O(1)
-         "wpe.weight": normal(config["n_positions"], C, std=0.5)}
-    for i in range(L):
-        for name, (n_in, n_out) in {"ln_1": (0, C), "attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C),
-                                    "ln_2": (0, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}.items():
-            p[f"h.{i}.{name}.weight"] = (normal(n_in, n_out, std=n_in**-0.5) if n_in  # Conv1D: (in, out)
-                                         else normal(n_out, mean=1.0, std=0.2))  # layer norm gain
-            p[f"h.{i}.{name}.bias"] = normal(n_out, std=0.2)
-    p["ln_f.weight"], p["ln_f.bias"] = normal(C, mean=1.0, std=0.2), normal(C, std=0.2)
-    return p
-
-
-def write_checkpoint(directory, params, config, layout="hub", lm_head=False):
-    """Write config.json + model.safetensors the way the hub ("hub") or transformers'
-    save_pretrained ("transformers") does; see ../shared/GPT2_CHECKPOINT.md."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if layout == "hub":  # no prefix, causal-mask buffers, data not 8-byte aligned
-        mask = np.tril(np.ones((config["n_positions"],) * 2, np.float32))[None, None]  # (1, 1, P, P)
-        tensors = {**params, **{f"h.{i}.attn.bias": mask for i in range(config["n_layer"])}}
-    else:  # "transformer." prefix, no masks, header padded to a multiple of 8
-        tensors = {"transformer." + k: v for k, v in params.items()}
-    if lm_head:
-        tensors["lm_head.weight"] = params["wte.weight"]
-    write_safetensors(directory / "model.safetensors", tensors, align=(layout == "transformers"))
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
-
+from model import (GPT, SAFETENSORS_DTYPES, GPTConfig, hub_cache_dir, load_safetensors, save_safetensors,
+                   write_atomically)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this torch sees none")
-
-
-def random_tokens(B=2, T=32, V=61, seed=0):
-    return np.random.default_rng(seed).integers(0, V, (B, T))
-
-
-def assert_matches_numpy(model, params, n_head, idx, atol=1e-5):
-    np.testing.assert_allclose(model_logits(model, idx), numpy_logits(params, n_head, idx),
-                               rtol=0, atol=atol)
-
-
-# ---------------------------------------------------------------------------
-# The network: size, shapes, tying.
-
-def count_params(C, L, V, P):
-    """GPT-2's parameters: embeddings, 12C^2 + 13C per block, the final layer norm."""
-    return V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C
-
-
-def test_default_config_is_gpt2_124m_with_124439808_parameters():
-    """The tied head is counted once: the hub file's 548,090,880 data bytes / 4 floats,
-    minus its 12 causal masks of 1024 x 1024, is 124,439,808."""
-    with torch.device("meta"):  # shapes only, no memory
-        model = GPT(GPTConfig())
-    n = sum(p.numel() for p in model.parameters())
-    assert n == 124_439_808 == count_params(C=768, L=12, V=50257, P=1024)
-
-
-def test_tiny_model_has_as_many_parameters_as_the_hub_checkpoint_has_floats():
-    """Every checkpoint tensor (masks aside) is a parameter, and nothing else is."""
-    params = random_gpt2_params(hub_config(**TINY))
-    model = GPT(TINY_CONFIG)
-    assert sum(p.numel() for p in model.parameters()) == sum(a.size for a in params.values())
-
-
-def test_lm_head_is_tied_to_token_embedding():
-    """GPT-2 has no separate output matrix: logits = x @ wte.T (the checkpoint has no lm_head)."""
-    model = GPT(TINY_CONFIG)
-    assert model.lm_head.weight is model.transformer.wte.weight
-
-
-def test_a_model_whose_head_was_untied_is_refused_not_silently_half_used():
-    """The forward pass uses wte's matrix for the lookup and the head (TiedEmbedding), so a
-    model whose lm_head got a matrix of its own (load_state_dict(assign=True), or assigning
-    a new Parameter) would have that one ignored: it is an error that says how to tie them."""
-    model = GPT(TINY_CONFIG)
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    with pytest.raises(ValueError, match="model.lm_head.weight = model.transformer.wte.weight"):
-        model(torch.zeros(1, 3, dtype=torch.long))
-
-
-def logits_with_plain_autograd(model, idx):
-    """The model's logits with the tied matrix used the ordinary way, F.embedding for the
-    lookup and x @ W.T for the head, each use getting its gradient from autograd itself.
-    (Without the dropout layer: for models with dropout off, as all of these are.)"""
-    t = model.transformer
-    x = F.embedding(idx, t.wte.weight) + t.wpe(torch.arange(idx.size(1)))  # (B, T, C)
-    for block in t.h:
-        x = block(x)
-    return t.ln_f(x) @ t.wte.weight.t()  # (B, T, V)
-
-
-def test_tied_matrix_gradient_is_the_head_part_plus_the_lookup_part():
-    """The tied matrix W gets a gradient from both its uses (chain rule): from the head,
-    logits = h @ W.T, dL/dW = sum over positions of dL/dlogits (V,) outer h (C,); from the
-    lookup, x0 = W[idx] + pos, row idx[b, t] gets dL/dx0[b, t]. Both are computed here by
-    hand, in float64, from the activations h and dL/dx0. Also checked: the gradient is bit
-    for bit the one autograd gives when W is used the ordinary way (TiedEmbedding's claim)."""
-    torch.manual_seed(0)
-    model = GPT(TINY_CONFIG)
-    plain = copy.deepcopy(model)  # the same weights, for autograd's own sum below
-    wte = model.transformer.wte.weight
-    idx = torch.randint(61, (2, 9))
-    idx[0, :4] = 7  # a repeated token: its rows add up
-    weights = torch.randn(2, 9, 61)  # loss = sum(logits * weights), so dL/dlogits = weights
-    seen = {}
-    model.transformer.ln_f.register_forward_hook(lambda module, inputs, h: seen.update(h=h))
-
-    def keep_x0(module, inputs, x0):  # drop's output: the lookup plus the positions
-        x0.retain_grad()
-        seen.update(x0=x0)
-    model.transformer.drop.register_forward_hook(keep_x0)
-    (model(idx) * weights).sum().backward()
-
-    head_part = torch.einsum("btv,btc->vc", weights.double(), seen["h"].detach().double())
-    lookup_part = torch.zeros(61, 16, dtype=torch.float64)
-    for b in range(2):
-        for t in range(9):
-            lookup_part[idx[b, t]] += seen["x0"].grad[b, t].double()
-    assert torch.allclose(wte.grad.double(), head_part + lookup_part, rtol=1e-5, atol=1e-6)
-
-    (logits_with_plain_autograd(plain, idx) * weights).sum().backward()
-    assert torch.equal(wte.grad, plain.transformer.wte.weight.grad)
-
-
-def cpu_tensor_peak_bytes(run):
-    """bench.py's count of the most bytes that tensors allocated during run() held at once;
-    the test skips where this torch's profiler does not expose its allocation records."""
-    import bench
-    peak = bench.cpu_tensor_peak_bytes(run)
-    if peak is None:
-        pytest.skip("this torch's profiler does not expose its allocation records")
-    return peak
-
-
-def test_tied_matrix_backward_holds_one_vocab_by_embd_gradient_not_two():
-    """Left to autograd, the tied matrix's two uses each get a vocab x n_embd gradient buffer,
-    both held at the end of the backward pass (for GPT-2 small, 154 MB more at the peak of
-    every step). TiedEmbedding adds the lookup's rows into the head's buffer. Counted with
-    bench.py's tally of the bytes tensors hold at once, on a model whose matrix dwarfs the
-    rest: the backward pass peaks below all the gradients + half a matrix, and the plain
-    way, measured alike, peaks at least a matrix higher."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=4096, n_layer=1, n_head=2, n_embd=32))
-    matrix_bytes = 4096 * 32 * 4
-    gradient_bytes = sum(p.numel() * 4 for p in model.parameters())
-    idx = torch.randint(4096, (1, 4))
-
-    def backward_peak(logits_of):
-        model.zero_grad(set_to_none=True)
-        loss = logits_of(idx).sum()
-        return cpu_tensor_peak_bytes(loss.backward)
-
-    ours = backward_peak(model)
-    plain = backward_peak(lambda idx: logits_with_plain_autograd(model, idx))
-    assert ours < gradient_bytes + matrix_bytes / 2
-    assert plain >= ours + 0.9 * matrix_bytes
-
-
-def test_logits_have_shape_batch_time_vocab():
-    """The model scores every position, not only the last (DPO needs all of them)."""
-    logits = GPT(TINY_CONFIG)(torch.zeros(3, 7, dtype=torch.long))
-    assert logits.shape == (3, 7, 61)
-
-
-def test_sequence_longer_than_block_size_raises_value_error():
-    """wpe has block_size rows; a longer input must fail loudly, naming both numbers."""
-    with pytest.raises(ValueError) as err:
-        GPT(TINY_CONFIG)(torch.zeros(1, 33, dtype=torch.long))
-    assert "33" in str(err.value) and "32" in str(err.value)
-
-
-# ---------------------------------------------------------------------------
-# from_pretrained against the numpy GPT-2.
-
-@pytest.mark.parametrize("layout", ["hub", "transformers"])
-@pytest.mark.parametrize("lm_head", [False, True])
-def test_from_pretrained_directory_matches_numpy_gpt2(tmp_path, layout, lm_head):
-    """Both real layouts load: hub (no prefix, mask buffers, unaligned data) and
-    transformers (prefix, padded header), with or without a redundant lm_head.weight."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config)
-    write_checkpoint(tmp_path / "ckpt", params, config, layout, lm_head)
-    model = GPT.from_pretrained(str(tmp_path / "ckpt"))
-    assert not model.training  # dropout off: logits must be deterministic
-    assert model.lm_head.weight is model.transformer.wte.weight  # still one tensor, for training
-    assert_matches_numpy(model, params, config["n_head"], random_tokens())
-
-
-def test_from_pretrained_bare_safetensors_file_uses_config_json_beside_it(tmp_path):
-    """n_head=2 cannot come from shapes (16 / 64 is not whole); config.json must supply it."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config, seed=1)
-    write_checkpoint(tmp_path, params, config)
-    model = GPT.from_pretrained(str(tmp_path / "model.safetensors"))
-    assert_matches_numpy(model, params, config["n_head"], random_tokens())
-
-
-def test_from_pretrained_bare_file_without_config_infers_config_from_shapes(tmp_path):
-    """n_layer, n_embd, vocab_size and block_size are in the shapes; with GPT-2's n_embd=768,
-    n_head=12 is GPT-2's (head size 64)."""
-    config = hub_config(n_layer=1, n_head=12, n_embd=768, vocab_size=61, n_positions=8)
-    params = random_gpt2_params(config)
-    write_checkpoint(tmp_path, params, config)
-    (tmp_path / "config.json").unlink()
-    model = GPT.from_pretrained(str(tmp_path / "model.safetensors"))
-    assert_matches_numpy(model, params, 12, random_tokens(T=8))
-
-
-def test_from_pretrained_bare_file_of_a_width_gpt2_never_had_asks_for_config_json(tmp_path):
-    """With n_embd=16 the head count is anybody's guess; guessing wrong would load a model
-    that runs and is wrong, so without config.json the file is refused."""
-    config = hub_config(**TINY)
-    write_checkpoint(tmp_path, random_gpt2_params(config), config)
-    (tmp_path / "config.json").unlink()
-    with pytest.raises(ValueError, match="config.json"):
-        GPT.from_pretrained(str(tmp_path / "model.safetensors"))
-
-
-def test_from_pretrained_refuses_an_untied_output_head(tmp_path):
-    """This GPT ties the head to wte, as GPT-2 does; a different lm_head.weight cannot be honoured."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config)
-    params["lm_head.weight"] = params["wte.weight"] + 1.0
-    write_checkpoint(tmp_path, params, config)
-    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
-        GPT.from_pretrained(str(tmp_path))
-
-
-def test_from_pretrained_float64_matches_numpy_gpt2_to_1e_9(tmp_path):
-    """In float64 rounding is gone, so even small slips (eps 1e-6, a GELU variant) would show."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config)
-    write_checkpoint(tmp_path, params, config)
-    model = GPT.from_pretrained(str(tmp_path), dtype=torch.float64)
-    assert model.transformer.wte.weight.dtype == torch.float64
-    assert_matches_numpy(model, params, config["n_head"], random_tokens(), atol=1e-9)
-
-
-def test_numpy_gpt2_tells_tanh_gelu_from_erf_gelu(monkeypatch):
-    """The parity checks above can fail: the erf GELU moves these logits by more than 1e-4."""
-    config = hub_config(**TINY)
-    params, idx = random_gpt2_params(config), random_tokens(B=1)
-    tanh_logits = numpy_logits(params, config["n_head"], idx)
-    monkeypatch.setitem(globals(), "gelu", lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2))))
-    assert np.abs(numpy_logits(params, config["n_head"], idx) - tanh_logits).max() > 1e-4
-
-
-# ---------------------------------------------------------------------------
-# from_pretrained refuses checkpoints that do not fit.
-
-def load_edited_checkpoint(directory, edit):
-    """Write the tiny hub checkpoint with edit(tensors) applied, then load it."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config)
-    edit(params)
-    write_checkpoint(directory, params, config)
-    return GPT.from_pretrained(str(directory))
-
-
-def test_from_pretrained_missing_tensor_raises_value_error_naming_it(tmp_path):
-    """A silently random-initialised layer would be a wrong model that still runs."""
-    with pytest.raises(ValueError, match=re.escape("h.1.mlp.c_fc.bias")):
-        load_edited_checkpoint(tmp_path, lambda p: p.pop("h.1.mlp.c_fc.bias"))
-
-
-def test_from_pretrained_unexpected_tensor_raises_value_error_naming_it(tmp_path):
-    """An unknown tensor means the file is not the architecture we think it is."""
-    def add(p):
-        p["h.0.mlp.c_gate.weight"] = np.zeros((16, 64), np.float32)
-    with pytest.raises(ValueError, match=re.escape("h.0.mlp.c_gate.weight")):
-        load_edited_checkpoint(tmp_path, add)
-
-
-def test_from_pretrained_shape_mismatch_raises_value_error_naming_tensor_and_shapes(tmp_path):
-    """config.json says 32 positions, the file's wpe has 31: say which tensor and both shapes."""
-    def shrink(p):
-        p["wpe.weight"] = p["wpe.weight"][:31]
-    with pytest.raises(ValueError) as err:
-        load_edited_checkpoint(tmp_path, shrink)
-    message = str(err.value)
-    assert "wpe.weight" in message
-    assert re.search(r"31\D{1,4}16", message) and re.search(r"32\D{1,4}16", message), message
-
-
-# ---------------------------------------------------------------------------
-# safetensors: round trip, independent parsing, malformed files, atomic writes.
-
-def test_save_safetensors_round_trip_and_header_parsed_independently(tmp_path):
-    """dtype strings, shapes and contiguous offsets are what the format spec says; values,
-    dtypes and metadata survive; a transposed view is written by value, not by storage."""
-    path = tmp_path / "t.safetensors"
-    w = torch.randn(3, 5)
-    tensors = {"f32": torch.randn(2, 3), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2).bfloat16(),
-               "transposed": w.t(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
-    save_safetensors(tensors, path, metadata={"format": "pt", "note": "hello"})
-
-    header, arrays = read_safetensors(path)
-    assert header["__metadata__"] == {"format": "pt", "note": "hello"}
-    assert {k: v["dtype"] for k, v in header.items() if k != "__metadata__"} == {
-        "f32": "F32", "f16": "F16", "bf16": "BF16", "transposed": "F32", "scalar": "F32", "empty": "F32"}
-    assert {k: v["shape"] for k, v in header.items() if k != "__metadata__"} == {
-        k: list(t.shape) for k, t in tensors.items()}
-    spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
-    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no gaps
-    n_header = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    assert 8 + n_header + spans[-1][1] == path.stat().st_size
-    for name, t in tensors.items():
-        np.testing.assert_array_equal(arrays[name], t.float().numpy())
-
-    loaded = load_safetensors(path)
-    assert set(loaded) == set(tensors)
-    for name, t in tensors.items():
-        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
-
-
-def test_save_safetensors_round_trip_float64_and_int64(tmp_path):
-    """F64 and I64 (token ids, cached log-probs) are plain little-endian numbers."""
-    tensors = {"f64": torch.randn(3, dtype=torch.float64), "i64": torch.tensor([[-1, 2**40], [3, 50256]])}
-    save_safetensors(tensors, tmp_path / "t.safetensors")
-    header, arrays = read_safetensors(tmp_path / "t.safetensors")
-    assert header["f64"]["dtype"] == "F64" and header["i64"]["dtype"] == "I64"
-    np.testing.assert_array_equal(arrays["i64"], tensors["i64"].numpy())
-    loaded = load_safetensors(tmp_path / "t.safetensors")
-    assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
-
-
-def test_load_safetensors_reads_hand_written_f16_and_bf16_at_unaligned_offsets(tmp_path):
-    """A 6-byte F16 tensor first pushes the F32 and BF16 data off any alignment."""
-    f16 = np.array([1.5, -2.0, 65504.0], np.float16)
-    f32 = np.array([[0.1, -3e38], [1e-45, 7.0]], np.float32)
-    bf16_bits = np.array([0x3FC0, 0xC000, 0x7F80], np.uint16)  # 1.5, -2.0, +inf
-    data = f16.tobytes() + f32.tobytes() + bf16_bits.tobytes()
-    header = {"__metadata__": {"format": "pt"},
-              "half": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
-              "single": {"dtype": "F32", "shape": [2, 2], "data_offsets": [6, 22]},
-              "brain": {"dtype": "BF16", "shape": [3], "data_offsets": [22, 28]}}
-    (tmp_path / "t.safetensors").write_bytes(safetensors_bytes(header, data))
-    loaded = load_safetensors(tmp_path / "t.safetensors")
-    assert loaded["half"].dtype == torch.float16 and loaded["brain"].dtype == torch.bfloat16
-    np.testing.assert_array_equal(loaded["half"].numpy(), f16)
-    np.testing.assert_array_equal(loaded["single"].numpy(), f32)
-    np.testing.assert_array_equal(loaded["brain"].float().numpy(), [1.5, -2.0, np.inf])
-
-
-def one_tensor(dtype="F32", shape=(2,), offsets=(0, 8)):
-    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
-
-
-EIGHT_BYTES = np.arange(2, dtype=np.float32).tobytes()
-MALFORMED = {  # name: (file bytes, what the message must say)
-    "shorter than the length prefix": (b"\x10\x00\x00", r"(?i)truncat|short|small|header"),
-    "truncated data": (safetensors_bytes({"a": one_tensor(shape=[4], offsets=[0, 16])}, EIGHT_BYTES * 2)[:-5],
-                       r"(?i)truncat|short|offset|range|beyond|exceed|end"),
-    "header length past the end": (struct.pack("<Q", 1000) + b'{"a":1}', r"(?i)header"),
-    "header length above 100 MB": (struct.pack("<Q", 2**62) + b"{}", r"(?i)header"),
-    "header not JSON": (struct.pack("<Q", 5) + b"{oops", r"(?i)json"),
-    "header a JSON list": (safetensors_bytes([1, 2], b""), r"(?i)object|dict|mapping"),
-    "offsets overlap": (safetensors_bytes({"a": one_tensor(offsets=[0, 8]), "b": one_tensor(offsets=[4, 12])},
-                                          EIGHT_BYTES + EIGHT_BYTES[:4]), r"(?i)overlap|contiguous|offset"),
-    "gap between tensors": (safetensors_bytes({"a": one_tensor(offsets=[0, 8]), "b": one_tensor(offsets=[12, 20])},
-                                              EIGHT_BYTES * 2 + EIGHT_BYTES[:4]), r"(?i)gap|contiguous|offset"),
-    "offsets past the data": (safetensors_bytes({"a": one_tensor(offsets=[8, 16])}, EIGHT_BYTES),
-                              r"(?i)offset|range|beyond|exceed|truncat|gap|contiguous"),
-    "end before begin": (safetensors_bytes({"a": one_tensor(offsets=[8, 0])}, EIGHT_BYTES),
-                         r"(?i)offset|range|order|byte|size"),
-    "byte count != numel * itemsize": (safetensors_bytes({"a": one_tensor(shape=[3], offsets=[0, 8])}, EIGHT_BYTES),
-                                       r"(?i)byte|size|numel|shape"),
-    "unknown dtype": (safetensors_bytes({"a": one_tensor(dtype="X3")}, EIGHT_BYTES), r"(?i)dtype|X3"),
-}
-
-
-@pytest.mark.parametrize("case", MALFORMED)
-def test_load_safetensors_rejects_malformed_file_with_value_error_naming_path(tmp_path, case):
-    """A broken download must say what is wrong and where, not crash deep inside numpy/json."""
-    content, pattern = MALFORMED[case]
-    path = tmp_path / "broken.safetensors"
-    path.write_bytes(content)
-    with pytest.raises(ValueError, match=pattern) as err:
-        load_safetensors(path)
-    assert str(path) in str(err.value)
-
-
-def test_save_safetensors_replaces_the_file_atomically(tmp_path):
-    """Written to a temporary file, then os.replace'd: a reader that has the old file open
-    keeps reading the old bytes, and only the target file remains."""
-    path = tmp_path / "x.safetensors"
-    save_safetensors({"a": torch.ones(3)}, path)
-    old = path.read_bytes()
-    with open(path, "rb") as reader:
-        save_safetensors({"a": torch.zeros(300)}, path)
-        assert reader.read() == old
-    assert os.listdir(tmp_path) == ["x.safetensors"]
-
-
-def test_failed_save_safetensors_keeps_old_file_and_leaves_no_temp_files(tmp_path):
-    """A save that dies half-way must not destroy the previous checkpoint or leave debris.
-    A meta tensor has a dtype and a shape but no bytes, so writing it fails mid-file."""
-    path = tmp_path / "x.safetensors"
-    save_safetensors({"a": torch.ones(3)}, path)
-    for bad in ("not a tensor", torch.empty(3, device="meta")):
-        for target in (path, tmp_path / "new.safetensors"):
-            with pytest.raises(Exception):  # any error, as long as it is raised
-                save_safetensors({"a": torch.zeros(3), "b": bad}, target)
-            assert os.listdir(tmp_path) == ["x.safetensors"]
-            assert torch.equal(load_safetensors(path)["a"], torch.ones(3))
-
-
-# ---------------------------------------------------------------------------
-# save_pretrained writes what the hub serves.
-
-def test_save_pretrained_writes_hub_layout_that_numpy_gpt2_reproduces(tmp_path):
-    """No prefix, no lm_head, Conv1D (in, out) weights: the numpy GPT-2, which reads
-    the hub layout, must reproduce the model's own logits from the saved file alone."""
-    torch.manual_seed(0)
-    model = GPT(TINY_CONFIG).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # non-trivial layer norms and biases too
-            p.normal_(0.0, 0.3)
-    model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "gpt2"
-    assert {k: config[k] for k in TINY} == TINY
-
-    header, arrays = read_safetensors(tmp_path / "model.safetensors")
-    assert header["__metadata__"]["format"] == "pt"
-    expected = {k: v.shape for k, v in random_gpt2_params(hub_config(**TINY)).items()}
-    masks = {k for k in arrays if re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", k)}  # optional buffers
-    assert {k: a.shape for k, a in arrays.items() if k not in masks} == expected
-    assert arrays["h.0.attn.c_attn.weight"].shape == (16, 48)  # (in, out), not nn.Linear's (out, in)
-    params = {k: a for k, a in arrays.items() if k not in masks}
-    assert_matches_numpy(model, params, TINY["n_head"], random_tokens())
-
-
-def test_save_pretrained_then_from_pretrained_round_trips_exactly(tmp_path):
-    """Loading a hub checkpoint and saving it gives back the same tensors bit for bit,
-    and reloading the saved directory gives identical logits."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config)
-    model = GPT.from_pretrained(str(write_checkpoint(tmp_path / "in", params, config)))
-    model.save_pretrained(tmp_path / "out")
-    _, arrays = read_safetensors(tmp_path / "out" / "model.safetensors")
-    for name, a in params.items():
-        np.testing.assert_array_equal(arrays[name], a, err_msg=name)
-    again = GPT.from_pretrained(str(tmp_path / "out"))
-    assert np.array_equal(model_logits(again, random_tokens()), model_logits(model, random_tokens()))
-
-
-# ---------------------------------------------------------------------------
-# generate
-
-def numpy_greedy(params, n_head, prompt, n_new):
-    """Append argmax of the last position's logits, n_new times, using the numpy model."""
-    seq = list(prompt)
-    for _ in range(n_new):
-        seq.append(int(numpy_logits(params, n_head, [seq])[0, -1].argmax()))
-    return seq
-
-
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)])
-def test_greedy_generate_equals_argmax_loop_of_numpy_gpt2(tmp_path, sampling):
-    """temperature 0 is greedy decoding; so is sampling restricted to the top 1 token."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config)
-    model = GPT.from_pretrained(str(write_checkpoint(tmp_path, params, config)))
-    prompt = random_tokens(B=2, T=5)
-    out = model.generate(torch.as_tensor(prompt), max_new_tokens=10, **sampling)
-    assert out.shape == (2, 15)
-    for row, p in zip(out.tolist(), prompt):
-        assert row == numpy_greedy(params, config["n_head"], p, 10)
-
-
-# ---------------------------------------------------------------------------
-# Downloading from the hub, against a fake hub on 127.0.0.1.
-
-def git_blob_sha1(data):
-    """The ETag the hub gives files stored in git (config.json): git's object id."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-@dataclass
-class FakeHub:
-    files: dict  # filename -> bytes
-    repo: str = "openai-community/gpt2"  # where the files live; another name = a renamed repo
-    truncate: bool = False  # the CDN promises the whole file, sends half, hangs up
-    linked_etag: str = ""  # override X-Linked-Etag (a wrong sha256)
-    no_linked_etag: bool = False  # a hub that states no sha256: only the size can catch a cut
-    direct: bool = False  # a mirror that serves large files itself, 200 with a sha256 ETag
-    requests: list = field(default_factory=list)
-
-
-class FakeHubHandler(http.server.BaseHTTPRequestHandler):
-    """Answers like huggingface.co; HTTP/1.0, so every connection closes after one answer."""
-
-    def do_HEAD(self):
-        self.answer(send_body=False)
-
-    def do_GET(self):
-        self.answer(send_body=True)
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-    def send(self, status, headers, body=b"", send_body=True):
-        self.send_response(status)
-        for key, value in {**headers, "Content-Length": headers.get("Content-Length", len(body))}.items():
-            self.send_header(key, str(value))
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def answer(self, send_body):
-        hub = self.server.hub
-        hub.requests.append((self.command, self.path))
-        path = urllib.parse.urlsplit(self.path).path
-        m = re.fullmatch(r"/(.+)/resolve/main/([^/]+)", path)
-        if path.startswith("/cdn/") and path[5:] in hub.files:  # the CDN: its own, different ETag
-            data = hub.files[path[5:]]
-            headers = {"ETag": f'"{hashlib.sha256(b"cdn" + data).hexdigest()}"', "Content-Length": len(data)}
-            self.send(200, headers, data[: len(data) // 2] if hub.truncate else data, send_body)
-        elif m and m[1] != hub.repo:  # renamed repo: a relative redirect to the new hub path
-            self.send(307, {"Location": f"/{hub.repo}/resolve/main/{m[2]}"})
-        elif m and m[2] == "config.json":  # small file in git: 200 directly
-            data = hub.files["config.json"]
-            self.send(200, {"ETag": f'"{git_blob_sha1(data)}"', "X-Repo-Commit": COMMIT}, data, send_body)
-        elif m and m[2] in hub.files and hub.direct:  # a mirror: the bytes at once, sha256 as ETag
-            data = hub.files[m[2]]
-            etag = hub.linked_etag or hashlib.sha256(data).hexdigest()
-            self.send(200, {"ETag": f'"{etag}"', "X-Repo-Commit": COMMIT}, data, send_body)
-        elif m and m[2] in hub.files:  # LFS file: 302 to the CDN; the hub's facts only here
-            data, port = hub.files[m[2]], self.server.server_address[1]
-            cdn = f"http://localhost:{port}/cdn/{m[2]}?X-Amz-Signature=f00d"  # same server, another host name
-            headers = {"Location": cdn, "X-Linked-Size": len(data), "X-Repo-Commit": COMMIT,
-                       "X-Linked-Etag": f'"{hub.linked_etag or hashlib.sha256(data).hexdigest()}"'}
-            if hub.no_linked_etag:
-                del headers["X-Linked-Etag"]
-            self.send(302, headers)
-        else:
-            self.send(404, {"X-Error-Code": "EntryNotFound"})
-
-
-@contextlib.contextmanager
-def serving(hub):
-    """Run the fake hub in a daemon thread; yield its URL; always shut it down."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
-    server.hub = hub
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def closed_port_url():
-    """A URL where nothing listens: connecting is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-def files_under(root):
-    """Every file and symlink below root, relative to it, sorted."""
-    return sorted(str(Path(d, f).relative_to(root)) for d, _, fs in os.walk(root) for f in fs)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty hub cache at $HF_HOME/hub under tmp_path; no other hub setting leaks in."""
-    for var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME", "HF_ENDPOINT",
-                "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    return tmp_path / "hf" / "hub"
-
-
-@pytest.fixture
-def tiny_repo(tmp_path):
-    """(params, config, files) of a tiny checkpoint in the hub layout, as the hub would serve it."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config)
-    directory = write_checkpoint(tmp_path / "upload", params, config)
-    files = {name: (directory / name).read_bytes() for name in ("config.json", "model.safetensors")}
-    return params, config, files
-
-
-@pytest.mark.parametrize("env, expected", [
-    ({"HF_HUB_CACHE": "/a", "HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/a"),
-    ({"HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/b/hub"),
-    ({"XDG_CACHE_HOME": "/c"}, "/c/huggingface/hub"),
-    ({"HOME": "/home/u"}, "/home/u/.cache/huggingface/hub"),
-])
-def test_hub_cache_dir_follows_huggingface_hub_precedence(monkeypatch, env, expected):
-    """The same order huggingface_hub uses, so an existing cache is found and reused."""
-    for var in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in env.items():
-        monkeypatch.setenv(var, value)
-    assert Path(hub_cache_dir()) == Path(expected)
-
-
-def test_from_pretrained_gpt2_downloads_into_hub_cache_then_reuses_it_offline(hub_cache, tiny_repo, monkeypatch):
-    """The cache after a download looks like huggingface_hub's (blob named by sha256,
-    relative symlink, refs/main), and a second call needs no network at all."""
-    params, config, files = tiny_repo
-    hub = FakeHub(files)
-    with serving(hub) as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
-        assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
-        assert any("/cdn/model.safetensors" in path for _, path in hub.requests)
-        n_requests = len(hub.requests)
-        GPT.from_pretrained("gpt2")
-        assert len(hub.requests) == n_requests  # answered from the cache
-
-    repo = "models--openai-community--gpt2"
-    sha256, sha1 = hashlib.sha256(files["model.safetensors"]).hexdigest(), git_blob_sha1(files["config.json"])
-    assert files_under(hub_cache) == sorted([
-        f"{repo}/blobs/{sha256}", f"{repo}/blobs/{sha1}", f"{repo}/refs/main",
-        f"{repo}/snapshots/{COMMIT}/config.json", f"{repo}/snapshots/{COMMIT}/model.safetensors"])
-    assert (hub_cache / repo / "refs" / "main").read_text().strip() == COMMIT
-    assert (hub_cache / repo / "blobs" / sha256).read_bytes() == files["model.safetensors"]
-    for name, blob in [("model.safetensors", sha256), ("config.json", sha1)]:
-        assert os.readlink(hub_cache / repo / "snapshots" / COMMIT / name) == f"../../blobs/{blob}"
-
-    assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())  # server gone
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
-
-
-@pytest.mark.parametrize("fault", ["truncate", "wrong sha256"])
-def test_failed_download_raises_and_leaves_nothing_cached(hub_cache, tiny_repo, monkeypatch, fault):
-    """A half or corrupt file must never look like a cached model; config.json, which did
-    download correctly, may stay."""
-    _, _, files = tiny_repo
-    wrong = hashlib.sha256(b"some other file").hexdigest()
-    hub = FakeHub(files, truncate=(fault == "truncate"), linked_etag=wrong if fault == "wrong sha256" else "")
-    with serving(hub) as url, pytest.raises((RuntimeError, ValueError)) as err:
-        monkeypatch.setenv("HF_ENDPOINT", url)
-        GPT.from_pretrained("gpt2")
-    if fault == "wrong sha256":
-        assert "sha256" in str(err.value).lower()
-    repo = "models--openai-community--gpt2"
-    config_files = {f"{repo}/blobs/{git_blob_sha1(files['config.json'])}", f"{repo}/refs/main",
-                    f"{repo}/snapshots/{COMMIT}/config.json"}
-    assert set(files_under(hub_cache.parent)) <= config_files
-
-
-def test_truncated_download_is_caught_by_its_size_when_no_sha256_is_stated(hub_cache, tiny_repo, monkeypatch):
-    """Without X-Linked-Etag only X-Linked-Size can tell a cut download from a whole one."""
-    _, _, files = tiny_repo
-    with serving(FakeHub(files, truncate=True, no_linked_etag=True)) as url, pytest.raises(RuntimeError) as err:
-        monkeypatch.setenv("HF_ENDPOINT", url)
-        GPT.from_pretrained("gpt2")
-    half, whole = len(files["model.safetensors"]) // 2, len(files["model.safetensors"])
-    assert f"stopped after {half} of {whole} bytes" in str(err.value)
-    assert files_under(hub_cache.parent) == []
-
-
-@pytest.mark.parametrize("good", [True, False])
-def test_a_mirror_serving_files_directly_is_checked_by_its_sha256_etag(hub_cache, tiny_repo, monkeypatch, good):
-    """HF_ENDPOINT may be a mirror that answers 200 with the bytes and a 64-hex ETag: that ETag
-    is the sha256 to check (and a wrong one is refused), while a 40-hex one is git's blob id."""
-    params, config, files = tiny_repo
-    wrong = "" if good else hashlib.sha256(b"another file").hexdigest()
-    with serving(FakeHub(files, direct=True, linked_etag=wrong)) as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
-        if good:
-            assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
-        else:
-            with pytest.raises(RuntimeError, match="corrupt: its sha256"):
-                GPT.from_pretrained("gpt2")
-            assert files_under(hub_cache.parent) == []
-
-
-def test_an_unwritable_cache_is_a_clear_error(tmp_path, hub_cache, monkeypatch):
-    """A cache folder that cannot be made (here: a file is in the way) says where and what to set."""
-    (tmp_path / "not-a-folder").write_text("")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "not-a-folder" / "hub"))
-    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
-    with pytest.raises(RuntimeError, match="cannot write to the Hugging Face cache .* HF_HUB_CACHE"):
-        GPT.from_pretrained("gpt2")
-
-
-def test_from_pretrained_follows_relative_redirect_of_renamed_repo(hub_cache, tiny_repo, monkeypatch):
-    """A renamed repo answers 307 with a relative Location on the hub itself."""
-    params, config, files = tiny_repo
-    hub = FakeHub(files, repo="openai-community/gpt2-renamed")
-    with serving(hub) as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
-        model = GPT.from_pretrained("gpt2")
-    assert any(path.startswith("/openai-community/gpt2-renamed/") for _, path in hub.requests)
-    assert_matches_numpy(model, params, config["n_head"], random_tokens())
-
-
-@pytest.mark.parametrize("value", ["1", "on", "Yes", "TRUE"])
-def test_offline_and_not_cached_raises_file_not_found_saying_where_to_put_it(hub_cache, monkeypatch, value):
-    """Offline means no network; the message tells the user where the file should be."""
-    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
-    monkeypatch.setenv("HF_HUB_OFFLINE", value)
-    with pytest.raises(FileNotFoundError) as err:
-        GPT.from_pretrained("gpt2")
-    assert str(hub_cache) in str(err.value) and "--weights" in str(err.value)
-
-
-def test_connection_refused_raises_runtime_error_with_url_and_weights_hint(hub_cache, monkeypatch):
-    """No network: say which URL failed and how to use a local file instead."""
-    url = closed_port_url()
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    with pytest.raises(RuntimeError) as err:
-        GPT.from_pretrained("gpt2")
-    assert f"{url}/openai-community/gpt2/resolve/main/" in str(err.value)
-    assert "--weights" in str(err.value)
-
-
-def test_existing_hub_cache_is_used_without_network_preferring_refs_main(tmp_path, hub_cache, tiny_repo,
-                                                                          monkeypatch):
-    """A cache made by huggingface_hub is reused as is; of several snapshots, refs/main's wins."""
-    params, config, files = tiny_repo
-    stale = write_checkpoint(tmp_path / "stale", random_gpt2_params(config, seed=7), config)
-    repo = hub_cache / "models--openai-community--gpt2"
-    for commit, model_bytes in [("1" * 40, (stale / "model.safetensors").read_bytes()),
-                                ("5" * 40, files["model.safetensors"]),
-                                ("9" * 40, (stale / "model.safetensors").read_bytes())]:
-        sha256 = hashlib.sha256(model_bytes).hexdigest()
-        (repo / "blobs").mkdir(parents=True, exist_ok=True)
-        (repo / "blobs" / sha256).write_bytes(model_bytes)
-        (repo / "snapshots" / commit).mkdir(parents=True)
-        (repo / "snapshots" / commit / "model.safetensors").symlink_to(f"../../blobs/{sha256}")
-        (repo / "snapshots" / commit / "config.json").write_bytes(files["config.json"])
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("5" * 40)
-    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
-    assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
-
-
-def test_cache_under_the_old_gpt2_repo_name_is_reused(tmp_path, hub_cache, tiny_repo, monkeypatch):
-    """transformers' from_pretrained("gpt2") cached it as models--gpt2 (before the rename to
-    openai-community/gpt2); that copy is found too, with no network."""
-    params, config, files = tiny_repo
-    snapshot = hub_cache / "models--gpt2" / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for name, data in files.items():
-        (snapshot / name).write_bytes(data)  # copies, as on systems without symlinks
-    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
-    assert_matches_numpy(GPT.from_pretrained("gpt2"), params, config["n_head"], random_tokens())
-
-
-def test_saved_files_get_the_usual_permissions(tmp_path):
-    """Atomic writes go through mkstemp (owner-only files); the result must be as open() makes it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    GPT(TINY_CONFIG).save_pretrained(tmp_path)
-    for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_asking_for_cuda_without_it_is_a_clear_error():
-    """--device cuda on a CPU-only torch: a sentence, not torch's assertion deep in .to()."""
-    from model import resolve_device
-    with pytest.raises(RuntimeError, match="no CUDA GPU"):
-        resolve_device("cuda")
-
-
-@needs_cuda
-def test_model_on_cuda_matches_numpy_gpt2_and_decodes_the_same_tokens(tmp_path):
-    """The GPU path loads onto the GPU and computes the same GPT-2 as the numpy forward pass,
-    to float32 rounding (PyTorch keeps TF32 off for float32 matmuls unless asked)."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config)
-    model = GPT.from_pretrained(str(write_checkpoint(tmp_path, params, config)), device="cuda")
-    assert all(p.is_cuda for p in model.parameters())
-    idx = random_tokens()
-    with torch.no_grad():
-        logits = model(torch.as_tensor(idx, device="cuda")).double().cpu().numpy()
-    np.testing.assert_allclose(logits, numpy_logits(params, config["n_head"], idx), rtol=0, atol=1e-4)
-    prompt = random_tokens(B=2, T=5)
-    out = model.generate(torch.as_tensor(prompt, device="cuda"), max_new_tokens=10, temperature=0)
-    for row, p in zip(out.tolist(), prompt):
-        assert row == numpy_greedy(params, config["n_head"], p, 10)
-
-
-# ---------------------------------------------------------------------------
-# Cross-checks with Hugging Face's own libraries. The project never needs them and CI does
-# not install them; where they are installed, these check the hand-written safetensors code
-# and the weight mapping against the implementations everyone else uses.
-
-def test_safetensors_library_reads_our_files_and_we_read_its_files(tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch", reason="cross-check needs the safetensors package")
-    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3).bfloat16(),
-               "f64": torch.randn(2, dtype=torch.float64), "i64": torch.tensor([1, -2, 2**40])}
-    save_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt", "note": "x"})
-    theirs = safetensors_torch.load_file(str(tmp_path / "ours.safetensors"))
-    assert set(theirs) == set(tensors)
-    assert all(theirs[k].dtype == t.dtype and torch.equal(theirs[k], t) for k, t in tensors.items())
-    from safetensors import safe_open
-    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format": "pt", "note": "x"}
-
-    safetensors_torch.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
-    ours = load_safetensors(tmp_path / "theirs.safetensors")
-    assert set(ours) == set(tensors)
-    assert all(ours[k].dtype == t.dtype and torch.equal(ours[k], t) for k, t in tensors.items())
-
-
-def transformers_gpt2():
-    """A GPT2LMHeadModel of TINY's shape with weights far from their initialisation."""
-    transformers = pytest.importorskip("transformers", reason="cross-check needs the transformers package")
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():  # non-trivial layer norms and biases too
-            p.normal_(0.0, 0.3)
-    return transformers, hf
-
-
-def hf_logits(hf, idx):
-    with torch.no_grad():
-        return hf(torch.as_tensor(idx)).logits.double().numpy()
-
-
-def test_transformers_gpt2_checkpoint_loads_with_the_same_logits(tmp_path):
-    """transformers' own save_pretrained output (its real layout, not our imitation of it)
-    loads here, and this GPT-2 computes transformers' GPT-2 logits."""
-    _, hf = transformers_gpt2()
-    hf.save_pretrained(tmp_path / "hf")
-    model = GPT.from_pretrained(str(tmp_path / "hf"))
-    idx = random_tokens()
-    np.testing.assert_allclose(model_logits(model, idx), hf_logits(hf, idx), rtol=0, atol=1e-4)
-
-
-def test_transformers_gpt2_loads_what_save_pretrained_writes(tmp_path):
-    """The other way: transformers reads save_pretrained's hub-layout files as GPT-2."""
-    transformers, hf = transformers_gpt2()
-    hf.save_pretrained(tmp_path / "hf")
-    GPT.from_pretrained(str(tmp_path / "hf")).save_pretrained(tmp_path / "ours")
-    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
-    idx = random_tokens()
-    np.testing.assert_array_equal(hf_logits(again, idx), hf_logits(hf, idx))
-
+ROOT = Path(__file__).resolve().parent
 
 # =============================================================================
-# 2. Losses and gradients: DPO, conservative DPO and IPO against closed forms and finite differences
+# 1. The DPO math: losses, gradients, masking, the reference, the step and the loop
 # =============================================================================
-# Tests for dpo.py, losses and gradients: the DPO / conservative DPO / IPO losses, their
-# gradients, the log-probabilities they are computed from, the frozen reference, and the
-# training step and loop.
-#
 # Every check is against something independent of dpo.py: a closed form, a number worked
 # out by hand (the arithmetic is in a comment), a finite difference, a separate backward
-# pass, a plain loop over positions, or torch.distributions. The equations:
+# pass, a plain loop over positions, or the plain definition on full logits. The equations:
 #     h      = [log pi(y_c) - log pi_ref(y_c)] - [log pi(y_r) - log pi_ref(y_r)]
 #     DPO    L = -log sigmoid(beta h)                              (Rafailov et al. 2023, Eq. 7)
 #     cDPO   L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (Mitchell 2023)
@@ -1092,6 +118,10 @@ PAIRS = [
     {"prompt": "fish", "chosen": " swim", "rejected": " walk"},
     {"prompt": "the sun", "chosen": " is hot", "rejected": " is cold"},
 ]
+
+
+def encoded_pairs(pairs=PAIRS):
+    return dpo.encode_pairs(CharTokenizer(), pairs)
 
 
 def tiny_policy(seed=0, dropout=0.0, dtype=torch.float32):
@@ -1128,6 +158,24 @@ def four_logps(h_values, dtype=torch.float64):
     return [t.clone().requires_grad_(True) for t in (pc, pr, rc, rr)]
 
 
+def plain_logps(model, batch, average=False):
+    """(chosen, rejected) log-probs by the plain definition: sequence_logps of the full logits."""
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    logps = dpo.sequence_logps(model(ids), ids, mask, average=average)
+    n = ids.size(0) // 2
+    return logps[:n], logps[n:]
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding, or a skip that says how to make it load offline."""
+    try:
+        import tiktoken
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no tiktoken, or no cached BPE files and no network
+        pytest.skip(f"GPT-2 tokenizer not loadable ({type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder "
+                    "holding tiktoken's gpt2 files (README.md, 'Offline')")
+
+
 # -----------------------------------------------------------------------------
 # The losses at initialisation, where the policy is the reference
 
@@ -1139,14 +187,13 @@ def test_dpo_loss_is_log2_and_ipo_loss_is_inverse_2beta_squared_when_policy_equa
     Computed through the real GPT forward on a real encoded batch."""
     policy = tiny_policy()
     reference = dpo.make_reference(policy)
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
-    ids, mask = data["input_ids"], data["loss_mask"]
-    logps = dpo.sequence_logps(policy(ids), ids, mask)
+    batch = dpo.collate(encoded_pairs())
+    chosen, rejected = plain_logps(policy, batch)
     with torch.no_grad():
-        reference_logps = dpo.sequence_logps(reference(ids), ids, mask)
+        reference_chosen, reference_rejected = plain_logps(reference, batch)
     n = len(PAIRS)
-    assert torch.all(logps < 0)  # real log-probs, not zeros
-    args = (logps[:n], logps[n:], reference_logps[:n], reference_logps[n:])
+    assert torch.all(chosen < 0) and torch.all(rejected < 0)  # real log-probs, not zeros
+    args = (chosen, rejected, reference_chosen, reference_rejected)
 
     losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(*args, beta=beta, loss_type="dpo")
     assert losses.shape == (n,)
@@ -1158,22 +205,18 @@ def test_dpo_loss_is_log2_and_ipo_loss_is_inverse_2beta_squared_when_policy_equa
     assert torch.allclose(losses.double(), torch.full((n,), target, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
-def test_dpo_step_first_report_is_log2_loss_zero_accuracy_zero_margin_zero_kl():
-    """dpo_step before any update: policy = reference, so loss = log 2 (Eq. 7 at h = 0),
-    every margin beta*h is 0 (so no pair counts as ranked right), and KL(pi || pi_ref) = 0."""
+def test_dpo_step_first_report_is_log2_loss_zero_accuracy_zero_margin():
+    """dpo_step before any update, with the reference's log-probs of the same batch: policy =
+    reference, so loss = log 2 (Eq. 7 at h = 0) and every margin beta*h is exactly 0 (so no
+    pair counts as ranked right)."""
     policy = tiny_policy()
     reference = dpo.make_reference(policy)
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
-    cache = dpo.precompute_reference(reference, data)
-    batch = dpo.make_batch(data, cache, torch.tensor([3, 0, 2]), "cpu")
-    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
-    metrics = dpo.dpo_step(policy, optimizer, batch, beta=0.1)
-    assert metrics["loss"] == pytest.approx(LOG2, abs=1e-6)
-    assert metrics["reward_accuracy"] == 0.0
-    assert metrics["margin"] == pytest.approx(0.0, abs=1e-6)
-    assert metrics["chosen_reward"] == pytest.approx(0.0, abs=1e-6)
-    assert metrics["rejected_reward"] == pytest.approx(0.0, abs=1e-6)
-    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+    pairs = [encoded_pairs()[i] for i in (3, 0, 2)]
+    batch = dpo.make_batch(pairs, dpo.pair_logps(reference, pairs, batch_size=3), "cpu")
+    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, beta=0.1)
+    assert metrics["loss"] == pytest.approx(LOG2, abs=1e-7)
+    assert metrics["reward_accuracy"] == 0.0 and metrics["margin"] == 0.0
+    assert metrics["chosen_reward"] == 0.0 and metrics["rejected_reward"] == 0.0
     assert metrics["grad_norm"] > 0  # the first step does move the policy
 
 
@@ -1241,6 +284,74 @@ def test_losses_stay_finite_for_huge_margins_with_the_right_asymptotics():
             assert all(torch.all(torch.isfinite(x.grad)) for x in inputs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beta=0.0), "beta"), (dict(beta=-0.1), "beta"), (dict(beta=float("nan")), "beta"),
+    (dict(loss_type="sigmoid"), "loss_type"),
+    (dict(label_smoothing=-0.1), "label_smoothing"), (dict(label_smoothing=0.5), "label_smoothing"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing"),
+])
+def test_dpo_loss_rejects_invalid_beta_loss_type_and_label_smoothing(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        dpo.dpo_loss(*fixed_inputs(), **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Sum or mean over the completion's tokens
+
+
+def test_averaged_log_probs_are_the_sum_divided_by_the_token_count():
+    """average=True: log pi(y|x) / (number of completion tokens), in both ways of computing it.
+    By hand: with all-zero logits over V = 4 tokens every token has log-prob log(1/4), so a
+    completion of k tokens sums to k log(1/4) and averages log(1/4) whatever k is."""
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float32)  # 3 and 5 tokens
+    labels = torch.randint(4, (2, 6), generator=torch.Generator().manual_seed(0))
+    logits = torch.zeros(2, 6, 4)
+    assert dpo.sequence_logps(logits, labels, mask).tolist() == pytest.approx([3 * math.log(0.25), 5 * math.log(0.25)])
+    assert dpo.sequence_logps(logits, labels, mask, average=True).tolist() == pytest.approx([math.log(0.25)] * 2)
+
+    policy = tiny_policy(dtype=torch.float64)
+    batch = dpo.collate(encoded_pairs())
+    ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    n_tokens = torch.tensor([len(c) for _, c, _ in encoded_pairs()] + [len(r) for _, _, r in encoded_pairs()])
+    with torch.no_grad():
+        summed = dpo.completion_logps(policy, ids, loss_mask)
+        averaged = dpo.completion_logps(policy, ids, loss_mask, average=True)
+    assert torch.allclose(averaged, summed / n_tokens, rtol=1e-12, atol=0)
+    assert len(set(n_tokens.tolist())) > 1  # completions of different lengths: the division matters
+
+
+def test_ipo_on_averaged_log_probs_targets_nats_per_token():
+    """The same log-probs, summed and averaged, through IPO (Eq. 17) with beta = 0.25 (target 2).
+    Chosen: 2 tokens, rejected: 4 tokens. Summed: pc=-2, pr=-8, rc=-4, rr=-4, so
+    h = (-2+4) - (-8+4) = 6 and L = (6-2)^2 = 16. Averaged: pc=-1, pr=-2, rc=-2, rr=-1, so
+    h = (-1+2) - (-2+1) = 2 and L = 0: IPO's target is then in nats per token."""
+    summed = [torch.tensor([x], dtype=torch.float64) for x in (-2.0, -8.0, -4.0, -4.0)]
+    tokens = [2, 4, 2, 4]
+    averaged = [x / k for x, k in zip(summed, tokens)]
+    assert dpo.dpo_loss(*summed, beta=0.25, loss_type="ipo")[0].item() == pytest.approx(16.0)
+    assert dpo.dpo_loss(*averaged, beta=0.25, loss_type="ipo")[0].item() == pytest.approx(0.0)
+
+
+def test_dpo_step_with_average_logps_trains_on_per_token_means():
+    """dpo_step(average_logps=True) takes the DPO loss of per-token mean log-probs: its loss and
+    rewards equal dpo_loss of the plain definition's means, with the reference's means."""
+    policy = tiny_policy(dtype=torch.float64)
+    reference = dpo.make_reference(policy)
+    perturb(policy)
+    pairs = encoded_pairs()
+    batch = dpo.make_batch(pairs, dpo.pair_logps(reference, pairs, average=True), "cpu")
+    with torch.no_grad():
+        expected = dpo.dpo_loss(*plain_logps(policy, batch, average=True), *plain_logps(reference, batch, average=True),
+                                beta=0.5)
+        summed = dpo.dpo_loss(*plain_logps(policy, batch), *plain_logps(reference, batch), beta=0.5)
+    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.5,
+                           average_logps=True)
+    assert metrics["loss"] == pytest.approx(expected[0].mean().item(), rel=1e-10)
+    assert metrics["chosen_reward"] == pytest.approx(expected[1].mean().item(), rel=1e-10)
+    assert abs(metrics["loss"] - summed[0].mean().item()) > 1e-4  # the sum would have given another loss
+
+
 # -----------------------------------------------------------------------------
 # Gradients with respect to the four log-prob inputs
 
@@ -1284,17 +395,14 @@ def test_losses_pass_gradcheck_in_float64(loss_type, label_smoothing):
 # Gradients with respect to the model's parameters
 
 
-def perturbed_policy_and_pairs(n_pairs):
-    """A float64 tiny GPT moved away from its reference (so h != 0), n_pairs of PAIRS encoded,
-    and the reference's log-probs of them (chosen rows, then rejected)."""
+def perturbed_policy_and_batch(n_pairs):
+    """A float64 tiny GPT moved away from its reference (so h != 0), and a batch of n_pairs of
+    PAIRS with the reference's log-probs in it."""
     policy = tiny_policy(dtype=torch.float64)
     reference = dpo.make_reference(policy)
     perturb(policy)
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS[:n_pairs], block_size=32)
-    ids, mask = data["input_ids"], data["loss_mask"]
-    with torch.no_grad():
-        reference_logps = dpo.sequence_logps(reference(ids), ids, mask)
-    return policy, ids, mask, reference_logps
+    pairs = encoded_pairs()[:n_pairs]
+    return policy, dpo.make_batch(pairs, dpo.pair_logps(reference, pairs), "cpu")
 
 
 def test_policy_gradient_follows_the_dpo_paper_identity_on_a_tiny_gpt():
@@ -1302,18 +410,19 @@ def test_policy_gradient_follows_the_dpo_paper_identity_on_a_tiny_gpt():
     Left: the gradient dpo_step leaves in the policy (learning rate 0, no clipping).
     Right: grad log pi(y_c) and grad log pi(y_r) from two separate backward passes."""
     beta = 0.5
-    policy, ids, mask, reference_logps = perturbed_policy_and_pairs(1)  # reference_logps: chosen, rejected
+    policy, batch = perturbed_policy_and_batch(1)
+    ids, mask = batch["input_ids"], batch["loss_mask"]
 
     params = list(policy.parameters())
     chosen_logp = dpo.sequence_logps(policy(ids[:1]), ids[:1], mask[:1])[0]
     grad_chosen = torch.autograd.grad(chosen_logp, params)
     rejected_logp = dpo.sequence_logps(policy(ids[1:]), ids[1:], mask[1:])[0]
     grad_rejected = torch.autograd.grad(rejected_logp, params)
-    h = (chosen_logp.item() - reference_logps[0].item()) - (rejected_logp.item() - reference_logps[1].item())
+    h = ((chosen_logp.item() - batch["reference_chosen_logps"].item())
+         - (rejected_logp.item() - batch["reference_rejected_logps"].item()))
     assert abs(h) > 0.05  # the perturbation moved the policy: the weight is not just beta/2
     weight = -beta / (1 + math.exp(beta * h))  # -beta sigmoid(-beta h)
 
-    batch = {"input_ids": ids, "loss_mask": mask, "reference_logps": reference_logps}
     for _ in range(2):  # the second step's gradient is its own, not added to the first's
         dpo.dpo_step(policy, torch.optim.SGD(params, lr=0.0), batch, beta=beta, max_grad_norm=float("inf"))
     for p, gc, gr in zip(params, grad_chosen, grad_rejected):
@@ -1325,11 +434,11 @@ def test_dpo_loss_gradient_matches_central_finite_differences_on_model_parameter
     """d L / d theta from autograd equals (L(theta + eps) - L(theta - eps)) / (2 eps) for a few
     single weights of a float64 tiny GPT, L the mean DPO loss (Eq. 7) over two pairs."""
     beta, eps = 0.5, 1e-6
-    policy, ids, mask, ref = perturbed_policy_and_pairs(2)
+    policy, batch = perturbed_policy_and_batch(2)
 
     def loss():
-        logps = dpo.sequence_logps(policy(ids), ids, mask)
-        return dpo.dpo_loss(logps[:2], logps[2:], ref[:2], ref[2:], beta=beta)[0].mean()
+        return dpo.dpo_loss(*plain_logps(policy, batch), batch["reference_chosen_logps"],
+                            batch["reference_rejected_logps"], beta=beta)[0].mean()
 
     loss().backward()
     entries = [("transformer.wte.weight", (2, 3)), ("transformer.wpe.weight", (4, 0)),
@@ -1350,8 +459,27 @@ def test_dpo_loss_gradient_matches_central_finite_differences_on_model_parameter
         assert p.grad[index].item() == pytest.approx(numerical, rel=1e-5, abs=1e-9), name
 
 
+def test_dpo_step_clips_the_gradient_to_max_grad_norm_and_reports_the_unclipped_norm():
+    """Gradient clipping (max-norm): after dpo_step the policy's gradient has total norm
+    max_grad_norm, in the direction of the unclipped gradient of the mean loss, taken here by
+    a separate backward pass; the reported grad_norm is the norm before clipping."""
+    policy, batch = perturbed_policy_and_batch(len(PAIRS))
+    losses, _, _ = dpo.dpo_loss(*plain_logps(policy, batch), batch["reference_chosen_logps"],
+                                batch["reference_rejected_logps"], beta=0.1)
+    unclipped = torch.autograd.grad(losses.mean(), list(policy.parameters()))
+    norm = torch.sqrt(sum((g ** 2).sum() for g in unclipped)).item()
+    max_norm = norm / 4  # so that clipping must act
+    weights_before = [p.detach().clone() for p in policy.parameters()]
+    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, beta=0.1,
+                           max_grad_norm=max_norm)
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-9)
+    for p, before, g in zip(policy.parameters(), weights_before, unclipped):  # (clip_grad_norm_ adds 1e-6 to norm)
+        assert torch.allclose(p.grad, g * max_norm / norm, rtol=1e-5, atol=1e-12)
+        assert torch.allclose(before - p.detach(), g * max_norm / norm, rtol=1e-5, atol=1e-12)  # the step took it
+
+
 # -----------------------------------------------------------------------------
-# Log-probabilities of completions and masking
+# Log-probabilities of completions, masking and tokenisation
 
 
 def loop_sequence_logps(logits, labels, loss_mask):
@@ -1423,34 +551,52 @@ def test_sequence_logps_ignores_prompt_and_padding_but_not_completion_positions(
     assert dpo.sequence_logps(logits, changed_labels, mask)[2] != before[2]
 
 
-def test_encode_pairs_puts_chosen_rows_first_masks_exactly_the_completion_and_pads_right():
-    """Rows 0..N-1 are the chosen completions, N..2N-1 the rejected ones in the same order;
-    each row is prompt ids + completion ids + <|endoftext|>, padded on the right with
-    <|endoftext|>, and loss_mask is 1 on exactly the completion tokens (the eot included)."""
+def test_masking_the_prompt_leaves_the_dpo_loss_but_changes_rewards_and_log_probs():
+    """Scoring the prompt's tokens too adds log pi(x) to both log pi(y_c|x) and log pi(y_r|x)
+    (and log pi_ref(x) to the reference's): the pair shares the prompt, so these cancel in
+    h = (pc - rc) - (pr - rr) and the DPO loss is unchanged. The rewards beta (log pi - log
+    pi_ref) and the log-probs themselves, which are what gets reported, do change: each
+    reward moves by beta (log pi(x) - log pi_ref(x))."""
+    policy = tiny_policy(dtype=torch.float64)
+    reference = dpo.make_reference(policy)
+    perturb(policy)
+    batch = dpo.collate(encoded_pairs())
+    row_lengths = [len(p) + len(c) for p, c, _ in encoded_pairs()] + [len(p) + len(r) for p, _, r in encoded_pairs()]
+    prompt_too = torch.zeros_like(batch["loss_mask"])
+    for row, length in enumerate(row_lengths):
+        prompt_too[row, 1:length] = 1.0  # every token but the first, which nothing scores either way
+    unmasked = dict(batch, loss_mask=prompt_too)
+    with torch.no_grad():
+        masked_args = (*plain_logps(policy, batch), *plain_logps(reference, batch))
+        unmasked_args = (*plain_logps(policy, unmasked), *plain_logps(reference, unmasked))
+    loss, chosen_reward, rejected_reward = dpo.dpo_loss(*masked_args, beta=0.5)
+    loss_u, chosen_reward_u, rejected_reward_u = dpo.dpo_loss(*unmasked_args, beta=0.5)
+    assert torch.allclose(loss_u, loss, rtol=1e-10, atol=0)
+    assert (chosen_reward_u - chosen_reward).abs().min() > 1e-3
+    assert torch.allclose(chosen_reward_u - chosen_reward, rejected_reward_u - rejected_reward, rtol=1e-9, atol=0)
+    assert (masked_args[0] - unmasked_args[0]).abs().min() > 0.1  # the log-probs differ by log pi(x)
+
+
+def test_collate_puts_chosen_rows_first_masks_exactly_the_completion_and_pads_right():
+    """Rows 0..B-1 are the chosen completions, B..2B-1 the rejected ones in the same order;
+    each row is prompt ids + completion ids + <|endoftext|>, padded on the right (id 0) to
+    the batch's longest row, and loss_mask is 1 on exactly the completion tokens (eot included)."""
     enc = CharTokenizer()  # " " -> 1, "a" -> 2, "b" -> 3, "c" -> 4, "d" -> 5, "e" -> 6; eot 0
     pairs = [{"prompt": "ab", "chosen": "c", "rejected": "de"}, {"prompt": "e", "chosen": "a", "rejected": "b"}]
-    data = dpo.encode_pairs(enc, pairs, block_size=8)
-    assert data["input_ids"].tolist() == [[2, 3, 4, 0, 0],   # "ab" + "c"  + eot, 1 padding
-                                          [6, 2, 0, 0, 0],   # "e"  + "a"  + eot, 2 padding
-                                          [2, 3, 5, 6, 0],   # "ab" + "de" + eot
-                                          [6, 3, 0, 0, 0]]   # "e"  + "b"  + eot, 2 padding
-    assert data["loss_mask"].tolist() == [[0, 0, 1, 1, 0],
-                                          [0, 1, 1, 0, 0],
-                                          [0, 0, 1, 1, 1],
-                                          [0, 1, 1, 0, 0]]
-    data = dpo.encode_pairs(enc, pairs, block_size=8, add_eos=False)
-    assert data["input_ids"].tolist() == [[2, 3, 4, 0], [6, 2, 0, 0], [2, 3, 5, 6], [6, 3, 0, 0]]
-    assert data["loss_mask"].tolist() == [[0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 1, 0, 0]]
-
-
-def gpt2_tokenizer():
-    """tiktoken's GPT-2 encoding, or a skip that says how to make it load offline."""
-    try:
-        import tiktoken
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # no tiktoken, or no cached BPE files and no network
-        pytest.skip(f"GPT-2 tokenizer not loadable ({type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder "
-                    "holding tiktoken's gpt2 files (README.md, 'Offline')")
+    encoded = dpo.encode_pairs(enc, pairs)
+    assert encoded == [([2, 3], [4, 0], [5, 6, 0]), ([6], [2, 0], [3, 0])]
+    batch = dpo.collate(encoded)
+    assert batch["input_ids"].tolist() == [[2, 3, 4, 0, 0],   # "ab" + "c"  + eot, 1 padding
+                                           [6, 2, 0, 0, 0],   # "e"  + "a"  + eot, 2 padding
+                                           [2, 3, 5, 6, 0],   # "ab" + "de" + eot
+                                           [6, 3, 0, 0, 0]]   # "e"  + "b"  + eot, 2 padding
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0],
+                                           [0, 1, 1, 0, 0],
+                                           [0, 0, 1, 1, 1],
+                                           [0, 1, 1, 0, 0]]
+    assert dpo.collate(encoded[1:])["input_ids"].tolist() == [[6, 2, 0], [6, 3, 0]]  # its own longest row
+    chosen, rejected = dpo.chosen_and_rejected(torch.arange(4))
+    assert chosen.tolist() == [0, 1] and rejected.tolist() == [2, 3]
 
 
 def test_encode_pairs_tokenises_prompt_and_completion_apart_with_gpt2_bpe():
@@ -1460,21 +606,16 @@ def test_encode_pairs_tokenises_prompt_and_completion_apart_with_gpt2_bpe():
     pairs = [{"prompt": "Hello wor", "chosen": "ld", "rejected": "m!"},
              {"prompt": "Q: 2+2?\nA:", "chosen": " 4", "rejected": " five"}]
     assert enc.encode("Hello wor" + "ld") != enc.encode("Hello wor") + enc.encode("ld")  # why apart matters
-    data = dpo.encode_pairs(enc, pairs, block_size=64)
+    batch = dpo.collate(dpo.encode_pairs(enc, pairs))
     rows = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
-    assert data["input_ids"].shape[0] == 4
+    assert batch["input_ids"].shape[0] == 4
     for row, (prompt, completion) in enumerate(rows):
         expected = enc.encode(prompt) + enc.encode(completion) + [enc.eot_token]
         n_prompt = len(enc.encode(prompt))
-        ids, mask = data["input_ids"][row], data["loss_mask"][row]
+        ids, mask = batch["input_ids"][row], batch["loss_mask"][row]
         assert ids[:len(expected)].tolist() == expected
-        assert torch.all(ids[len(expected):] == enc.eot_token)  # right padding
         assert mask.tolist() == [0] * n_prompt + [1] * (len(expected) - n_prompt) + [0] * (len(ids) - len(expected))
-    assert data["input_ids"][0, :4].tolist() == [15496, 476, 335, 50256]  # "Hello", " wor", "ld", eot
-
-
-# -----------------------------------------------------------------------------
-# Errors a user can act on
+    assert batch["input_ids"][0, :4].tolist() == [15496, 476, 335, 50256]  # "Hello", " wor", "ld", eot
 
 
 def test_special_token_text_in_the_data_is_a_clear_error():
@@ -1482,97 +623,81 @@ def test_special_token_text_in_the_data_is_a_clear_error():
     enc = gpt2_tokenizer()
     pairs = [{"prompt": "Say <|endoftext|> now", "chosen": " yes", "rejected": " no"}]
     with pytest.raises(ValueError, match=re.escape("cannot tokenise prompt 'Say <|endoftext|> now'")):
-        dpo.encode_pairs(enc, pairs, block_size=64)
+        dpo.encode_pairs(enc, pairs)
 
 
 def test_encode_pairs_rejects_empty_prompt_empty_completion_and_no_pairs():
     enc = CharTokenizer()
     with pytest.raises(ValueError, match="prompt"):
-        dpo.encode_pairs(enc, [{"prompt": "", "chosen": "a", "rejected": "b"}], block_size=8)
+        dpo.encode_pairs(enc, [{"prompt": "", "chosen": "a", "rejected": "b"}])
     with pytest.raises(ValueError, match="completion"):
-        dpo.encode_pairs(enc, [{"prompt": "x", "chosen": "a", "rejected": ""}], block_size=8)
+        dpo.encode_pairs(enc, [{"prompt": "x", "chosen": "a", "rejected": ""}])
     with pytest.raises(ValueError, match="pairs"):
-        dpo.encode_pairs(enc, [], block_size=8)
+        dpo.encode_pairs(enc, [])
 
 
-def test_encode_pairs_rejects_a_pair_longer_than_the_context_and_accepts_one_that_fits():
-    enc = CharTokenizer()
-    pair = {"prompt": "abc", "chosen": "de", "rejected": "defg"}  # rejected: 3 + 4 + eot = 8 tokens
-    assert dpo.encode_pairs(enc, [pair], block_size=8)["input_ids"].shape == (2, 8)  # exactly fits
-    with pytest.raises(ValueError, match="context"):
-        dpo.encode_pairs(enc, [pair], block_size=7)
+def test_longest_row_is_the_prompt_plus_the_longer_completion():
+    """What must fit the model's context: "abc" + "defg" + eot = 3 + 5 = 8 tokens."""
+    (pair,) = dpo.encode_pairs(CharTokenizer(), [{"prompt": "abc", "chosen": "de", "rejected": "defg"}])
+    assert dpo.longest_row(pair) == 8 == dpo.collate([pair])["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(beta=0.0), "beta"), (dict(beta=-0.1), "beta"), (dict(beta=float("nan")), "beta"),
-    (dict(loss_type="sigmoid"), "loss_type"),
-    (dict(label_smoothing=-0.1), "label_smoothing"), (dict(label_smoothing=0.5), "label_smoothing"),
-    (dict(label_smoothing=1.0), "label_smoothing"),
-    (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing"),
-])
-def test_dpo_loss_rejects_invalid_beta_loss_type_and_label_smoothing(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        dpo.dpo_loss(*fixed_inputs(), **kwargs)
-
-
-def test_reference_forward_of_sequences_longer_than_block_size_raises_value_error():
-    """Hand-built data longer than the context fail loudly in the model forward, not silently."""
+def test_log_probs_of_pairs_longer_than_the_context_are_a_clear_error():
+    """Pairs longer than the context fail loudly in the model's forward pass, not silently."""
     reference = dpo.make_reference(tiny_policy())
-    data = {"input_ids": torch.ones(2, 33, dtype=torch.long), "loss_mask": torch.ones(2, 33)}
+    long_pair = encoded_pairs([{"prompt": "a" * 30, "chosen": "bc", "rejected": "d"}])  # 30 + 3 > 32
     with pytest.raises(ValueError, match="context"):
-        dpo.precompute_reference(reference, data)
+        dpo.pair_logps(reference, long_pair)
 
 
 # -----------------------------------------------------------------------------
-# The reference and the training loop
+# The fast path of the log-probs, against the plain definitions
 
 
-def test_dpo_step_runs_the_policy_once_on_chosen_and_rejected_together():
-    """One forward of 2B rows per step: chosen and rejected share it (and the reference none)."""
+def test_logits_at_scores_exactly_the_selected_positions():
+    """GPT.forward(idx, logits_at=mask) is model(idx)[mask]: the same numbers, only fewer rows."""
     policy = tiny_policy()
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
-    cache = dpo.precompute_reference(dpo.make_reference(policy), data)
-    batch = dpo.make_batch(data, cache, torch.tensor([4, 1]), "cpu")
-    forwards = count_forwards(policy)
-    dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch)
-    assert len(forwards) == 1
-    assert forwards[0].shape[0] == 4  # B = 2 pairs: 2 chosen + 2 rejected rows
+    ids = torch.randint(28, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(3, 10, generator=torch.Generator().manual_seed(1)) < 0.4
+    full = policy(ids)
+    assert policy(ids, logits_at=mask).shape == (int(mask.sum()), 32)
+    assert torch.allclose(policy(ids, logits_at=mask), full[mask], atol=1e-6, rtol=0)
 
 
-def test_dpo_step_holds_little_more_than_the_gradients_beyond_what_it_was_given():
-    """Once AdamW's moments exist, a DPO step needs new memory for the gradients (one model's
-    worth) and some activations, and for nothing of a vocabulary's size beside the gradients:
-    not a second gradient buffer for the tied matrix (model.TiedEmbedding), nor the KL's
-    (N, V) temporaries, which dpo_step takes before the backward pass. Counted with
-    bench.py's tally of the bytes tensors hold at once, on GPT-2's vocabulary and width with
-    one layer, so that the tied matrix is most of the model: the step peaks at 1.17x the
-    parameter bytes. Measured the same way, the KL taken after the optimizer's step gave
-    1.98x, and the tied matrix left to autograd (F.embedding and x @ W.T) 2.69x."""
-    import bench
-    torch.manual_seed(0)
-    policy = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=12, n_embd=768)).eval()
-    data = bench.random_batch(2, 8, 56, 50257, torch.Generator().manual_seed(0))  # N = 4 x 56 scored tokens
-    cache = dpo.precompute_reference(dpo.make_reference(policy), data)
-    batch = dpo.make_batch(data, cache, torch.arange(2), "cpu")
-    optimizer = dpo.make_optimizer(policy, lr=1e-4)
-    dpo.dpo_step(policy, optimizer, batch)  # AdamW's moments are made here
-    peak = cpu_tensor_peak_bytes(lambda: dpo.dpo_step(policy, optimizer, batch))
-    parameter_bytes = sum(p.numel() * 4 for p in policy.parameters())  # 183 MB
-    assert parameter_bytes <= peak < 1.3 * parameter_bytes
+def test_completion_logps_equals_sequence_logps_of_the_full_logits():
+    """completion_logps (logits only where a completion token is scored) gives the same log pi(y|x)
+    as the plain definition, sequence_logps(model(ids), ids, mask), and next_token_logprobs'
+    (N, V) rows are exactly the log-softmax at the positions that score completion tokens."""
+    policy = tiny_policy().double()
+    batch = dpo.collate(encoded_pairs())
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    full_logits = policy(ids)
+    assert torch.allclose(dpo.completion_logps(policy, ids, mask), dpo.sequence_logps(full_logits, ids, mask),
+                          atol=1e-12, rtol=0)
+    scoring = torch.zeros_like(mask, dtype=torch.bool)
+    scoring[:, :-1] = mask[:, 1:].bool()  # position t scores token t+1
+    vocab_logprobs = dpo.next_token_logprobs(policy, ids, mask)
+    assert torch.allclose(vocab_logprobs, full_logits[scoring].log_softmax(-1), atol=1e-12, rtol=0)
+    assert vocab_logprobs.shape[0] == int(mask.sum())  # one row per completion token
 
 
-def test_train_dpo_runs_the_reference_once_before_training_not_per_step():
-    """log pi_ref(y|x) does not change, so train_dpo computes it in ceil(2N / batch) forwards
-    in total, however many steps follow; the policy runs once per step."""
+def test_per_batch_padding_gives_the_log_probs_of_one_padded_batch():
+    """pair_logps pads each batch to its own longest row; batches of 2 pairs give the log-probs
+    that one batch of all five gives, to float32 rounding, in the pairs' order."""
     policy = tiny_policy()
-    reference = dpo.make_reference(policy)
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)  # N = 5 pairs, 10 rows
-    reference_forwards, policy_forwards = count_forwards(reference), count_forwards(policy)
-    history = dpo.train_dpo(policy, reference, data, torch.optim.SGD(policy.parameters(), lr=0.1),
-                            epochs=3, batch_size=2)
-    assert [x.size(0) for x in reference_forwards] == [8, 2]  # 10 rows, 8 at a time (the default)
-    assert len(history) == 3 * 3  # 3 epochs of ceil(5 / 2) = 3 steps
-    assert len(policy_forwards) == len(history)
+    pairs = encoded_pairs()
+    one_batch = dpo.pair_logps(policy, pairs, batch_size=len(pairs))
+    with torch.no_grad():
+        plain = plain_logps(policy, dpo.collate(pairs))
+    for got, expected in zip(dpo.pair_logps(policy, pairs, batch_size=2), one_batch):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5)
+    for got, expected in zip(one_batch, plain):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5)
+    assert len({dpo.collate(pairs[i:i + 2])["input_ids"].shape[1] for i in (0, 2, 4)}) > 1  # really other paddings
+
+
+# -----------------------------------------------------------------------------
+# The reference, the step and the loop
 
 
 def test_make_reference_returns_a_frozen_copy_sharing_no_storage():
@@ -1591,211 +716,224 @@ def test_make_reference_returns_a_frozen_copy_sharing_no_storage():
     assert not torch.equal(next(policy.parameters()), next(reference.parameters()))
 
 
+def test_reference_log_probs_carry_no_graph_even_for_a_model_that_is_not_frozen():
+    """pair_logps runs without autograd: cached log-probs with a graph would keep every batch's
+    activations alive for the whole of training. Checked on a policy whose parameters do
+    require gradients, where a forward pass with autograd on would record one."""
+    policy = tiny_policy()
+    assert all(p.requires_grad for p in policy.parameters())
+    assert dpo.completion_logps(policy, *dpo.collate(encoded_pairs()).values()).grad_fn is not None  # would
+    for logps in dpo.pair_logps(policy, encoded_pairs()):
+        assert logps.grad_fn is None and not logps.requires_grad
+
+
+def test_make_optimizer_holds_exactly_the_policy_parameters():
+    """The optimizer updates the policy and only the policy: every parameter once, none of the
+    reference's (a copy with the same values, so only identity tells them apart)."""
+    policy = tiny_policy()
+    reference = dpo.make_reference(policy)
+    optimizer = dpo.make_optimizer(policy, lr=1e-3)
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(held) == len({id(p) for p in held}) == len(list(policy.parameters()))
+    assert {id(p) for p in held} == {id(p) for p in policy.parameters()}
+    assert not {id(p) for p in held} & {id(p) for p in reference.parameters()}
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_dpo_step_runs_the_policy_once_on_chosen_and_rejected_together():
+    """One forward of 2B rows per step: chosen and rejected share it (and the reference none)."""
+    policy = tiny_policy()
+    pairs = [encoded_pairs()[i] for i in (4, 1)]
+    batch = dpo.make_batch(pairs, dpo.pair_logps(dpo.make_reference(policy), pairs), "cpu")
+    forwards = count_forwards(policy)
+    dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch)
+    assert len(forwards) == 1
+    assert forwards[0].shape[0] == 4  # B = 2 pairs: 2 chosen + 2 rejected rows
+
+
+def test_train_dpo_runs_the_reference_once_before_training_not_per_step():
+    """log pi_ref(y|x) does not change, so train_dpo computes it in ceil(N / 8) forwards of up
+    to 8 pairs in total, however many steps follow; the policy runs once per step."""
+    policy = tiny_policy()
+    reference = dpo.make_reference(policy)
+    reference_forwards, policy_forwards = count_forwards(reference), count_forwards(policy)
+    history = dpo.train_dpo(policy, reference, encoded_pairs(), torch.optim.SGD(policy.parameters(), lr=0.1),
+                            epochs=3, batch_size=2)
+    assert [x.size(0) for x in reference_forwards] == [10]  # 5 pairs, 10 rows, in one batch of 8 pairs
+    assert len(history) == 3 * 3  # 3 epochs of ceil(5 / 2) = 3 steps
+    assert len(policy_forwards) == len(history)
+
+
 def test_train_dpo_leaves_the_reference_bit_identical_and_moves_the_policy():
     policy = tiny_policy()
     reference = dpo.make_reference(policy)
     reference_before = copy.deepcopy(reference.state_dict())
     policy_before = copy.deepcopy(policy.state_dict())
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    reference_ids = {id(p) for p in reference.parameters()}
-    assert not reference_ids & {id(p) for group in optimizer.param_groups for p in group["params"]}
-    dpo.train_dpo(policy, reference, data=dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32),
-                  optimizer=optimizer, epochs=2, batch_size=2)
+    dpo.train_dpo(policy, reference, encoded_pairs(), dpo.make_optimizer(policy, lr=1e-2), epochs=2, batch_size=2)
     assert all(torch.equal(reference_before[k], v) for k, v in reference.state_dict().items())
     assert all(p.grad is None for p in reference.parameters())
     assert not all(torch.equal(policy_before[k], v) for k, v in policy.state_dict().items())
-    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert optimized == {id(p) for p in policy.parameters()}
 
 
 def test_train_dpo_turns_dropout_off_so_the_first_loss_is_log2():
     """With dropout on, pi and pi_ref would see different random masks at step 0 and h != 0;
-    train_dpo must evaluate both without dropout so that the first loss is log 2 (Eq. 7, h = 0)."""
+    train_dpo must evaluate both without dropout so that the first loss is log 2 (Eq. 7, h = 0),
+    here to float32 rounding (the reference's log-probs were computed in batches of another shape)."""
     policy = tiny_policy(dropout=0.1).train()
     reference = dpo.make_reference(policy)
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
+    ids = dpo.collate(encoded_pairs())["input_ids"]
     with torch.no_grad():  # dropout does change this model's outputs: the test can fail
-        assert not torch.allclose(policy(data["input_ids"]), policy(data["input_ids"]), atol=1e-3)
-    history = dpo.train_dpo(policy, reference, data, torch.optim.SGD(policy.parameters(), lr=0.1),
+        assert not torch.allclose(policy(ids), policy(ids), atol=1e-3)
+    history = dpo.train_dpo(policy, reference, encoded_pairs(), torch.optim.SGD(policy.parameters(), lr=0.1),
                             epochs=1, batch_size=2, beta=1.0)
     assert history[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
 
 
-def test_mean_token_kl_matches_torch_distributions_and_is_zero_only_for_equal_distributions():
-    """KL(pi || pi_ref) = sum_v pi(v) log(pi(v) / pi_ref(v)), averaged over positions, also
-    when it is taken a few positions at a time."""
+def test_every_epoch_gets_a_new_order_and_visits_every_pair_once():
+    """epoch_batches: each epoch is a permutation of all pairs, cut into batches, and the
+    generator moves on between epochs, so the orders differ (a generator seeded again for
+    every epoch, or an order drawn once, would repeat). 40 pairs, batch 4."""
+    pairs = [([1] * (1 + i % 7), [2] * (1 + i % 5), [3]) for i in range(40)]
     generator = torch.Generator().manual_seed(0)
-    policy_logprobs = (2 * torch.randn(6, 13, generator=generator, dtype=torch.float64)).log_softmax(-1)
-    reference_logprobs = (2 * torch.randn(6, 13, generator=generator, dtype=torch.float64)).log_softmax(-1)
-    Categorical = torch.distributions.Categorical
-    expected = torch.distributions.kl_divergence(Categorical(logits=policy_logprobs),
-                                                 Categorical(logits=reference_logprobs)).mean()
-    swapped = torch.distributions.kl_divergence(Categorical(logits=reference_logprobs),
-                                                Categorical(logits=policy_logprobs)).mean()
-    assert abs(expected - swapped) > 0.1  # KL is not symmetric: the direction is checked
-    kl = dpo.mean_token_kl(policy_logprobs, reference_logprobs)
-    assert kl.item() == pytest.approx(expected.item(), rel=1e-12)
-    assert kl > 0
-    uneven_blocks = dpo.mean_token_kl(policy_logprobs, reference_logprobs, rows_at_once=4)  # 4 rows, then 2
-    assert uneven_blocks.item() == pytest.approx(expected.item(), rel=1e-12)
-    assert dpo.mean_token_kl(policy_logprobs, policy_logprobs).item() == pytest.approx(0.0, abs=1e-15)
+    epochs = [dpo.epoch_batches(pairs, 4, generator) for _ in range(3)]
+    for batches in epochs:
+        assert sorted(i for batch in batches for i in batch) == list(range(40))
+        assert all(len(batch) == 4 for batch in batches)
+    flat = [[i for batch in batches for i in batch] for batches in epochs]
+    assert flat[0] != flat[1] and flat[1] != flat[2] and flat[0] != flat[2]
+    again = torch.Generator().manual_seed(0)
+    assert dpo.epoch_batches(pairs, 4, again) == epochs[0]  # the seed decides
+
+
+def test_train_dpo_shows_the_policy_a_new_order_every_epoch():
+    """Through train_dpo itself: with one pair per step, the policy's inputs over each of four
+    epochs are the five pairs in four orders that are not all the same (a generator seeded
+    again every epoch would repeat the first)."""
+    policy = tiny_policy()
+    reference = dpo.make_reference(policy)  # before the hook: a deep copy would copy it too
+    forwards = count_forwards(policy)
+    dpo.train_dpo(policy, reference, encoded_pairs(), torch.optim.SGD(policy.parameters(), lr=0.0),
+                  epochs=4, batch_size=1)
+    epochs = [tuple(tuple(x[0].tolist()) for x in forwards[e * 5:(e + 1) * 5]) for e in range(4)]
+    assert all(sorted(epoch) == sorted(epochs[0]) for epoch in epochs)  # every pair once per epoch
+    assert len(set(epochs)) > 1
+
+
+def test_epoch_batches_put_pairs_of_similar_length_together():
+    """Sorting by length within chunks of shuffled pairs: far less padding than batches of
+    shuffled pairs alone, counted as padded positions over all positions, with lengths
+    spread from 2 to 200 tokens."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 200, (400,), generator=generator).tolist()
+    pairs = [([1], [2] * n, [3] * max(1, n - 5)) for n in lengths]
+
+    def padding(batches):
+        positions = sum(2 * len(b) * max(dpo.longest_row(pairs[i]) for i in b) for b in batches)
+        tokens = sum(2 * len(pairs[i][0]) + len(pairs[i][1]) + len(pairs[i][2]) for b in batches for i in b)
+        return 1 - tokens / positions
+
+    grouped = padding(dpo.epoch_batches(pairs, 8, generator))
+    order = torch.randperm(400, generator=generator).tolist()
+    shuffled = padding([order[i:i + 8] for i in range(0, 400, 8)])
+    assert shuffled > 0.3 and grouped < 0.1
 
 
 def test_train_dpo_is_deterministic_given_initial_weights_and_seed():
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
-
     def run(seed):
         policy = tiny_policy()
         reference = dpo.make_reference(policy)
-        return dpo.train_dpo(policy, reference, data, torch.optim.AdamW(policy.parameters(), lr=1e-2),
+        return dpo.train_dpo(policy, reference, encoded_pairs(), torch.optim.AdamW(policy.parameters(), lr=1e-2),
                              epochs=2, batch_size=2, seed=seed)
 
     assert run(seed=0) == run(seed=0)
     assert run(seed=0) != run(seed=1)  # the seed does choose the order of the batches
 
 
-
-
-# -----------------------------------------------------------------------------
-# The fast path of the training step, against the plain definitions
-
-
-def test_logits_at_scores_exactly_the_selected_positions():
-    """GPT.forward(idx, logits_at=mask) is model(idx)[mask]: the same numbers, only fewer rows."""
+def test_train_dpo_stops_at_the_first_step_whose_loss_is_not_finite():
+    """A learning rate of 1e30 sends the weights to +-1e30 after one step, and the next loss is
+    not finite: training stops there with an error that names the step and what to try."""
     policy = tiny_policy()
-    ids = torch.randint(28, (3, 10), generator=torch.Generator().manual_seed(0))
-    mask = torch.rand(3, 10, generator=torch.Generator().manual_seed(1)) < 0.4
-    full = policy(ids)
-    assert policy(ids, logits_at=mask).shape == (int(mask.sum()), 32)
-    assert torch.allclose(policy(ids, logits_at=mask), full[mask], atol=1e-6, rtol=0)
+    reference = dpo.make_reference(policy)
+    seen = []
+    with pytest.raises(RuntimeError, match=r"diverged at step 2: .* smaller learning rate"):
+        dpo.train_dpo(policy, reference, encoded_pairs(), dpo.make_optimizer(policy, lr=1e30), epochs=2,
+                      batch_size=2, on_step=seen.append)
+    assert [m["step"] for m in seen] == [1]  # the bad step was not passed on as a result
 
-
-def test_score_completions_equals_sequence_logps_of_the_full_logits():
-    """score_completions (logits only where a completion token is scored) gives the same log pi(y|x)
-    as the plain definition, sequence_logps(model(ids), ids, mask), and its (N, V) rows are
-    exactly the log-softmax at the positions that score completion tokens, in row-major order."""
-    policy = tiny_policy().double()
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
-    ids, mask = data["input_ids"], data["loss_mask"]
-    logps, vocab_logprobs = dpo.score_completions(policy, ids, mask)
-    full_logits = policy(ids)
-    assert torch.allclose(logps, dpo.sequence_logps(full_logits, ids, mask), atol=1e-12, rtol=0)
-    scoring = torch.zeros_like(mask, dtype=torch.bool)
-    scoring[:, :-1] = mask[:, 1:].bool()  # position t scores token t+1
-    assert torch.allclose(vocab_logprobs, full_logits[scoring].log_softmax(-1), atol=1e-12, rtol=0)
-    assert vocab_logprobs.shape[0] == int(mask.sum())  # one row per completion token
-
-
-def test_dpo_step_clips_the_gradient_to_max_grad_norm_and_reports_the_unclipped_norm():
-    """Gradient clipping (max-norm): after dpo_step the policy's gradient has total norm
-    max_grad_norm, in the direction of the unclipped gradient of the mean loss, taken here by
-    a separate backward pass; the reported grad_norm is the norm before clipping."""
-    policy, ids, mask, reference_logps = perturbed_policy_and_pairs(len(PAIRS))
-    batch = {"input_ids": ids, "loss_mask": mask, "reference_logps": reference_logps}
-    n = len(PAIRS)
-    logps = dpo.sequence_logps(policy(ids), ids, mask)
-    losses, _, _ = dpo.dpo_loss(logps[:n], logps[n:], reference_logps[:n], reference_logps[n:], beta=0.1)
-    unclipped = torch.autograd.grad(losses.mean(), list(policy.parameters()))
-    norm = torch.sqrt(sum((g ** 2).sum() for g in unclipped)).item()
-    max_norm = norm / 4  # so that clipping must act
-    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.1,
-                           max_grad_norm=max_norm)
-    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-9)
-    for p, g in zip(policy.parameters(), unclipped):  # (clip_grad_norm_ divides by norm + 1e-6)
-        assert torch.allclose(p.grad, g * max_norm / norm, rtol=1e-5, atol=1e-12)
-
-
-@pytest.mark.parametrize("clipped", [True, False])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-def test_clip_grad_norm_gives_torch_numbers_and_leaves_short_gradients_untouched(device, clipped):
-    """dpo.clip_grad_norm returns the same norm and leaves the same gradients, to the bit, as
-    torch.nn.utils.clip_grad_norm_ (computed here on a copy), on the CPU and on a GPU; when
-    the norm is within max_norm it writes nothing at all (no tensor's version counter moves),
-    rather than multiplying by 1.0. Parameters without a gradient are skipped."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(shape, device=device)) for shape in [(7, 5), (5,), (3, 3, 2), (4,)]]
-    for p in params[:3]:  # the last has no gradient
-        p.grad = torch.randn_like(p)
-    def gradient_norm():  # in float64, by the definition
-        return math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params[:3]))
-
-    norm = gradient_norm()
-    max_norm = norm / 3 if clipped else norm * 3
-    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    for p, c in zip(params, copies):
-        c.grad = None if p.grad is None else p.grad.clone()
-    versions = [p.grad._version for p in params[:3]]
-    got = dpo.clip_grad_norm(params, max_norm)
-    expected = torch.nn.utils.clip_grad_norm_(copies, max_norm)
-    assert torch.equal(got, expected) and got.item() == pytest.approx(norm, rel=1e-6)
-    for p, c in zip(params[:3], copies):
-        assert torch.equal(p.grad, c.grad)
-    new_norm = gradient_norm()
-    if clipped:
-        assert new_norm == pytest.approx(max_norm, rel=1e-5)
-    else:
-        assert [p.grad._version for p in params[:3]] == versions and new_norm == pytest.approx(norm, rel=1e-9)
-    assert params[3].grad is None
-
-
-def test_clip_grad_norm_of_no_gradients_is_zero_and_a_nan_spreads_as_in_torch():
-    """Nothing to clip: the norm is 0, as torch says. A NaN in one gradient makes the norm NaN,
-    and then every gradient NaN, as torch.nn.utils.clip_grad_norm_ does, so that a broken step
-    shows instead of passing unnoticed through the clipping."""
-    assert dpo.clip_grad_norm([torch.nn.Parameter(torch.ones(3))], 1.0).item() == 0.0
-    params = [torch.nn.Parameter(torch.ones(4)) for _ in range(2)]
-    params[0].grad = torch.tensor([1.0, float("nan"), 2.0, 3.0])
-    params[1].grad = torch.ones(4)
-    assert math.isnan(dpo.clip_grad_norm(params, 1.0).item())
-    assert all(torch.isnan(p.grad).all() for p in params)
+    policy = tiny_policy()  # a finite loss with a gradient that is not: stopped at step 1
+    policy.transformer.ln_f.weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(RuntimeError, match=r"diverged at step 1: loss 0\.69.*, gradient norm (inf|nan)"):
+        dpo.train_dpo(policy, dpo.make_reference(policy), encoded_pairs(), dpo.make_optimizer(policy, lr=1e-3))
 
 
 def test_cached_reference_log_probs_keep_the_model_precision():
-    """A float64 reference gives float64 cached log-probs, equal to a direct computation, so
-    that h is exactly 0 at step 0 in float64 too."""
+    """A float64 reference gives float64 cached log-probs, equal to a direct computation."""
     reference = tiny_policy().double()
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
-    cache = dpo.precompute_reference(reference, data, batch_size=3)
+    pairs = encoded_pairs()
+    chosen, rejected = dpo.pair_logps(reference, pairs, batch_size=3)
     with torch.no_grad():
-        direct = dpo.sequence_logps(reference(data["input_ids"]), data["input_ids"], data["loss_mask"])
-    assert cache["logps"].dtype == torch.float64
-    assert torch.allclose(cache["logps"], direct, atol=1e-12, rtol=0)
+        direct = plain_logps(reference, dpo.collate(pairs))
+    assert chosen.dtype == torch.float64
+    assert torch.allclose(chosen, direct[0], atol=1e-12, rtol=0)
+    assert torch.allclose(rejected, direct[1], atol=1e-12, rtol=0)
 
 
-def test_kl_cache_is_skipped_when_it_would_be_too_large():
-    """The reference's distributions are kept only within max_kl_bytes; beyond, the step still
-    trains and reports the KL as None (not tracked) instead of running out of memory."""
+# -----------------------------------------------------------------------------
+# Evaluation on held-out pairs
+
+
+def test_evaluate_at_the_start_is_log2_with_zero_margins_and_zero_kl():
+    """Before training the policy is the reference, and evaluate runs both on the same batches:
+    loss exactly log 2 (Eq. 7 at h = 0), every margin 0, KL 0."""
     policy = tiny_policy()
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
-    cache = dpo.precompute_reference(dpo.make_reference(policy), data, max_kl_bytes=1000)
-    assert cache["vocab_logprobs"] is None
-    batch = dpo.make_batch(data, cache, torch.arange(2), "cpu")
-    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch)
-    assert metrics["kl"] is None and metrics["loss"] == pytest.approx(LOG2, abs=1e-6)
+    m = dpo.evaluate(policy, dpo.make_reference(policy), encoded_pairs(), batch_size=2)
+    assert m["loss"] == pytest.approx(LOG2, abs=1e-7)
+    assert m["margin"] == 0.0 and m["reward_accuracy"] == 0.0 and m["kl"] == 0.0
 
 
-def test_dpo_step_reports_the_kl_of_exactly_its_batch_rows():
-    """The KL that dpo_step reports, for a shuffled batch of a perturbed policy, equals the mean over
-    the batch's completion positions of sum_v pi log(pi / pi_ref), computed here from both models'
-    full logits: so the cached reference rows are matched to the right completions."""
+def test_evaluate_equals_dpo_loss_and_kl_computed_pair_by_pair_from_full_logits():
+    """evaluate's numbers for a perturbed policy, against an independent computation: each pair
+    alone, through the plain definition on full logits; the loss and rewards from dpo_loss on
+    those log-probs, and the KL as sum_v pi log(pi / pi_ref) at every completion position
+    (chosen and rejected rows), averaged over positions."""
     policy = tiny_policy().double()
     reference = dpo.make_reference(policy)
     perturb(policy, std=0.1)
-    data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
-    cache = dpo.precompute_reference(reference, data, batch_size=3)  # batches that split pairs apart
-    pair_index = torch.tensor([4, 1, 2])
-    batch = dpo.make_batch(data, cache, pair_index, "cpu")
-    rows = torch.cat([pair_index, pair_index + len(PAIRS)])
-    ids, mask = data["input_ids"][rows], data["loss_mask"][rows]
+    losses, margins, kls = [], [], []
+    for pair in encoded_pairs():
+        batch = dpo.collate([pair])
+        with torch.no_grad():
+            loss, c, r = dpo.dpo_loss(*plain_logps(policy, batch), *plain_logps(reference, batch), beta=0.5,
+                                      loss_type="ipo")
+            p = policy(batch["input_ids"])[:, :-1].log_softmax(-1)
+            q = reference(batch["input_ids"])[:, :-1].log_softmax(-1)
+        losses.append(loss.item())
+        margins.append((c - r).item())
+        kls += (p.exp() * (p - q)).sum(-1)[batch["loss_mask"][:, 1:].bool()].tolist()
+    m = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=3, beta=0.5, loss_type="ipo")
+    assert min(kls) > 0 and abs(np.mean(margins)) > 1e-3  # the policy really moved
+    assert m["loss"] == pytest.approx(np.mean(losses), rel=1e-9)
+    assert m["margin"] == pytest.approx(np.mean(margins), rel=1e-9)
+    assert m["reward_accuracy"] == pytest.approx(np.mean([x > 0 for x in margins]))
+    assert m["kl"] == pytest.approx(np.mean(kls), rel=1e-9)
+
+
+def test_kl_is_taken_in_the_direction_kl_policy_to_reference():
+    """KL is not symmetric: evaluate's KL equals KL(pi || pi_ref) from torch.distributions and
+    differs from KL(pi_ref || pi) on the same model pair."""
+    policy = tiny_policy().double()
+    reference = dpo.make_reference(policy)
+    perturb(policy, std=0.3)
+    batch = dpo.collate(encoded_pairs())
+    scored = dpo.next_token_logprobs  # (N, V) log-probs at the completion positions
     with torch.no_grad():
-        p = policy(ids)[:, :-1].log_softmax(-1)
-        q = reference(ids)[:, :-1].log_softmax(-1)
-    per_position = (p.exp() * (p - q)).sum(-1)  # (rows, T-1): KL at each position
-    scored = mask[:, 1:].bool()
-    expected = per_position[scored].mean().item()
-    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.1)
-    assert expected > 1e-3  # the policy really differs from the reference
-    assert metrics["kl"] == pytest.approx(expected, rel=1e-9)
+        p, q = scored(policy, *batch.values()), scored(reference, *batch.values())
+    Categorical = torch.distributions.Categorical
+    forward = torch.distributions.kl_divergence(Categorical(logits=p), Categorical(logits=q)).mean().item()
+    backward = torch.distributions.kl_divergence(Categorical(logits=q), Categorical(logits=p)).mean().item()
+    assert abs(forward - backward) > 1e-3
+    kl = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=8)["kl"]
+    assert kl == pytest.approx(forward, rel=1e-9)
 
 
 @needs_cuda
@@ -1803,27 +941,28 @@ def test_dpo_step_on_cuda_computes_what_the_cpu_step_computes():
     """The same reference log-probs, step numbers and gradients on the GPU as on the CPU, to
     float32 rounding: the device changes where the numbers are computed, not which."""
     results = {}
+    pairs = [encoded_pairs()[i] for i in (3, 0, 2)]
     for device in ("cpu", "cuda"):
         policy = tiny_policy()
         reference = dpo.make_reference(policy)
-        perturb(policy)  # h != 0, so that the loss, rewards and KL are not all at their trivial values
+        perturb(policy)  # h != 0, so that the loss and rewards are not at their trivial values
         policy.to(device)
         reference.to(device)
-        data = dpo.encode_pairs(CharTokenizer(), PAIRS, block_size=32)
-        cache = dpo.precompute_reference(reference, data)
-        batch = dpo.make_batch(data, cache, torch.tensor([3, 0, 2]), device)
+        reference_logps = dpo.pair_logps(reference, pairs)
+        batch = dpo.make_batch(pairs, reference_logps, device)
         metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.5)
-        results[device] = cache["logps"], metrics, [p.grad.cpu() for p in policy.parameters()]
-    (cpu_logps, cpu_metrics, cpu_grads), (gpu_logps, gpu_metrics, gpu_grads) = results["cpu"], results["cuda"]
+        evaluation = dpo.evaluate(policy, reference, pairs)
+        results[device] = torch.cat(reference_logps), metrics, evaluation, [p.grad.cpu() for p in policy.parameters()]
+    (cpu_logps, cpu_metrics, cpu_eval, cpu_grads), (gpu_logps, gpu_metrics, gpu_eval, gpu_grads) = results.values()
     assert torch.allclose(gpu_logps, cpu_logps, rtol=0, atol=1e-4)
-    assert cpu_metrics["kl"] > 0 and cpu_metrics["margin"] != 0
+    assert cpu_eval["kl"] > 0 and cpu_metrics["margin"] != 0
     assert gpu_metrics == pytest.approx(cpu_metrics, rel=1e-4, abs=1e-6)
+    assert gpu_eval == pytest.approx(cpu_eval, rel=1e-4, abs=1e-6)
     for g_gpu, g_cpu in zip(gpu_grads, cpu_grads):
         assert torch.allclose(g_gpu, g_cpu, rtol=1e-3, atol=1e-6)
 
 
-# =============================================================================
-# 3. Theory on a bandit: DPO's optimum is pi_ref exp(r / beta) / Z; IPO stops, DPO does not
+# 2. Theory on a bandit: DPO's optimum is pi_ref exp(r / beta) / Z; IPO stops, DPO does not
 # =============================================================================
 
 
@@ -1938,12 +1077,1147 @@ def test_ipo_stops_at_finite_closed_form_under_deterministic_preferences(beta):
 
 
 # =============================================================================
-# 4. Bradley-Terry: the preference model under DPO, fitted on its own
+
+
+def test_python_dpo_py_shows_dpo_falling_towards_zero_and_ipo_stopping_at_its_closed_form():
+    """dpo.bandit_experiment, which `python dpo.py` prints: two answers, answer 0 always chosen,
+    a 50/50 reference. IPO's pi(y_rejected) settles at 1 / (1 + exp(1/(2 beta))), the point
+    where log(pi_c / pi_r) = 1/(2 beta) (IPO paper, Eq. 17); DPO's keeps falling, below IPO's."""
+    results = dpo.bandit_experiment(betas=(0.5, 2.0), checkpoints=(10, 100, 300))
+    for beta in (0.5, 2.0):
+        dpo_path, ipo_path = results["dpo", beta], results["ipo", beta]
+        assert ipo_path[-1] == pytest.approx(1 / (1 + torch.tensor(1 / (2 * beta)).exp().item()), abs=1e-4)
+        assert dpo_path[0] > dpo_path[1] > dpo_path[2] and dpo_path[-1] < ipo_path[-1]
+
+
+# =============================================================================
+# 3. The model: GPT-2 against an independent numpy forward pass
+# =============================================================================
+# Tests for model.py: GPT-2 forward pass, checkpoint loading and saving, generation, download,
+# atomic writes.
+#
+# Every check compares model.py against something written here independently of it:
+# - `gpt2`, a numpy GPT-2 forward pass after picoGPT (Jay Mody), reading the Hugging Face
+#   tensors exactly as the hub stores them (Conv1D weights are (in, out), so x @ W + b);
+# - `write_safetensors` / `read_safetensors`, a tiny safetensors writer and reader
+#   (format: 8-byte little-endian header length N, N bytes of JSON, then raw data);
+# - `FakeHub`, an HTTP server that answers like huggingface.co (a 302 to a CDN for
+#   model.safetensors, with the sha256 only in X-Linked-Etag; a 200 with a git-sha1 ETag
+#   for config.json).
+# The facts about the real files and the real hub that these fakes imitate are stated in
+# model.py, in the chapter that relies on each. Read model.py next.
+
+
+# ---------------------------------------------------------------------------
+# An independent GPT-2 forward pass in numpy (after picoGPT).
+
+def gelu(x):
+    """GPT-2's "gelu_new": the tanh approximation (the exact erf GELU breaks parity)."""
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def layer_norm(x, g, b, eps=1e-5):
+    mean, var = x.mean(axis=-1, keepdims=True), x.var(axis=-1, keepdims=True)
+    return g * (x - mean) / np.sqrt(var + eps) + b
+
+
+def linear(x, w, b):
+    return x @ w + b  # w is (in, out): the Conv1D orientation of the checkpoint
+
+
+def causal_self_attention(x, c_attn, c_proj, n_head):  # x: (T, C)
+    q, k, v = np.split(linear(x, *c_attn), 3, axis=-1)  # 3 x (T, C)
+    mask = np.triu(np.full((len(x), len(x)), -np.inf), k=1)  # token t sees tokens 0..t only
+    heads = [softmax(qh @ kh.T / np.sqrt(qh.shape[-1]) + mask) @ vh  # (T, C / n_head)
+             for qh, kh, vh in zip(*(np.split(a, n_head, axis=-1) for a in (q, k, v)))]
+    return linear(np.hstack(heads), *c_proj)  # (T, C)
+
+
+def mlp(x, c_fc, c_proj):
+    return linear(gelu(linear(x, *c_fc)), *c_proj)  # (T, 4C) -> (T, C)
+
+
+def gpt2(tokens, p, n_head):
+    """Logits (T, V) of one token sequence; p maps hub names ("h.0.attn.c_attn.weight") to arrays."""
+    def wb(name):
+        return p[name + ".weight"], p[name + ".bias"]
+    x = p["wte.weight"][tokens] + p["wpe.weight"][: len(tokens)]  # (T, C)
+    for i in range(len({k.split(".")[1] for k in p if k.startswith("h.")})):
+        h = f"h.{i}."
+        x = x + causal_self_attention(layer_norm(x, *wb(h + "ln_1")), wb(h + "attn.c_attn"),
+                                      wb(h + "attn.c_proj"), n_head)
+        x = x + mlp(layer_norm(x, *wb(h + "ln_2")), wb(h + "mlp.c_fc"), wb(h + "mlp.c_proj"))
+    return layer_norm(x, *wb("ln_f")) @ p["wte.weight"].T  # (T, V): the head is tied to wte
+
+
+def numpy_logits(params, n_head, idx):
+    """gpt2() on each row of idx (B, T), in float64 so that only model.py's rounding shows.
+    (Called "numpy" rather than "reference": in DPO the reference is the frozen model.)"""
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    return np.stack([gpt2(np.asarray(row), p64, n_head) for row in idx])  # (B, T, V)
+
+
+def model_logits(model, idx):
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(idx))).double().numpy()
+
+
+# ---------------------------------------------------------------------------
+# A test-side safetensors writer and reader (struct + json only).
+
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+NP_TO_ST = {np.dtype(v): k for k, v in ST_DTYPES.items()}
+
+
+def safetensors_bytes(header, data, align=False):
+    """A safetensors file: 8-byte little-endian length N, N bytes of JSON header, then data."""
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if align:  # what transformers' writer does: pad with spaces so the data is 8-byte aligned
+        text += b" " * (-len(text) % 8)
+    elif len(text) % 8 == 0:  # like the hub's gpt2 file, whose data starts at byte 14,291
+        text += b" "
+    assert (len(text) % 8 == 0) == align
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def write_safetensors(path, arrays, align=False):
+    """Write numpy arrays back to back, in dict order, with {"format": "pt"} metadata."""
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, a in arrays.items():
+        raw = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": NP_TO_ST[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    Path(path).write_bytes(safetensors_bytes(header, b"".join(chunks), align))
+
+
+def bf16_to_float32(raw):
+    """BF16 is the top half of a float32's bits."""
+    return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def read_safetensors(path):
+    """Return (header, {name: np.ndarray}); BF16 is widened to float32."""
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    arrays = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            begin, end = info["data_offsets"]
+            a = (bf16_to_float32(data[begin:end]) if info["dtype"] == "BF16"
+                 else np.frombuffer(data[begin:end], ST_DTYPES[info["dtype"]]))
+            arrays[name] = a.reshape(info["shape"])
+    return header, arrays
+
+
+# ---------------------------------------------------------------------------
+# Test-side GPT-2 checkpoints in the two real layouts.
+
+TINY = dict(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=32)
+TINY_CONFIG = GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=2, n_embd=16)
+COMMIT = "607a30d783dfa663caf39e06633721c8d4cfcd7e"  # the gpt2 commit many caches hold
+REPO_DIR = "models--openai-community--gpt2"  # its folder in the hub cache
+
+
+def hub_config(n_layer, n_head, n_embd, vocab_size, n_positions):
+    """config.json as openai-community/gpt2 has it, resized."""
+    return {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
+            "attn_pdrop": 0.1, "bos_token_id": vocab_size - 1, "embd_pdrop": 0.1,
+            "eos_token_id": vocab_size - 1, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+            "model_type": "gpt2", "n_ctx": n_positions, "n_embd": n_embd, "n_head": n_head,
+            "n_layer": n_layer, "n_positions": n_positions, "resid_pdrop": 0.1,
+            "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+            "summary_type": "cls_index", "summary_use_proj": True,
+            "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+            "vocab_size": vocab_size}
+
+
+def random_gpt2_params(config, seed=0):
+    """Random float32 weights named and shaped as in the hub's model.safetensors (no masks).
+
+    The scales keep activations O(1), so that a formula slip (erf GELU, a missing transpose,
+    a wrong eps) moves the logits far more than float32 rounding does."""
+    rng = np.random.default_rng(seed)
+    C, L = config["n_embd"], config["n_layer"]
+
+    def normal(*shape, mean=0.0, std=1.0):
+        return (mean + std * rng.standard_normal(shape)).astype(np.float32)
+
+    p = {"wte.weight": normal(config["vocab_size"], C, std=2 * C**-0.5),  # logits O(1)
+         "wpe.weight": normal(config["n_positions"], C, std=0.5)}
+    for i in range(L):
+        for name, (n_in, n_out) in {"ln_1": (0, C), "attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C),
+                                    "ln_2": (0, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}.items():
+            p[f"h.{i}.{name}.weight"] = (normal(n_in, n_out, std=n_in**-0.5) if n_in  # Conv1D: (in, out)
+                                         else normal(n_out, mean=1.0, std=0.2))  # layer norm gain
+            p[f"h.{i}.{name}.bias"] = normal(n_out, std=0.2)
+    p["ln_f.weight"], p["ln_f.bias"] = normal(C, mean=1.0, std=0.2), normal(C, std=0.2)
+    return p
+
+
+def write_checkpoint(directory, params, config, layout="hub", lm_head=False):
+    """Write config.json + model.safetensors the way the hub ("hub") or transformers'
+    save_pretrained ("transformers") does (model.py, chapter 4, states both layouts)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if layout == "hub":  # no prefix, causal-mask buffers, data not 8-byte aligned
+        mask = np.tril(np.ones((config["n_positions"],) * 2, np.float32))[None, None]  # (1, 1, P, P)
+        tensors = {**params, **{f"h.{i}.attn.bias": mask for i in range(config["n_layer"])}}
+    else:  # "transformer." prefix, no masks, header padded to a multiple of 8
+        tensors = {"transformer." + k: v for k, v in params.items()}
+    if lm_head:
+        tensors["lm_head.weight"] = params["wte.weight"]
+    write_safetensors(directory / "model.safetensors", tensors, align=(layout == "transformers"))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+@pytest.fixture
+def tiny():
+    """(config.json, weights) of a tiny GPT-2: random hub-layout float32 arrays, no masks."""
+    config = hub_config(**TINY)
+    return config, random_gpt2_params(config)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny):
+    """A directory holding the tiny checkpoint in the hub's layout."""
+    config, params = tiny
+    return write_checkpoint(tmp_path / "ckpt", params, config)
+
+
+
+
+def random_tokens(B=2, T=32, V=61, seed=0):
+    return np.random.default_rng(seed).integers(0, V, (B, T))
+
+
+def assert_matches_numpy(model, params, n_head=TINY["n_head"], idx=None, atol=1e-5):
+    """model's logits are the numpy GPT-2's on the same weights (random tokens by default)."""
+    idx = random_tokens() if idx is None else idx
+    np.testing.assert_allclose(model_logits(model, idx), numpy_logits(params, n_head, idx),
+                               rtol=0, atol=atol)
+
+
+# ---------------------------------------------------------------------------
+# The library leaves the process alone.
+
+def test_importing_model_sets_no_environment_variable(monkeypatch):
+    """A library sets no process-wide state on import (MKL_CBWR, say, is the scripts' to
+    set): model.py's top level, executed afresh, leaves os.environ exactly as it was."""
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    before = dict(os.environ)
+    spec = importlib.util.spec_from_file_location("model_imported_afresh", inspect.getsourcefile(GPT))
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert dict(os.environ) == before
+
+
+# ---------------------------------------------------------------------------
+# The network: size, shapes, tying.
+
+def count_params(C, L, V, P):
+    """GPT-2's parameters: embeddings, 12C^2 + 13C per block, the final layer norm."""
+    return V * C + P * C + L * (12 * C * C + 13 * C) + 2 * C
+
+
+def test_default_config_is_gpt2_124m_with_124439808_parameters():
+    """The tied head is counted once: the hub file's 548,090,880 data bytes / 4 floats,
+    minus its 12 causal masks of 1024 x 1024, is 124,439,808."""
+    with torch.device("meta"):  # shapes only, no memory
+        model = GPT(GPTConfig())
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 124_439_808 == count_params(C=768, L=12, V=50257, P=1024)
+    assert 548_090_880 // 4 - 12 * 1024 * 1024 == n
+
+
+def test_tiny_model_has_as_many_parameters_as_the_hub_checkpoint_has_floats(tiny):
+    """Every checkpoint tensor (masks aside) is a parameter, and nothing else is."""
+    _, params = tiny
+    model = GPT(TINY_CONFIG)
+    assert sum(p.numel() for p in model.parameters()) == sum(a.size for a in params.values())
+
+
+def test_lm_head_is_tied_to_token_embedding():
+    """GPT-2 has no separate output matrix: logits = x @ wte.T (the checkpoint has no lm_head).
+    Tied the plain way, as GPT-2 and nanoGPT do: one Parameter held by both modules."""
+    model = GPT(TINY_CONFIG)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_tied_matrix_gradient_is_the_head_part_plus_the_lookup_part():
+    """The tied matrix W gets a gradient from both its uses (chain rule): from the head,
+    logits = h @ W.T, dL/dW = sum over positions of dL/dlogits (V,) outer h (C,); from the
+    lookup, x0 = W[idx] + pos, row idx[b, t] gets dL/dx0[b, t]. Both are computed here by
+    hand, in float64, from the activations h and dL/dx0; a model that dropped either use
+    from the gradient (an untied copy, a detached head) would fail."""
+    torch.manual_seed(0)
+    model = GPT(TINY_CONFIG)
+    wte = model.transformer.wte.weight
+    idx = torch.randint(61, (2, 9))
+    idx[0, :4] = 7  # a repeated token: its rows add up
+    weights = torch.randn(2, 9, 61)  # loss = sum(logits * weights), so dL/dlogits = weights
+    seen = {}
+    model.transformer.ln_f.register_forward_hook(lambda module, inputs, h: seen.update(h=h))
+
+    def keep_x0(module, inputs, x0):  # drop's output: the lookup plus the positions
+        x0.retain_grad()
+        seen.update(x0=x0)
+    model.transformer.drop.register_forward_hook(keep_x0)
+    (model(idx) * weights).sum().backward()
+
+    head_part = torch.einsum("btv,btc->vc", weights.double(), seen["h"].detach().double())
+    lookup_part = torch.zeros(61, 16, dtype=torch.float64)
+    for b in range(2):
+        for t in range(9):
+            lookup_part[idx[b, t]] += seen["x0"].grad[b, t].double()
+    assert lookup_part.abs().max() > 1e-3 and head_part.abs().max() > 1e-3  # both parts matter
+    torch.testing.assert_close(wte.grad.double(), head_part + lookup_part, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_have_shape_batch_time_vocab():
+    """The model scores every position, not only the last (DPO needs all of them)."""
+    logits = GPT(TINY_CONFIG)(torch.zeros(3, 7, dtype=torch.long))
+    assert logits.shape == (3, 7, 61)
+
+
+def test_sequence_longer_than_block_size_raises_value_error():
+    """wpe has block_size rows; a longer input must fail loudly, naming both numbers."""
+    with pytest.raises(ValueError) as err:
+        GPT(TINY_CONFIG)(torch.zeros(1, 33, dtype=torch.long))
+    assert "33" in str(err.value) and "32" in str(err.value)
+
+
+# =============================================================================
+# 4. Checkpoints, safetensors and the hub: both real layouts, files written by hand here,
+#    a fake hub on 127.0.0.1
 # =============================================================================
 
 
-# -----------------------------------------------------------------------------
-# Bradley-Terry
+# ---------------------------------------------------------------------------
+# from_pretrained against the numpy GPT-2.
+
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_from_pretrained_directory_matches_numpy_gpt2(tmp_path, tiny, layout, lm_head):
+    """Both real layouts load: hub (no prefix, mask buffers, unaligned data) and
+    transformers (prefix, padded header), with or without a redundant lm_head.weight."""
+    config, params = tiny
+    write_checkpoint(tmp_path / "ckpt", params, config, layout, lm_head)
+    model = GPT.from_pretrained(str(tmp_path / "ckpt"))
+    assert not model.training  # dropout off: logits must be deterministic
+    assert model.lm_head.weight is model.transformer.wte.weight  # still one tensor, for training
+    assert_matches_numpy(model, params)
+
+
+def test_from_pretrained_bare_safetensors_file_uses_config_json_beside_it(tmp_path):
+    """n_head=2 cannot come from shapes (16 / 64 is not whole); config.json must supply it."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config, seed=1)
+    write_checkpoint(tmp_path, params, config)
+    model = GPT.from_pretrained(str(tmp_path / "model.safetensors"))
+    assert_matches_numpy(model, params)
+
+
+def test_from_pretrained_bare_file_without_config_infers_config_from_shapes(tmp_path):
+    """n_layer, n_embd, vocab_size and block_size are in the shapes; with GPT-2's n_embd=768,
+    n_head=12 is GPT-2's (head size 64)."""
+    config = hub_config(n_layer=1, n_head=12, n_embd=768, vocab_size=61, n_positions=8)
+    params = random_gpt2_params(config)
+    write_checkpoint(tmp_path, params, config)
+    (tmp_path / "config.json").unlink()
+    model = GPT.from_pretrained(str(tmp_path / "model.safetensors"))
+    assert_matches_numpy(model, params, n_head=12, idx=random_tokens(T=8))
+
+
+def test_from_pretrained_bare_file_of_a_width_gpt2_never_had_asks_for_config_json(tiny_dir):
+    """With n_embd=16 the head count is anybody's guess; guessing wrong would load a model
+    that runs and is wrong, so without config.json the file is refused."""
+    (tiny_dir / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json"):
+        GPT.from_pretrained(str(tiny_dir / "model.safetensors"))
+
+
+def test_from_pretrained_refuses_an_untied_output_head(tmp_path, tiny):
+    """This GPT ties the head to wte, as GPT-2 does; a different lm_head.weight cannot be honoured."""
+    config, params = tiny
+    params["lm_head.weight"] = params["wte.weight"] + 1.0
+    write_checkpoint(tmp_path, params, config)
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_float64_matches_numpy_gpt2_to_1e_9(tiny, tiny_dir):
+    """In float64 rounding is gone, so even small slips (eps 1e-6, a GELU variant) would show."""
+    _, params = tiny
+    model = GPT.from_pretrained(str(tiny_dir), dtype=torch.float64)
+    assert model.transformer.wte.weight.dtype == torch.float64
+    assert model.lm_head.weight is model.transformer.wte.weight  # .to(dtype) kept the tie
+    assert_matches_numpy(model, params, atol=1e-9)
+
+
+def test_numpy_gpt2_tells_tanh_gelu_from_erf_gelu(monkeypatch, tiny):
+    """The parity checks above can fail: the erf GELU moves these logits by more than 1e-4."""
+    config, params = tiny
+    idx = random_tokens(B=1)
+    tanh_logits = numpy_logits(params, config["n_head"], idx)
+    monkeypatch.setitem(globals(), "gelu", lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2))))
+    assert np.abs(numpy_logits(params, config["n_head"], idx) - tanh_logits).max() > 1e-4
+
+
+# ---------------------------------------------------------------------------
+# from_pretrained refuses checkpoints that do not fit.
+
+def load_edited_checkpoint(directory, edit):
+    """Write the tiny hub checkpoint with edit(tensors) applied, then load it."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config)
+    edit(params)
+    write_checkpoint(directory, params, config)
+    return GPT.from_pretrained(str(directory))
+
+
+def test_from_pretrained_missing_tensor_raises_value_error_naming_it(tmp_path):
+    """A silently random-initialised layer would be a wrong model that still runs."""
+    with pytest.raises(ValueError, match=re.escape("h.1.mlp.c_fc.bias")):
+        load_edited_checkpoint(tmp_path, lambda p: p.pop("h.1.mlp.c_fc.bias"))
+
+
+def test_from_pretrained_unexpected_tensor_raises_value_error_naming_it(tmp_path):
+    """An unknown tensor means the file is not the architecture we think it is."""
+    def add(p):
+        p["h.0.mlp.c_gate.weight"] = np.zeros((16, 64), np.float32)
+    with pytest.raises(ValueError, match=re.escape("h.0.mlp.c_gate.weight")):
+        load_edited_checkpoint(tmp_path, add)
+
+
+def test_from_pretrained_shape_mismatch_raises_value_error_naming_tensor_and_shapes(tmp_path):
+    """config.json says 32 positions, the file's wpe has 31: say which tensor and both shapes."""
+    def shrink(p):
+        p["wpe.weight"] = p["wpe.weight"][:31]
+    with pytest.raises(ValueError) as err:
+        load_edited_checkpoint(tmp_path, shrink)
+    message = str(err.value)
+    assert "wpe.weight" in message
+    assert re.search(r"31\D{1,4}16", message) and re.search(r"32\D{1,4}16", message), message
+
+
+# ---------------------------------------------------------------------------
+# safetensors: round trip, independent parsing, malformed files, atomic writes.
+
+def test_save_safetensors_round_trip_and_header_parsed_independently(tmp_path):
+    """dtype strings, shapes and contiguous offsets are what the format spec says; values,
+    dtypes and metadata survive; a transposed view is written by value, not by storage."""
+    path = tmp_path / "t.safetensors"
+    w = torch.randn(3, 5)
+    tensors = {"f32": torch.randn(2, 3), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2).bfloat16(),
+               "transposed": w.t(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    save_safetensors(tensors, path, metadata={"format": "pt", "note": "hello"})
+
+    header, arrays = read_safetensors(path)
+    assert header["__metadata__"] == {"format": "pt", "note": "hello"}
+    assert {k: v["dtype"] for k, v in header.items() if k != "__metadata__"} == {
+        "f32": "F32", "f16": "F16", "bf16": "BF16", "transposed": "F32", "scalar": "F32", "empty": "F32"}
+    assert {k: v["shape"] for k, v in header.items() if k != "__metadata__"} == {
+        k: list(t.shape) for k, t in tensors.items()}
+    spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no gaps
+    n_header = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert 8 + n_header + spans[-1][1] == path.stat().st_size
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(arrays[name], t.float().numpy())
+
+    loaded = load_safetensors(path)
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+
+
+EVERY_DTYPE = {  # name in the file: values that each dtype must keep exactly, extremes included
+    "F64": ([1 / 3, -0.0, -1e308, 5e-324, np.inf], np.float64, torch.float64),
+    "F32": ([1 / 3, -0.0, -3.4e38, 1e-45, -np.inf], np.float32, torch.float32),
+    "F16": ([1 / 3, -0.0, 65504.0, -6e-8, np.inf], np.float16, torch.float16),
+    "BF16": ([1.5, -2.0, 2.0**127, -np.inf, -(2.0**-133)], None, torch.bfloat16),  # exact in BF16
+    "I64": ([-(2**63), 2**63 - 1, -1, 0, 50256], np.int64, torch.int64),
+    "I32": ([-(2**31), 2**31 - 1, -1, 0, 7], np.int32, torch.int32),
+    "I16": ([-(2**15), 2**15 - 1, -1, 0, 7], np.int16, torch.int16),
+    "I8": ([-128, 127, -1, 0, -7], np.int8, torch.int8),  # signed: the negatives must come back negative
+    "U8": ([0, 255, 1, 128, 7], np.uint8, torch.uint8),
+    "BOOL": ([True, False, True, True, False], np.bool_, torch.bool),
+}
+
+
+def test_every_dtype_model_py_knows_is_tested_here():
+    """The round trip below covers the whole of model.py's dtype table, no more, no less."""
+    assert set(SAFETENSORS_DTYPES) == set(EVERY_DTYPE)
+
+
+@pytest.mark.parametrize("name", EVERY_DTYPE)
+def test_every_dtype_round_trips_exactly_through_files_read_and_written_independently(tmp_path, name):
+    """save_safetensors writes each dtype under its spec name with the values a plain
+    little-endian reader decodes (I8 as signed two's complement, BOOL as 0/1 bytes), and
+    load_safetensors decodes a file the test-side writer made to the same values and dtype."""
+    values, np_dtype, torch_dtype = EVERY_DTYPE[name]
+    t = torch.tensor(values, dtype=torch_dtype).reshape(5, 1)
+    save_safetensors({"t": t}, tmp_path / "ours.safetensors")
+    header, arrays = read_safetensors(tmp_path / "ours.safetensors")
+    assert header["t"]["dtype"] == name and header["t"]["shape"] == [5, 1]
+    expected = np.array(values, np.float32 if name == "BF16" else np_dtype).reshape(5, 1)
+    np.testing.assert_array_equal(arrays["t"], expected)
+    if expected.dtype.kind == "f":
+        np.testing.assert_array_equal(np.signbit(arrays["t"]), np.signbit(expected))  # -0.0 too
+
+    if name == "BF16":  # the test-side writer has no BF16: its bits are a float32's top half
+        data = (expected.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        entry = {"dtype": "BF16", "shape": [5, 1], "data_offsets": [0, len(data)]}
+        (tmp_path / "theirs.safetensors").write_bytes(safetensors_bytes({"t": entry}, data))
+    else:
+        write_safetensors(tmp_path / "theirs.safetensors", {"t": expected})
+    for path in ("ours.safetensors", "theirs.safetensors"):
+        loaded = load_safetensors(tmp_path / path)["t"]
+        assert loaded.dtype == torch_dtype and loaded.shape == (5, 1), path
+        assert loaded.view(torch.uint8).tolist() == t.view(torch.uint8).tolist(), path  # bit for bit
+
+
+def test_load_safetensors_reads_hand_written_f16_and_bf16_at_unaligned_offsets(tmp_path):
+    """A 6-byte F16 tensor first pushes the F32 and BF16 data off any alignment."""
+    f16 = np.array([1.5, -2.0, 65504.0], np.float16)
+    f32 = np.array([[0.1, -3e38], [1e-45, 7.0]], np.float32)
+    bf16_bits = np.array([0x3FC0, 0xC000, 0x7F80], np.uint16)  # 1.5, -2.0, +inf
+    data = f16.tobytes() + f32.tobytes() + bf16_bits.tobytes()
+    header = {"__metadata__": {"format": "pt"},
+              "half": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+              "single": {"dtype": "F32", "shape": [2, 2], "data_offsets": [6, 22]},
+              "brain": {"dtype": "BF16", "shape": [3], "data_offsets": [22, 28]}}
+    (tmp_path / "t.safetensors").write_bytes(safetensors_bytes(header, data))
+    loaded = load_safetensors(tmp_path / "t.safetensors")
+    assert loaded["half"].dtype == torch.float16 and loaded["brain"].dtype == torch.bfloat16
+    np.testing.assert_array_equal(loaded["half"].numpy(), f16)
+    np.testing.assert_array_equal(loaded["single"].numpy(), f32)
+    np.testing.assert_array_equal(loaded["brain"].float().numpy(), [1.5, -2.0, np.inf])
+
+
+def one_tensor(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+EIGHT_BYTES = np.arange(2, dtype=np.float32).tobytes()
+MALFORMED = {  # name: (file bytes, what the message must say)
+    "shorter than the length prefix": (b"\x10\x00\x00", r"(?i)truncat|short|small|header"),
+    "truncated data": (safetensors_bytes({"a": one_tensor(shape=[4], offsets=[0, 16])}, EIGHT_BYTES * 2)[:-5],
+                       r"(?i)truncat|short|offset|range|beyond|exceed|end"),
+    "header length past the end": (struct.pack("<Q", 1000) + b'{"a":1}', r"(?i)header"),
+    "header length above 100 MB": (struct.pack("<Q", 2**62) + b"{}", r"(?i)header"),
+    "header not JSON": (struct.pack("<Q", 5) + b"{oops", r"(?i)json"),
+    "header a JSON list": (safetensors_bytes([1, 2], b""), r"(?i)object|dict|mapping"),
+    "offsets overlap": (safetensors_bytes({"a": one_tensor(offsets=[0, 8]), "b": one_tensor(offsets=[4, 12])},
+                                          EIGHT_BYTES + EIGHT_BYTES[:4]), r"(?i)overlap|contiguous|offset"),
+    "gap between tensors": (safetensors_bytes({"a": one_tensor(offsets=[0, 8]), "b": one_tensor(offsets=[12, 20])},
+                                              EIGHT_BYTES * 2 + EIGHT_BYTES[:4]), r"(?i)gap|contiguous|offset"),
+    "offsets past the data": (safetensors_bytes({"a": one_tensor(offsets=[8, 16])}, EIGHT_BYTES),
+                              r"(?i)offset|range|beyond|exceed|truncat|gap|contiguous"),
+    "end before begin": (safetensors_bytes({"a": one_tensor(offsets=[8, 0])}, EIGHT_BYTES),
+                         r"(?i)offset|range|order|byte|size"),
+    "byte count != numel * itemsize": (safetensors_bytes({"a": one_tensor(shape=[3], offsets=[0, 8])}, EIGHT_BYTES),
+                                       r"(?i)byte|size|numel|shape"),
+    "unknown dtype": (safetensors_bytes({"a": one_tensor(dtype="X3")}, EIGHT_BYTES), r"(?i)dtype|X3"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_load_safetensors_rejects_malformed_file_with_value_error_naming_path(tmp_path, case):
+    """A broken download must say what is wrong and where, not crash deep inside numpy/json."""
+    content, pattern = MALFORMED[case]
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=pattern) as err:
+        load_safetensors(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("extra", [b"\0", b"\0" * 8, EIGHT_BYTES * 3])
+def test_load_safetensors_refuses_bytes_after_the_last_tensor(tmp_path, extra):
+    """The spec (and its reference reader) wants the tensors to tile the data exactly: bytes
+    after the last tensor mean the header and the file disagree (a file appended to, or the
+    wrong header). The message names the problem, how many bytes, and the file."""
+    path = tmp_path / "trailing.safetensors"
+    path.write_bytes(safetensors_bytes({"a": one_tensor()}, EIGHT_BYTES + extra))
+    with pytest.raises(ValueError, match=rf"{len(extra)} trailing bytes after the last tensor") as err:
+        load_safetensors(path)
+    assert str(path) in str(err.value)
+    path.write_bytes(safetensors_bytes({"a": one_tensor()}, EIGHT_BYTES))  # the same file, without them,
+    assert load_safetensors(path)["a"].tolist() == [0.0, 1.0]  # loads
+
+
+def test_save_safetensors_replaces_the_file_atomically(tmp_path):
+    """Written to a temporary file, then os.replace'd: a reader that has the old file open
+    keeps reading the old bytes, and only the target file remains."""
+    path = tmp_path / "x.safetensors"
+    save_safetensors({"a": torch.ones(3)}, path)
+    old = path.read_bytes()
+    with open(path, "rb") as reader:
+        save_safetensors({"a": torch.zeros(300)}, path)
+        assert reader.read() == old
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_failed_save_safetensors_keeps_old_file_and_leaves_no_temp_files(tmp_path):
+    """A save that dies half-way must not destroy the previous checkpoint or leave debris.
+    A meta tensor has a dtype and a shape but no bytes, so writing it fails mid-file."""
+    path = tmp_path / "x.safetensors"
+    save_safetensors({"a": torch.ones(3)}, path)
+    for bad in ("not a tensor", torch.empty(3, device="meta")):
+        for target in (path, tmp_path / "new.safetensors"):
+            with pytest.raises(Exception):  # any error, as long as it is raised
+                save_safetensors({"a": torch.zeros(3), "b": bad}, target)
+            assert os.listdir(tmp_path) == ["x.safetensors"]
+            assert torch.equal(load_safetensors(path)["a"], torch.ones(3))
+
+
+# ---------------------------------------------------------------------------
+# write_atomically: the one helper every write goes through (train_toy.py uses it for
+# its whole output folder).
+
+def tree(root):
+    """{relative path: bytes} of every file below root (or of root itself, if a file)."""
+    root = Path(root)
+    if root.is_file():
+        return {".": root.read_bytes()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_file(tmp):
+    tmp.write_bytes(b"new file")
+
+
+def write_folder(tmp):
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"new weights")
+    (tmp / "metrics.jsonl").write_text('{"step": 1}\n')
+
+
+WRITERS = {"file": (write_file, {".": b"new file"}),
+           "folder": (write_folder, {"metrics.jsonl": b'{"step": 1}\n', "model.safetensors": b"new weights"})}
+
+
+@pytest.fixture(params=["nothing", "file", "folder"])
+def old(request, tmp_path):
+    """What is at tmp_path/out before the write: nothing, a file, or a folder with a subfolder."""
+    path = tmp_path / "out"
+    if request.param == "file":
+        path.write_bytes(b"old file")
+    elif request.param == "folder":
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "old.bin").write_bytes(b"old weights")
+        (path / "notes.txt").write_text("old notes")
+    return path
+
+
+@pytest.mark.parametrize("kind", WRITERS)
+def test_write_atomically_puts_the_new_file_or_folder_in_place_and_nothing_else(old, kind):
+    """On success path holds exactly what write(tmp) made (old contents gone, a folder's too),
+    tmp was a fresh name in the same folder, and no temporary sibling is left. The files get
+    the permissions open() gives under the umask, not mkstemp's 0600."""
+    write, expected = WRITERS[kind]
+    given = []
+
+    def recording_write(tmp):
+        given.append(tmp)
+        assert tmp.parent == old.parent and not os.path.lexists(tmp)
+        write(tmp)
+    write_atomically(old, recording_write)
+    assert tree(old) == expected
+    assert os.listdir(old.parent) == ["out"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [old, *old.rglob("*")]:
+        if p.is_file():
+            assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("kind", WRITERS)
+def test_write_atomically_that_fails_leaves_the_old_contents_and_no_temporary(old, kind, error):
+    """An exception inside write (even KeyboardInterrupt) propagates, path is byte for byte
+    what it was (or still absent), and the half-written file or folder is gone."""
+    before = tree(old) if old.exists() else None
+    write, _ = WRITERS[kind]
+
+    def failing_write(tmp):
+        write(tmp)  # half done...
+        raise error("interrupted")
+    with pytest.raises(error, match="interrupted"):
+        write_atomically(old, failing_write)
+    assert (tree(old) if old.exists() else None) == before
+    assert os.listdir(old.parent) == (["out"] if before is not None else [])
+
+
+# ---------------------------------------------------------------------------
+# save_pretrained writes what the hub serves.
+
+def test_save_pretrained_writes_hub_layout_that_numpy_gpt2_reproduces(tmp_path):
+    """No prefix, no lm_head, Conv1D (in, out) weights: the numpy GPT-2, which reads
+    the hub layout, must reproduce the model's own logits from the saved file alone."""
+    torch.manual_seed(0)
+    model = GPT(TINY_CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial layer norms and biases too
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "gpt2"
+    assert {k: config[k] for k in TINY} == TINY
+
+    header, arrays = read_safetensors(tmp_path / "model.safetensors")
+    assert header["__metadata__"]["format"] == "pt"
+    expected = {k: v.shape for k, v in random_gpt2_params(hub_config(**TINY)).items()}
+    masks = {k for k in arrays if re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", k)}  # optional buffers
+    assert {k: a.shape for k, a in arrays.items() if k not in masks} == expected
+    assert arrays["h.0.attn.c_attn.weight"].shape == (16, 48)  # (in, out), not nn.Linear's (out, in)
+    params = {k: a for k, a in arrays.items() if k not in masks}
+    assert_matches_numpy(model, params)
+
+
+def test_save_pretrained_then_from_pretrained_round_trips_exactly(tmp_path, tiny, tiny_dir):
+    """Loading a hub checkpoint and saving it gives back the same tensors bit for bit,
+    and reloading the saved directory gives identical logits."""
+    _, params = tiny
+    model = GPT.from_pretrained(str(tiny_dir))
+    model.save_pretrained(tmp_path / "out")
+    _, arrays = read_safetensors(tmp_path / "out" / "model.safetensors")
+    for name, a in params.items():
+        np.testing.assert_array_equal(arrays[name], a, err_msg=name)
+    again = GPT.from_pretrained(str(tmp_path / "out"))
+    assert np.array_equal(model_logits(again, random_tokens()), model_logits(model, random_tokens()))
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes must not leave owner-only files (as mkstemp makes them): the result is
+    as open() makes it under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    GPT(TINY_CONFIG).save_pretrained(tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+# ---------------------------------------------------------------------------
+# generate
+
+def numpy_greedy(params, n_head, prompt, n_new):
+    """Append argmax of the last position's logits, n_new times, using the numpy model."""
+    seq = list(prompt)
+    for _ in range(n_new):
+        seq.append(int(numpy_logits(params, n_head, [seq])[0, -1].argmax()))
+    return seq
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)])
+def test_greedy_generate_equals_argmax_loop_of_numpy_gpt2(tiny, tiny_dir, sampling):
+    """temperature 0 is greedy decoding; so is sampling restricted to the top 1 token."""
+    config, params = tiny
+    model = GPT.from_pretrained(str(tiny_dir))
+    prompt = random_tokens(B=2, T=5)
+    out = model.generate(torch.as_tensor(prompt), max_new_tokens=10, **sampling)
+    assert out.shape == (2, 15)
+    for row, p in zip(out.tolist(), prompt):
+        assert row == numpy_greedy(params, config["n_head"], p, 10)
+
+
+# ---------------------------------------------------------------------------
+# Downloading from the hub, against a fake hub on 127.0.0.1 (model.py, chapter 5, states
+# how the real one answers).
+
+def git_blob_sha1(data):
+    """The ETag the hub gives files stored in git (config.json): git's object id."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class FakeHub:
+    files: dict  # filename -> bytes
+    repo: str = "openai-community/gpt2"  # where the files live; another name = a renamed repo
+    truncate: bool = False  # the CDN promises the whole file, sends half, hangs up
+    linked_etag: str = ""  # override X-Linked-Etag (a wrong sha256)
+    no_linked_etag: bool = False  # a hub that states no sha256: only the size can catch a cut
+    direct: bool = False  # a mirror that serves large files itself, 200 with a sha256 ETag
+    config_etag: str = ""  # override config.json's ETag (a wrong git blob sha1)
+    requests: list = field(default_factory=list)
+
+
+class FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    """Answers like huggingface.co; HTTP/1.0, so every connection closes after one answer."""
+
+    def do_HEAD(self):
+        self.answer(send_body=False)
+
+    def do_GET(self):
+        self.answer(send_body=True)
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def send(self, status, headers, body=b"", send_body=True):
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": headers.get("Content-Length", len(body))}.items():
+            self.send_header(key, str(value))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def answer(self, send_body):
+        hub = self.server.hub
+        hub.requests.append((self.command, self.path))
+        path = urllib.parse.urlsplit(self.path).path
+        m = re.fullmatch(r"/(.+)/resolve/main/([^/]+)", path)
+        if path.startswith("/cdn/") and path[5:] in hub.files:  # the CDN: its own, different ETag
+            data = hub.files[path[5:]]
+            headers = {"ETag": f'"{hashlib.sha256(b"cdn" + data).hexdigest()}"', "Content-Length": len(data)}
+            self.send(200, headers, data[: len(data) // 2] if hub.truncate else data, send_body)
+        elif m and m[1] != hub.repo:  # renamed repo: a relative redirect to the new hub path
+            self.send(307, {"Location": f"/{hub.repo}/resolve/main/{m[2]}"})
+        elif m and m[2] == "config.json":  # small file in git: 200 directly
+            data = hub.files["config.json"]
+            etag = hub.config_etag or git_blob_sha1(data)
+            self.send(200, {"ETag": f'"{etag}"', "X-Repo-Commit": COMMIT}, data, send_body)
+        elif m and m[2] in hub.files and hub.direct:  # a mirror: the bytes at once, sha256 as ETag
+            data = hub.files[m[2]]
+            etag = hub.linked_etag or hashlib.sha256(data).hexdigest()
+            self.send(200, {"ETag": f'"{etag}"', "X-Repo-Commit": COMMIT}, data, send_body)
+        elif m and m[2] in hub.files:  # LFS file: 302 to the CDN; the hub's facts only here
+            data, port = hub.files[m[2]], self.server.server_address[1]
+            cdn = f"http://localhost:{port}/cdn/{m[2]}?X-Amz-Signature=f00d"  # same server, another host name
+            headers = {"Location": cdn, "X-Linked-Size": len(data), "X-Repo-Commit": COMMIT,
+                       "X-Linked-Etag": f'"{hub.linked_etag or hashlib.sha256(data).hexdigest()}"'}
+            if hub.no_linked_etag:
+                del headers["X-Linked-Etag"]
+            self.send(302, headers)
+        else:
+            self.send(404, {"X-Error-Code": "EntryNotFound"})
+
+
+@contextlib.contextmanager
+def serving(hub, monkeypatch):
+    """Run the fake hub in a daemon thread with HF_ENDPOINT pointing at it; always shut it down."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
+    server.hub = hub
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def closed_port_url():
+    """A URL where nothing listens: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def files_under(root):
+    """Every file and symlink below root, relative to it, sorted."""
+    return sorted(str(Path(d, f).relative_to(root)) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache at $HF_HOME/hub under tmp_path; no other hub setting leaks in."""
+    for var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME", "HF_ENDPOINT",
+                "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    return tmp_path / "hf" / "hub"
+
+
+@pytest.fixture
+def no_network(hub_cache, monkeypatch):
+    """HF_ENDPOINT at a port where nothing listens: any download attempt fails at once."""
+    url = closed_port_url()
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    return url
+
+
+@pytest.fixture
+def tiny_repo(tiny, tiny_dir):
+    """(params, config, files) of the tiny checkpoint in the hub layout, as the hub would serve it."""
+    config, params = tiny
+    files = {name: (tiny_dir / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    return params, config, files
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"HF_HUB_CACHE": "/a", "HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/a"),
+    ({"HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/b/hub"),
+    ({"XDG_CACHE_HOME": "/c"}, "/c/huggingface/hub"),
+    ({"HOME": "/home/u"}, "/home/u/.cache/huggingface/hub"),
+])
+def test_hub_cache_dir_follows_huggingface_hub_precedence(monkeypatch, env, expected):
+    """The same order huggingface_hub uses, so an existing cache is found and reused."""
+    for var in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert Path(hub_cache_dir()) == Path(expected)
+
+
+def test_from_pretrained_gpt2_downloads_into_hub_cache_then_reuses_it_offline(hub_cache, tiny_repo, monkeypatch):
+    """The cache after a download looks like huggingface_hub's (blob named by sha256,
+    relative symlink, refs/main, files readable as open() makes them), and a second call
+    needs no network at all."""
+    params, config, files = tiny_repo
+    with serving(FakeHub(files), monkeypatch) as hub:
+        assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+        assert any("/cdn/model.safetensors" in path for _, path in hub.requests)
+        n_requests = len(hub.requests)
+        GPT.from_pretrained("gpt2")
+        assert len(hub.requests) == n_requests  # answered from the cache
+
+    sha256, sha1 = hashlib.sha256(files["model.safetensors"]).hexdigest(), git_blob_sha1(files["config.json"])
+    assert files_under(hub_cache) == sorted([
+        f"{REPO_DIR}/blobs/{sha256}", f"{REPO_DIR}/blobs/{sha1}", f"{REPO_DIR}/refs/main",
+        f"{REPO_DIR}/snapshots/{COMMIT}/config.json", f"{REPO_DIR}/snapshots/{COMMIT}/model.safetensors"])
+    repo = hub_cache / REPO_DIR
+    assert (repo / "refs" / "main").read_text().strip() == COMMIT
+    assert (repo / "blobs" / sha256).read_bytes() == files["model.safetensors"]
+    for name, blob in [("model.safetensors", sha256), ("config.json", sha1)]:
+        assert os.readlink(repo / "snapshots" / COMMIT / name) == f"../../blobs/{blob}"
+    umask = os.umask(0)
+    os.umask(umask)
+    for blob in (sha256, sha1):
+        assert (repo / "blobs" / blob).stat().st_mode & 0o777 == 0o666 & ~umask
+
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)  # server gone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+
+
+@pytest.mark.parametrize("fault", ["truncate", "wrong sha256"])
+def test_failed_download_raises_and_leaves_nothing_cached(hub_cache, tiny_repo, monkeypatch, fault):
+    """A half or corrupt file must never look like a cached model; config.json, which did
+    download correctly, may stay."""
+    _, _, files = tiny_repo
+    wrong = hashlib.sha256(b"some other file").hexdigest()
+    hub = FakeHub(files, truncate=(fault == "truncate"), linked_etag=wrong if fault == "wrong sha256" else "")
+    with serving(hub, monkeypatch), pytest.raises((RuntimeError, ValueError)) as err:
+        GPT.from_pretrained("gpt2")
+    if fault == "wrong sha256":
+        assert "sha256" in str(err.value).lower()
+    config_files = {f"{REPO_DIR}/blobs/{git_blob_sha1(files['config.json'])}", f"{REPO_DIR}/refs/main",
+                    f"{REPO_DIR}/snapshots/{COMMIT}/config.json"}
+    assert set(files_under(hub_cache.parent)) <= config_files
+
+
+def test_config_json_not_matching_its_git_blob_sha1_is_not_kept(hub_cache, tiny_repo, monkeypatch, capsys):
+    """config.json's ETag is git's blob id of its bytes: a mismatch is reported and the file
+    is not kept. The weights, already verified, stay; the known gpt2 config then stands in,
+    which these tiny weights do not fit, so loading them fails."""
+    _, _, files = tiny_repo
+    with serving(FakeHub(files, config_etag=git_blob_sha1(b"another config")), monkeypatch), \
+            pytest.raises(ValueError, match="missing tensor.*of the configured size"):
+        GPT.from_pretrained("gpt2")
+    assert "corrupt: its git blob sha1" in capsys.readouterr().err
+    sha256 = hashlib.sha256(files["model.safetensors"]).hexdigest()
+    assert files_under(hub_cache) == sorted([f"{REPO_DIR}/blobs/{sha256}", f"{REPO_DIR}/refs/main",
+                                             f"{REPO_DIR}/snapshots/{COMMIT}/model.safetensors"])
+
+
+def test_truncated_download_is_caught_by_its_size_when_no_sha256_is_stated(hub_cache, tiny_repo, monkeypatch):
+    """Without X-Linked-Etag only X-Linked-Size can tell a cut download from a whole one."""
+    _, _, files = tiny_repo
+    with serving(FakeHub(files, truncate=True, no_linked_etag=True), monkeypatch), \
+            pytest.raises(RuntimeError) as err:
+        GPT.from_pretrained("gpt2")
+    half, whole = len(files["model.safetensors"]) // 2, len(files["model.safetensors"])
+    assert f"stopped after {half} of {whole} bytes" in str(err.value)
+    assert files_under(hub_cache.parent) == []
+
+
+def test_a_whole_download_without_a_stated_sha256_goes_straight_into_the_snapshot(hub_cache, tiny_repo,
+                                                                                   monkeypatch):
+    """With no hash from the hub there is no blob name, and the CDN's own ETag must not be
+    taken for one: the checked-by-size file is kept as a plain file in the snapshot."""
+    params, _, files = tiny_repo
+    with serving(FakeHub(files, no_linked_etag=True), monkeypatch):
+        assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+    weights = hub_cache / REPO_DIR / "snapshots" / COMMIT / "model.safetensors"
+    assert not weights.is_symlink() and weights.read_bytes() == files["model.safetensors"]
+    assert files_under(hub_cache / REPO_DIR / "blobs") == [git_blob_sha1(files["config.json"])]
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_a_mirror_serving_files_directly_is_checked_by_its_sha256_etag(hub_cache, tiny_repo, monkeypatch, good):
+    """HF_ENDPOINT may be a mirror that answers 200 with the bytes and a 64-hex ETag: that ETag
+    is the sha256 to check (and a wrong one is refused), while a 40-hex one is git's blob id."""
+    params, _, files = tiny_repo
+    wrong = "" if good else hashlib.sha256(b"another file").hexdigest()
+    with serving(FakeHub(files, direct=True, linked_etag=wrong), monkeypatch):
+        if good:
+            assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+        else:
+            with pytest.raises(RuntimeError, match="corrupt: its sha256"):
+                GPT.from_pretrained("gpt2")
+            assert files_under(hub_cache.parent) == []
+
+
+def test_an_unwritable_cache_is_a_clear_error(tmp_path, no_network, monkeypatch):
+    """A cache folder that cannot be made (here: a file is in the way) says where and what to set."""
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "not-a-folder" / "hub"))
+    with pytest.raises(RuntimeError, match="cannot write to the Hugging Face cache .* HF_HUB_CACHE"):
+        GPT.from_pretrained("gpt2")
+
+
+def test_from_pretrained_follows_relative_redirect_of_renamed_repo(hub_cache, tiny_repo, monkeypatch):
+    """A renamed repo answers 307 with a relative Location on the hub itself."""
+    params, _, files = tiny_repo
+    with serving(FakeHub(files, repo="openai-community/gpt2-renamed"), monkeypatch) as hub:
+        model = GPT.from_pretrained("gpt2")
+    assert any(path.startswith("/openai-community/gpt2-renamed/") for _, path in hub.requests)
+    assert_matches_numpy(model, params)
+
+
+@pytest.mark.parametrize("value", ["1", "on", "Yes", "TRUE"])
+def test_offline_and_not_cached_raises_file_not_found_saying_where_to_put_it(hub_cache, no_network, monkeypatch,
+                                                                             value):
+    """Offline means no network; the message tells the user where the file should be."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    with pytest.raises(FileNotFoundError) as err:
+        GPT.from_pretrained("gpt2")
+    assert str(hub_cache) in str(err.value) and "--weights" in str(err.value)
+
+
+def test_connection_refused_raises_runtime_error_with_url_and_weights_hint(no_network):
+    """No network: say which URL failed and how to use a local file instead."""
+    with pytest.raises(RuntimeError) as err:
+        GPT.from_pretrained("gpt2")
+    assert f"{no_network}/openai-community/gpt2/resolve/main/" in str(err.value)
+    assert "--weights" in str(err.value)
+
+
+def test_existing_hub_cache_is_used_without_network_preferring_refs_main(tmp_path, hub_cache, no_network,
+                                                                          tiny_repo):
+    """A cache made by huggingface_hub is reused as is; of several snapshots, refs/main's wins."""
+    params, config, files = tiny_repo
+    stale = write_checkpoint(tmp_path / "stale", random_gpt2_params(config, seed=7), config)
+    repo = hub_cache / REPO_DIR
+    for commit, model_bytes in [("1" * 40, (stale / "model.safetensors").read_bytes()),
+                                ("5" * 40, files["model.safetensors"]),
+                                ("9" * 40, (stale / "model.safetensors").read_bytes())]:
+        sha256 = hashlib.sha256(model_bytes).hexdigest()
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / sha256).write_bytes(model_bytes)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "model.safetensors").symlink_to(f"../../blobs/{sha256}")
+        (repo / "snapshots" / commit / "config.json").write_bytes(files["config.json"])
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("5" * 40)
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+
+
+def test_cache_under_the_old_gpt2_repo_name_is_reused(hub_cache, no_network, tiny_repo):
+    """transformers' from_pretrained("gpt2") cached it as models--gpt2 (before the rename to
+    openai-community/gpt2); that copy is found too, with no network."""
+    params, _, files = tiny_repo
+    snapshot = hub_cache / "models--gpt2" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)  # copies, as on systems without symlinks
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+
+
+@needs_cuda
+def test_model_on_cuda_matches_numpy_gpt2_and_decodes_the_same_tokens(tiny, tiny_dir):
+    """The GPU path loads onto the GPU and computes the same GPT-2 as the numpy forward pass,
+    to float32 rounding (PyTorch keeps TF32 off for float32 matmuls unless asked)."""
+    config, params = tiny
+    model = GPT.from_pretrained(str(tiny_dir), device="cuda")
+    assert all(p.is_cuda for p in model.parameters())
+    assert model.lm_head.weight is model.transformer.wte.weight  # .to("cuda") kept the tie
+    idx = random_tokens()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(idx, device="cuda")).double().cpu().numpy()
+    np.testing.assert_allclose(logits, numpy_logits(params, config["n_head"], idx), rtol=0, atol=1e-4)
+    prompt = random_tokens(B=2, T=5)
+    out = model.generate(torch.as_tensor(prompt, device="cuda"), max_new_tokens=10, temperature=0)
+    for row, p in zip(out.tolist(), prompt):
+        assert row == numpy_greedy(params, config["n_head"], p, 10)
+
+
+# ---------------------------------------------------------------------------
+# Cross-checks with Hugging Face's own libraries. The project never needs them and CI does
+# not install them; where they are installed, these check the hand-written safetensors code
+# and the weight mapping against the implementations everyone else uses.
+
+def test_safetensors_library_reads_our_files_and_we_read_its_files(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch", reason="cross-check needs the safetensors package")
+    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3).bfloat16(),
+               "f64": torch.randn(2, dtype=torch.float64), "i64": torch.tensor([1, -2, 2**40]),
+               "i8": torch.tensor([-128, 127, -1], dtype=torch.int8), "bool": torch.tensor([True, False])}
+    save_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt", "note": "x"})
+    theirs = safetensors_torch.load_file(str(tmp_path / "ours.safetensors"))
+    assert set(theirs) == set(tensors)
+    assert all(theirs[k].dtype == t.dtype and torch.equal(theirs[k], t) for k, t in tensors.items())
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+
+    safetensors_torch.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+    ours = load_safetensors(tmp_path / "theirs.safetensors")
+    assert set(ours) == set(tensors)
+    assert all(ours[k].dtype == t.dtype and torch.equal(ours[k], t) for k, t in tensors.items())
+
+
+def transformers_gpt2():
+    """A GPT2LMHeadModel of TINY's shape with weights far from their initialisation."""
+    transformers = pytest.importorskip("transformers", reason="cross-check needs the transformers package")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # non-trivial layer norms and biases too
+            p.normal_(0.0, 0.3)
+    return transformers, hf
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(torch.as_tensor(idx)).logits.double().numpy()
+
+
+def test_transformers_gpt2_checkpoint_loads_with_the_same_logits(tmp_path):
+    """transformers' own save_pretrained output (its real layout, not our imitation of it)
+    loads here, and this GPT-2 computes transformers' GPT-2 logits."""
+    _, hf = transformers_gpt2()
+    hf.save_pretrained(tmp_path / "hf")
+    model = GPT.from_pretrained(str(tmp_path / "hf"))
+    idx = random_tokens()
+    np.testing.assert_allclose(model_logits(model, idx), hf_logits(hf, idx), rtol=0, atol=1e-4)
+
+
+def test_transformers_gpt2_loads_what_save_pretrained_writes(tmp_path):
+    """The other way: transformers reads save_pretrained's hub-layout files as GPT-2."""
+    transformers, hf = transformers_gpt2()
+    hf.save_pretrained(tmp_path / "hf")
+    GPT.from_pretrained(str(tmp_path / "hf")).save_pretrained(tmp_path / "ours")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    idx = random_tokens()
+    np.testing.assert_array_equal(hf_logits(again, idx), hf_logits(hf, idx))
+
+
+# =============================================================================
+# 5. Bradley-Terry: the preference model under DPO, fitted on its own
+# =============================================================================
 #
 # Independent references used below: a log-likelihood and gradient written out
 # per comparison, closed forms for two items, and simulation from known strengths.
@@ -1971,9 +2245,20 @@ TRUE_SCORES = np.array([-1.5, -0.8, 0.0, 0.3, 0.9, 1.4])
 SIMULATED = simulate_comparisons(TRUE_SCORES, 3000, np.random.default_rng(0))
 
 
+@functools.cache
+def simulated_fit(l2=0.0):
+    """fit_bradley_terry(SIMULATED, l2=l2), fitted once for all the tests that read it."""
+    return fit_bradley_terry(SIMULATED, l2=l2)
+
+
+def two_items(wins, losses):
+    """Comparisons of item 0 with item 1: 0 wins `wins` times and loses `losses` times."""
+    return [(0, 1)] * wins + [(1, 0)] * losses
+
+
 def test_fit_recovers_simulated_strengths_within_three_standard_errors():
     """The MLE is consistent and its standard errors measure its error (Bradley & Terry 1952)."""
-    fit = fit_bradley_terry(SIMULATED)
+    fit = simulated_fit()
     truth = TRUE_SCORES - TRUE_SCORES.mean()  # the fit reports mean-zero scores
     assert fit.converged
     assert abs(fit.scores.sum()) < 1e-12
@@ -1981,17 +2266,29 @@ def test_fit_recovers_simulated_strengths_within_three_standard_errors():
     assert np.all(fit.standard_errors < 0.1)  # 3000 comparisons pin each score down this well
 
 
+@pytest.mark.parametrize("l2", [0.0, 0.1, 5.0])
+def test_scores_sum_to_zero_up_to_rounding_and_so_does_their_covariance(l2):
+    """Only differences are identified, so the fit reports the mean-zero scores: their sum is
+    at most n eps max|s|, the rounding of subtracting the mean (without that last
+    subtraction, Newton's round-off drift leaves 25-125 times more here). The covariance is
+    that of the mean-zero scores: Var(sum of scores) = 0, so each row sums to zero."""
+    fit = simulated_fit(l2)
+    n = len(fit.scores)
+    assert abs(fit.scores.sum()) <= n * np.finfo(float).eps * np.abs(fit.scores).max()
+    assert np.max(np.abs(fit.covariance.sum(axis=1))) <= n * np.finfo(float).eps * np.abs(fit.covariance).max()
+
+
 @pytest.mark.parametrize("l2", [0.0, 5.0])
 def test_gradient_of_objective_is_zero_at_the_fit(l2):
     """First-order optimality (KKT) of the concave objective, gradient written out per comparison."""
-    fit = fit_bradley_terry(SIMULATED, l2=l2)
+    fit = simulated_fit(l2)
     grad = objective_gradient(SIMULATED, fit.scores, l2)
     assert np.max(np.abs(grad)) < 1e-8  # a sum of 3000 terms of size ~0.5
 
 
 def test_reported_log_likelihood_is_the_sum_over_comparisons():
     """log_likelihood = sum log sigmoid(s_w - s_l); objective subtracts (l2/2)||s||^2."""
-    fit = fit_bradley_terry(SIMULATED, l2=5.0)
+    fit = simulated_fit(5.0)
     s = fit.scores
     expected = sum(-math.log1p(math.exp(-(s[w] - s[l]))) for w, l in SIMULATED)
     assert fit.log_likelihood == pytest.approx(expected, rel=1e-12)
@@ -2013,7 +2310,7 @@ def test_win_probability_is_logistic_in_score_difference():
 def test_relabelling_items_permutes_the_scores():
     """Item names carry no information: relabel i as perm[i] and score i moves to perm[i]."""
     perm = np.array([3, 5, 0, 1, 4, 2])
-    fit = fit_bradley_terry(SIMULATED)
+    fit = simulated_fit()
     relabelled = fit_bradley_terry(perm[SIMULATED])
     np.testing.assert_allclose(relabelled.scores[perm], fit.scores, atol=1e-10)
     np.testing.assert_allclose(relabelled.standard_errors[perm], fit.standard_errors, rtol=1e-8)
@@ -2022,7 +2319,7 @@ def test_relabelling_items_permutes_the_scores():
 @pytest.mark.parametrize("wins, losses", [(30, 10), (7, 13), (1, 1)])
 def test_two_items_score_gap_is_log_odds_of_wins(wins, losses):
     """With two items the MLE solves wins/(wins+losses) = sigmoid(s0 - s1): s0 - s1 = log(wins/losses)."""
-    fit = fit_bradley_terry([(0, 1)] * wins + [(1, 0)] * losses)
+    fit = fit_bradley_terry(two_items(wins, losses))
     assert fit.scores[0] - fit.scores[1] == pytest.approx(math.log(wins / losses), abs=1e-12)
     assert fit.scores[0] == pytest.approx(-fit.scores[1], abs=1e-14)
 
@@ -2032,7 +2329,7 @@ def test_two_items_standard_errors_match_closed_form():
     wins, losses = 30, 10
     n, p = wins + losses, wins / (wins + losses)
     se_gap = 1 / math.sqrt(n * p * (1 - p))
-    fit = fit_bradley_terry([(0, 1)] * wins + [(1, 0)] * losses)
+    fit = fit_bradley_terry(two_items(wins, losses))
     np.testing.assert_allclose(fit.standard_errors, [se_gap / 2, se_gap / 2], rtol=1e-10)
     assert fit.covariance[0, 1] == pytest.approx(-se_gap**2 / 4, rel=1e-10)  # s1 = -s0
 
@@ -2051,7 +2348,7 @@ def test_two_items_with_penalty_solve_the_penalised_stationarity_equation():
             lo = mid
         else:
             hi = mid
-    fit = fit_bradley_terry([(0, 1)] * wins + [(1, 0)] * losses, l2=l2)
+    fit = fit_bradley_terry(two_items(wins, losses), l2=l2)
     assert fit.scores[0] - fit.scores[1] == pytest.approx(lo, abs=1e-10)
     assert lo < math.log(wins / losses) - 0.1
 
@@ -2114,12 +2411,38 @@ def test_invalid_input_raises_value_error_saying_what_is_wrong(comparisons, n_it
         fit_bradley_terry(comparisons, n_items=n_items, l2=l2)
 
 
+# -----------------------------------------------------------------------------
+# `python bt.py`
+
+ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(-?\d+\.\d+)\s+(-?\d+\.\d+)\s+(\d+\.\d+)\s*$")
+
+
+def test_python_bt_py_prints_the_fit_of_its_example():
+    """`python bt.py`, as a user types it, prints one row per item: its wins and games
+    (counted here from the comparisons), the true score, and fit_bradley_terry's score and
+    standard error on the same comparisons, to the three decimals shown; then P(4 beats 0)."""
+    result = subprocess.run([sys.executable, "bt.py"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = [ROW.match(line).groups() for line in result.stdout.splitlines() if ROW.match(line)]
+    true_scores, comparisons = bt.example_comparisons()
+    fit = fit_bradley_terry(comparisons)
+    assert [int(r[0]) for r in rows] == list(range(len(true_scores)))
+    printed = np.array([[float(x) for x in r[3:]] for r in rows])  # true score, fitted, std. error
+    np.testing.assert_allclose(printed, np.stack([true_scores, fit.scores, fit.standard_errors], axis=1),
+                               rtol=0, atol=0.0005 + 1e-12)
+    for item, wins, games, *_ in rows:
+        item = int(item)
+        assert int(wins) == np.sum(comparisons[:, 0] == item)
+        assert int(games) == np.sum(comparisons == item)
+    p = 1 / (1 + math.exp(-(fit.scores[4] - fit.scores[0])))
+    assert f"P(item 4 beats item 0) = {p:.3f}" in result.stdout
+
+
 # =============================================================================
-# 5. End to end: train_toy.py --model tiny flips 0/4 to 4/4
+# 6. End to end: train_toy.py --model tiny flips 0/4 to 4/4, and --data at real sizes
 # =============================================================================
 
 
-ROOT = Path(__file__).resolve().parent
 
 
 def run_toy(out, *args):
@@ -2131,6 +2454,11 @@ def run_toy(out, *args):
 
 def read_metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def folder_bytes(folder):
+    """{relative path: bytes} of every file under folder: to compare a folder before and after."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def assert_same_checkpoint(path, expected_path):
@@ -2145,6 +2473,27 @@ def assert_same_checkpoint(path, expected_path):
                 f"{sorted(set(got) ^ set(expected))}; largest |difference| per tensor: {differ}")
 
 
+def write_pairs(path, pairs):
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return path
+
+
+def numbered_pairs(n):
+    """n pairs of varied lengths, all different, for --data runs."""
+    words = "red green blue cold warm small large quick slow bright".split()
+    return [{"prompt": f"Item {i}: " + " ".join(words[: 1 + i % 7]),
+             "chosen": " yes" + " indeed" * (i % 5) + ".", "rejected": " no" + " never" * (i % 3) + "."}
+            for i in range(n)]
+
+
+@pytest.fixture
+def quick_sft(monkeypatch):
+    """For tests of the plumbing (data, errors, saving), which need a trained model, not a good
+    one: 5 steps of the tiny model's SFT warm-up instead of 60."""
+    import train_toy
+    monkeypatch.setattr(train_toy, "SFT_STEPS", 5)
+
+
 @pytest.fixture(scope="module")
 def tiny_dpo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy-dpo")
@@ -2157,13 +2506,39 @@ def test_toy_experiment_flips_every_preference(loss, tiny_dpo_run, tmp_path):
     model prefers none of the chosen (counter-intuitive) ones; after DPO / IPO it prefers all four,
     and every pair of the last step is ranked right by the implicit reward."""
     out, summary = tiny_dpo_run if loss == "dpo" else (tmp_path, run_toy(tmp_path, "--model", "tiny", "--loss", "ipo"))
-    assert summary["preferred_before"] == 0 and summary["preferred_after"] == 4
+    assert summary["preferred_before"] == 0 and summary["preferred_after"] == 4 == summary["n_pairs"]
     assert summary["final_reward_accuracy"] == 1.0
-    n = summary["n_pairs"]
-    before, after = summary["logps_before"], summary["logps_after"]
     # the headline counts agree with the logged log-probs themselves
-    assert sum(before[i] > before[n + i] for i in range(n)) == 0
-    assert sum(after[i] > after[n + i] for i in range(n)) == 4
+    before, after = summary["logps_before"], summary["logps_after"]
+    assert sum(c > r for c, r in zip(before["chosen"], before["rejected"])) == 0
+    assert sum(c > r for c, r in zip(after["chosen"], after["rejected"])) == 4
+
+
+def test_toy_run_reports_the_held_out_pairs_it_never_trained_on(tiny_dpo_run):
+    """Four held-out pairs: measured before and after, evaluated at step 0 and at the end, and
+    counted in the summary from their own log-probs. At step 0 the policy is the reference on
+    the same batches: loss log 2, margin 0 and KL 0 exactly."""
+    import train_toy
+    out, summary = tiny_dpo_run
+    assert summary["n_eval_pairs"] == 4
+    for key, logps in (("eval_preferred_before", "eval_logps_before"), ("eval_preferred_after", "eval_logps_after")):
+        assert summary[key] == sum(c > r for c, r in zip(summary[logps]["chosen"], summary[logps]["rejected"]))
+    assert summary["eval_preferred_before"] == 0
+    evals = [r for r in read_metrics(out) if r.get("phase") == "eval"]
+    assert [r["step"] for r in evals] == [0, 12]
+    assert evals[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert evals[0]["margin"] == 0.0 and evals[0]["kl"] == 0.0
+    assert evals[-1]["kl"] > 0 and summary["final_eval_reward_accuracy"] == evals[-1]["reward_accuracy"]
+    # the held-out numbers are the held-out pairs', scored again here by the saved policy
+    model = GPT.from_pretrained(out, device=summary["device"])
+    chosen, rejected = dpo.pair_logps(model, dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_EVAL_PAIRS),
+                                      batch_size=summary["batch_size"])
+    assert summary["eval_logps_after"] == {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+    # evaluate()'s reward accuracy at the end, against the margins of measure()'s log-probs
+    assert summary["final_eval_reward_accuracy"] == train_toy.reward_accuracy(
+        summary["eval_logps_before"], summary["eval_logps_after"], summary["beta"])
+    held_out_prompts = {p["prompt"] for p in train_toy.TOY_EVAL_PAIRS}
+    assert not held_out_prompts & {p["prompt"] for p in train_toy.TOY_PAIRS}  # disjoint from the training pairs
 
 
 def test_toy_metrics_file_has_every_step_and_a_summary(tiny_dpo_run):
@@ -2174,34 +2549,65 @@ def test_toy_metrics_file_has_every_step_and_a_summary(tiny_dpo_run):
     steps = [r for r in records if r.get("phase") == "dpo"]
     assert len(steps) == 6 * 2 and [r["step"] for r in steps] == list(range(1, 13))
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    if summary["device"] == "cpu":  # the policy is the reference to the last bit there (make_batch)
-        assert steps[0]["margin"] == 0.0 and steps[0]["reward_accuracy"] == 0.0
-    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[-1]["kl"] > 0
     assert any(r.get("phase") == "sft" for r in records)
     last = records[-1]
     assert last["summary"] is True and last == json.loads(json.dumps(summary))
-    for key in ("load_s", "train_s", "eval_s", "tokens_per_s", "peak_memory_bytes",
-                "preferred_before", "preferred_after"):
+    for key in ("load_s", "reference_s", "train_s", "eval_s", "tokens_per_s", "peak_memory_bytes", "preferred_before",
+                "preferred_after", "n_eval_pairs", "eval_preferred_before", "eval_preferred_after",
+                "final_eval_reward_accuracy"):
         assert key in last
-    assert last["peak_memory_bytes"] > 10 * 2**20 and last["tokens_per_s"] > 0
+
+
+def test_train_seconds_leave_out_the_evaluations_and_tokens_are_the_real_tokens(tmp_path, monkeypatch, quick_sft):
+    """train_s is the time of the training steps alone: every held-out evaluation (at step 0,
+    every --eval-every steps, at the end) is made to take 0.5 s longer here, and train_s stays
+    below the wall time of dpo.train_dpo minus the two evaluations inside it, while eval_s
+    holds all four. tokens: the real (not padding) tokens of every step, counted here from the
+    toy pairs themselves: each epoch sees every pair once, the prompt twice (chosen and rejected
+    rows). tokens_per_s is the one over the other."""
+    import time
+    import train_toy
+    real_evaluate, real_train = train_toy.dpo.evaluate, train_toy.dpo.train_dpo
+    walls = []
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.5)
+        return real_evaluate(*args, **kwargs)
+
+    def timed_train(*args, **kwargs):
+        start = time.perf_counter()
+        history = real_train(*args, **kwargs)
+        walls.append(time.perf_counter() - start)
+        return history
+
+    monkeypatch.setattr(train_toy.dpo, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train_toy.dpo, "train_dpo", timed_train)
+    summary = run_toy(tmp_path, "--model", "tiny", "--epochs", "3", "--eval-every", "2")
+    assert [r["step"] for r in read_metrics(tmp_path) if r.get("phase") == "eval"] == [0, 2, 4, 6]
+    assert 0 < summary["train_s"] <= walls[0] - 2 * 0.5 and summary["eval_s"] >= 4 * 0.5
+    per_epoch = sum(2 * len(p) + len(c) + len(r) for p, c, r in dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_PAIRS))
+    assert summary["train_tokens"] == 3 * per_epoch
+    assert summary["train_positions"] > summary["train_tokens"]  # the toy pairs differ in length: some padding
+    assert summary["tokens_per_s"] == pytest.approx(summary["train_tokens"] / summary["train_s"], rel=1e-12)
 
 
 def test_toy_checkpoint_reloads_with_the_trained_log_probs(tiny_dpo_run):
     """The saved policy, opened with from_pretrained, scores every completion exactly as the
     trained policy did in the run (logps_after in the summary): bit for bit through the same
-    code path, and to float32 rounding through the plain definition."""
+    function, and to float32 rounding through the plain definition."""
     out, summary = tiny_dpo_run
     import train_toy
-    enc = gpt2_tokenizer()
     device = summary["device"]  # the same kernels as in the run: cuda where it ran on cuda
     model = GPT.from_pretrained(out, device=device)
-    data = dpo.encode_pairs(enc, train_toy.TOY_PAIRS, model.config.block_size)
-    ids, mask = data["input_ids"].to(device), data["loss_mask"].to(device)
+    pairs = dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_PAIRS)
+    chosen, rejected = dpo.pair_logps(model, pairs, batch_size=summary["batch_size"])
+    assert chosen.tolist() == summary["logps_after"]["chosen"] and rejected.tolist() == summary["logps_after"]["rejected"]
+    batch = dpo.collate(pairs)
     with torch.no_grad():
-        logps, _ = dpo.score_completions(model, ids, mask)
-        plain = dpo.sequence_logps(model(ids), ids, mask)
-    assert logps.tolist() == summary["logps_after"]
-    assert plain.tolist() == pytest.approx(summary["logps_after"], abs=1e-4)
+        plain = dpo.sequence_logps(model(batch["input_ids"].to(device)), batch["input_ids"].to(device),
+                                   batch["loss_mask"].to(device))
+    assert plain.tolist() == pytest.approx(summary["logps_after"]["chosen"] + summary["logps_after"]["rejected"],
+                                           abs=1e-4)
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2
 
 
@@ -2209,7 +2615,7 @@ def test_toy_run_is_reproducible_with_the_same_seed(tiny_dpo_run, tmp_path):
     """Same seed, same device: every logged number but the timings is identical."""
     out, _ = tiny_dpo_run
     run_toy(tmp_path, "--model", "tiny", "--loss", "dpo")
-    timing = {"load_s", "sft_s", "train_s", "eval_s", "tokens_per_s", "peak_memory_bytes"}
+    timing = {"load_s", "sft_s", "reference_s", "train_s", "eval_s", "tokens_per_s", "peak_memory_bytes"}
     strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]
     assert strip(read_metrics(tmp_path)) == strip(read_metrics(out))
     assert_same_checkpoint(tmp_path / "model.safetensors", out / "model.safetensors")
@@ -2238,20 +2644,27 @@ def test_toy_run_on_cuda_is_deterministic_inside_and_leaves_the_settings_as_they
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
-def test_toy_script_runs_from_the_command_line_with_the_numbers_of_this_process(tmp_path):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error():
+    """--device cuda on a CPU-only torch: a sentence, not torch's assertion deep in .to()."""
+    from train_toy import resolve_device
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        resolve_device("cuda")
+
+
+def test_toy_script_runs_from_the_command_line_with_the_numbers_of_this_process(tiny_dpo_run, tmp_path):
     """`python train_toy.py --model tiny` as a user types it: exit 0, the headline and timing
     printed, and the same trained weights, to the byte, as the same run inside this test
-    process, whose memory holds whatever the tests before it left. (Same seed, same device,
-    same numbers across processes: see model.py on MKL_CBWR.)"""
-    gpt2_tokenizer()
-    args = ["--model", "tiny", "--epochs", "1", "--device", "cpu"]
-    result = subprocess.run([sys.executable, str(ROOT / "train_toy.py"), *args, "--out", str(tmp_path / "cli")],
+    process (tiny_dpo_run), whose memory holds whatever the tests before it left. (Same seed,
+    same device, same numbers across processes: see train_toy.py on MKL_CBWR.)"""
+    out, summary = tiny_dpo_run
+    args = ["--model", "tiny", "--loss", "dpo", "--device", summary["device"], "--out", str(tmp_path / "cli")]
+    result = subprocess.run([sys.executable, str(ROOT / "train_toy.py"), *args],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "original model preferred chosen in 0/4, trained model in" in result.stdout
+    assert "chosen preferred: training pairs 0/4 -> 4/4, held-out pairs 0/4 -> " in result.stdout
     assert "peak memory" in result.stdout and "tokens/s" in result.stdout
-    run_toy(tmp_path / "here", *args)
-    assert_same_checkpoint(tmp_path / "cli" / "model.safetensors", tmp_path / "here" / "model.safetensors")
+    assert_same_checkpoint(tmp_path / "cli" / "model.safetensors", out / "model.safetensors")
 
 
 MKL_MODE = """
@@ -2272,41 +2685,67 @@ def mkl_mode_after_importing(module, **env):
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def test_mkl_takes_its_strict_reproducible_mode_in_the_scripts_unless_the_user_chose_one():
-    """model.py sets MKL_CBWR=AUTO,STRICT, but MKL reads it only at its first matrix product, so
-    setting it is not enough: MKL itself is asked, after a product, whether the mode took, in
-    processes that start as `python train_toy.py` and `python bench.py` do. 0x10002 is
-    MKL_CBWR_AUTO | MKL_CBWR_STRICT; 0x3, MKL_CBWR_COMPATIBLE, a user's own choice, is kept."""
-    if mkl_mode_after_importing("model") is None:
+def test_the_scripts_put_mkl_in_its_strict_reproducible_mode_and_the_library_does_not():
+    """train_toy.py (and bench.py, which imports it) own their processes and set
+    MKL_CBWR=AUTO,STRICT before torch loads MKL, which reads it only at its first matrix
+    product; so MKL itself is asked, after a product, whether the mode took. 0x10002 is
+    MKL_CBWR_AUTO | MKL_CBWR_STRICT; 0x3, MKL_CBWR_COMPATIBLE, a user's own choice, is kept.
+    Importing the library (dpo, and model through it) leaves MKL as it is."""
+    library = mkl_mode_after_importing("dpo")
+    if library is None:
         pytest.skip("this torch is not linked with Intel's MKL (or cannot be asked for its mode)")
+    assert library != "0x10002"  # the library sets nothing, so the script's check below can fail
     assert mkl_mode_after_importing("train_toy") == "0x10002"
-    assert mkl_mode_after_importing("bench") == "0x10002"
-    assert mkl_mode_after_importing("model", MKL_CBWR="COMPATIBLE") == "0x3"
+    assert mkl_mode_after_importing("train_toy", MKL_CBWR="COMPATIBLE") == "0x3"
 
 
-def test_bench_counts_the_peak_of_cpu_tensor_bytes_exactly():
-    """bench.py's CPU count of what tensors held at once (CUDA's max_memory_allocated has no CPU
-    twin; it reads the profiler's allocation records): 4 MB, then 8 MB more, then the 4 MB
-    freed and 2 MB more. The peak is 12 MB: not 14, all that was ever allocated, nor 10, what
-    is held at the end. Memory allocated before the count starts is not counted when it is
-    released, also when it was allocated under an earlier count, whose releases the profiler
-    does record (with their sizes, which would take 12 MB off here)."""
-    before = torch.empty(3_000_000)  # 12 MB, released first thing in the count
-    earlier = []
-    cpu_tensor_peak_bytes(lambda: earlier.append(torch.empty(3_000_000)))  # 12 MB more
+# -----------------------------------------------------------------------------
+# Your own pairs: --data, held-out evaluation, long pairs
 
-    def run():
-        nonlocal before
-        del before  # counted as a release, the peak below would be 0
-        earlier.clear()  # likewise
-        first = torch.empty(1_000_000)  # 4 MB
-        second = torch.empty(2_000_000)  # 8 MB more: 12 MB held
-        del first
-        third = torch.empty(500_000)  # 2 MB more: 10 MB held
-        return second, third
 
-    peak = cpu_tensor_peak_bytes(run)
-    assert 12_000_000 <= peak < 12_000_000 + 4096
+def test_eval_fraction_holds_out_a_seeded_disjoint_part_of_the_data():
+    """split_off_eval: round(fraction * N) pairs held out, the rest trained on, no pair in both,
+    none lost, each part in the file's order; the same seed gives the same split."""
+    from train_toy import split_off_eval
+    pairs = numbered_pairs(50)
+    train, held_out = split_off_eval(pairs, 0.2, seed=0)
+    assert len(held_out) == 10 and len(train) == 40
+    prompts = lambda ps: [p["prompt"] for p in ps]
+    assert not set(prompts(train)) & set(prompts(held_out))
+    assert sorted(prompts(train) + prompts(held_out)) == sorted(prompts(pairs))
+    order = prompts(pairs)
+    assert prompts(train) == sorted(prompts(train), key=order.index)
+    assert split_off_eval(pairs, 0.2, seed=0) == (train, held_out)
+    assert split_off_eval(pairs, 0.2, seed=1)[1] != held_out
+    with pytest.raises(ValueError, match="at least one pair for training and one for evaluation"):
+        split_off_eval(pairs[:3], 0.1, seed=0)
+
+
+def test_data_run_trains_on_the_training_part_only_and_pads_little(tmp_path, quick_sft):
+    """--data with --eval-fraction: the held-out pairs are evaluated, never trained on (the
+    steps' real tokens add up to the training pairs alone), and batches of similar lengths
+    keep padding well under a third of the positions the policy processes."""
+    import train_toy
+    pairs = numbered_pairs(40)
+    data = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--eval-fraction", "0.25",
+                      "--epochs", "1", "--batch-size", "4")
+    assert summary["n_pairs"] == 30 and summary["n_eval_pairs"] == 10
+    train, _ = train_toy.split_off_eval([dict(p, line=i + 1) for i, p in enumerate(pairs)], 0.25, seed=0)
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in dpo.encode_pairs(gpt2_tokenizer(), train))
+    assert summary["train_tokens"] == tokens
+    assert 1 - summary["train_tokens"] / summary["train_positions"] < 1 / 3
+    assert [r["step"] for r in read_metrics(tmp_path / "out") if r.get("phase") == "eval"] == [0, 8]
+
+
+def test_eval_data_and_eval_every(tmp_path, quick_sft):
+    """--eval-data PATH: those pairs are the held-out ones; --eval-every N adds evaluations."""
+    data = write_pairs(tmp_path / "train.jsonl", numbered_pairs(6))
+    held_out = write_pairs(tmp_path / "eval.jsonl", numbered_pairs(9)[6:])
+    summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--eval-data", str(held_out),
+                      "--epochs", "2", "--eval-every", "2")
+    assert summary["n_pairs"] == 6 and summary["n_eval_pairs"] == 3
+    assert [r["step"] for r in read_metrics(tmp_path / "out") if r.get("phase") == "eval"] == [0, 2, 4, 6]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -2327,13 +2766,56 @@ def test_bad_data_file_is_refused_before_any_training(content, message, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_pair_longer_than_the_context_is_refused(tmp_path):
-    """A pair that does not fit the model's context is an error naming the pair, not a crash."""
-    data = tmp_path / "long.jsonl"
-    data.write_text(json.dumps({"prompt": "word " * 200, "chosen": " yes", "rejected": " no"}) + "\n")
-    with pytest.raises(SystemExit, match="pair 1 of 1 .* longer than the model.s context of 128"):
+def test_pair_longer_than_the_context_is_refused_and_max_length_leaves_it_out(tmp_path, quick_sft):
+    """A pair that does not fit the model's context (1024 tokens) is an error naming its line and
+    the way through; with --max-length N the pairs with a row over N tokens are left out, and
+    the run says how many."""
+    pairs = numbered_pairs(5)
+    pairs[3]["prompt"] = "word " * 1100
+    data = write_pairs(tmp_path / "long.jsonl", pairs)
+    with pytest.raises(SystemExit, match="line 4: .* longer than the model.s context of 1024 .* --max-length"):
         run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data))
     assert not (tmp_path / "out").exists()
+    summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--max-length", "1024", "--epochs", "1")
+    assert summary["n_pairs"] == 4
+    with pytest.raises(SystemExit, match="--max-length 2000 is longer than the model's context of 1024"):
+        run_toy(tmp_path / "out2", "--model", "tiny", "--data", str(data), "--max-length", "2000")
+
+
+def test_a_diverging_run_stops_names_the_step_and_keeps_the_earlier_out(tiny_dpo_run, tmp_path, quick_sft):
+    """--lr 1e30: the loss stops being finite at step 2; the run exits with an error naming the
+    step and a smaller --lr, and an --out from an earlier run is left byte for byte as it was."""
+    out = tmp_path / "out"
+    import shutil
+    shutil.copytree(tiny_dpo_run[0], out)
+    before = folder_bytes(out)
+    with pytest.raises(SystemExit) as stop:
+        run_toy(out, "--model", "tiny", "--lr", "1e30")
+    assert "diverged at step 2" in str(stop.value) and "--lr" in str(stop.value)
+    assert folder_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written beside it
+
+
+def test_a_failure_while_saving_leaves_the_earlier_out_and_no_temporary_folder(tiny_dpo_run, tmp_path, quick_sft, monkeypatch):
+    """--out is written as one unit: if saving fails half-way (here after the weights, before
+    metrics.jsonl), the earlier --out is untouched and no temporary folder is left beside it."""
+    import shutil
+    import train_toy
+    out = tmp_path / "out"
+    shutil.copytree(tiny_dpo_run[0], out)
+    before = folder_bytes(out)
+    real_save = GPT.save_pretrained
+
+    def save_then_fail(model, directory):
+        real_save(model, directory)
+        assert (Path(directory) / "model.safetensors").is_file()  # half of the folder is written
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(train_toy.GPT, "save_pretrained", save_then_fail)
+    with pytest.raises(OSError, match="simulated"):
+        run_toy(out, "--model", "tiny", "--epochs", "1")
+    assert folder_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_default_run_without_network_or_cache_says_how_to_get_weights(tmp_path, monkeypatch):
@@ -2367,12 +2849,16 @@ def test_plot_without_matplotlib_is_refused_before_training(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--epochs", "0"], "--epochs and --batch-size must be at least 1"),
-    (["--batch-size", "0"], "--epochs and --batch-size must be at least 1"),
-    (["--beta", "-0.1"], "--beta and --lr must be finite numbers > 0"),
-    (["--lr", "nan"], "--beta and --lr must be finite numbers > 0"),
-    (["--label-smoothing", "0.7"], "in [0, 0.5)"),
-    (["--loss", "ipo", "--label-smoothing", "0.1"], "use it with --loss dpo"),
+    (["--epochs", "0"], "argument --epochs: must be a finite number > 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be a finite number > 0"),
+    (["--beta", "-0.1"], "argument --beta: must be a finite number > 0"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0"),
+    (["--eval-fraction", "1.5"], "argument --eval-fraction: must be between 0 and 1"),
+    (["--eval-fraction", "0.1"], "--eval-fraction holds out part of --data"),
+    (["--eval-fraction", "0.1", "--eval-data", "x.jsonl"], "not allowed with argument"),
+    (["--data", "x.jsonl", "--eval-every", "2"], "--eval-every evaluates held-out pairs"),
+    (["--label-smoothing", "0.7"], "label_smoothing must be in [0, 0.5)"),
+    (["--loss", "ipo", "--label-smoothing", "0.1"], "label_smoothing is for loss_type='dpo'"),
     (["--init", "random"], "--model tiny is always built here"),
     (["--out", __file__], "is a file; --out must be a folder"),
     (["--out", __file__ + "/sub"], "is a file; --out must be a folder"),
@@ -2384,3 +2870,116 @@ def test_bad_options_are_refused_with_a_message(options, message, tmp_path, caps
         train_toy.main(["--model", "tiny", "--out", str(tmp_path / "out"), *options])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# =============================================================================
+# 7. bench.py: the three steps it times compute what they say (no timing is asserted)
+# =============================================================================
+#
+# A tiny GPT in float64 instead of GPT-2 124M, so that two ways of computing the same
+# numbers agree to round-off and the tests take seconds.
+
+BENCH_CONFIG = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
+
+
+@pytest.fixture
+def bench_tiny():
+    """bench.build's policy, reference and batch on the tiny GPT in float64 (3 pairs of 5 prompt
+    and 7 completion tokens), the policy moved away from the reference so that the DPO loss is
+    not log 2 and its gradient's norm is over bench's clipping limit of 1."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        policy, reference, batch = bench.build(BENCH_CONFIG, 3, 5, 7, torch.device("cpu"))
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=generator))
+        yield policy, reference, batch
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def gradients(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def total_norm(tensors):
+    return torch.cat([t.flatten() for t in tensors]).norm().item()
+
+
+def test_random_pairs_are_what_dpo_collate_expects():
+    """Lists of ints, below the vocabulary, with the lengths asked for; collate puts the chosen
+    rows first and the rejected rows after them, each with the same prompt, and scores exactly
+    the completion tokens."""
+    pairs = bench.random_pairs(3, 5, 7, vocab_size=101, seed=0)
+    assert [(len(p), len(c), len(r)) for p, c, r in pairs] == [(5, 7, 7)] * 3
+    assert all(isinstance(t, int) and 0 <= t < 101 for pair in pairs for ids in pair for t in ids)
+    assert pairs != bench.random_pairs(3, 5, 7, vocab_size=101, seed=1)
+    batch = dpo.collate(pairs)
+    chosen, rejected = dpo.chosen_and_rejected(batch["input_ids"])
+    assert chosen[:, :5].tolist() == rejected[:, :5].tolist() == [p for p, _, _ in pairs]
+    assert chosen[:, 5:].tolist() == [c for _, c, _ in pairs]
+    assert rejected[:, 5:].tolist() == [r for _, _, r in pairs]
+    assert batch["loss_mask"].tolist() == [[0.0] * 5 + [1.0] * 7] * 6
+
+
+def test_straightforward_step_and_dpo_step_give_the_same_loss_gradients_and_update(bench_tiny):
+    """(a), four forward passes with logits at every position, and (b), dpo.dpo_step on the
+    cached reference log-probs, are two computations of one DPO step (DPO paper, Eq. 7): the
+    same loss, the same clipped gradients and, from the same optimizer, the same parameters
+    after the update. So the benchmark's (a) / (b) measures the design alone."""
+    policy, reference, batch = bench_tiny
+    twin = copy.deepcopy(policy)
+    straightforward = bench.make_steps(policy, reference, batch)["a"]
+    dpo_step = bench.make_steps(twin, reference, batch)["b"]
+    loss_a = straightforward(dpo.make_optimizer(policy, lr=1e-2))
+    loss_b = dpo_step(dpo.make_optimizer(twin, lr=1e-2))
+    assert abs(loss_a - 0.6931) > 0.01  # not log 2: the policy is not the reference
+    assert loss_a == pytest.approx(loss_b, rel=1e-12)
+    assert total_norm(gradients(policy)) == pytest.approx(1.0, rel=1e-5)  # clipped to norm 1 in both
+    for name, p, q in zip(dict(policy.named_parameters()), policy.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14, msg=f"gradient of {name}")
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10, msg=f"{name} after the update")
+
+
+def test_floor_step_takes_the_next_token_loss_of_the_completions_and_clips_it(bench_tiny):
+    """(c) returns the mean next-token loss over the completion tokens, here computed from
+    logits at every position and dpo.sequence_logps, and leaves that loss's gradient, clipped
+    to norm 1 as torch.nn.utils.clip_grad_norm_ does (scale 1 / (norm + 1e-6)); then it updates."""
+    policy, reference, batch = bench_tiny
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    twin = copy.deepcopy(policy)
+    expected = -dpo.sequence_logps(twin(ids), ids, mask).sum() / mask[:, 1:].sum()
+    expected.backward()
+    norm = total_norm(gradients(twin))
+    assert norm > 1.0  # so clipping has something to do
+    before = [p.detach().clone() for p in policy.parameters()]
+    loss = bench.make_steps(policy, reference, batch)["c"](dpo.make_optimizer(policy, lr=1e-2))
+    assert loss == pytest.approx(expected.item(), rel=1e-12)
+    for p, q in zip(policy.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad / (norm + 1e-6), rtol=1e-10, atol=1e-14)
+    assert all(not torch.equal(p, b) for p, b in zip(policy.parameters(), before))
+
+
+def test_steps_take_turns_through_every_order():
+    """time_in_turns calls each step once per round, and over 6 rounds of three steps each
+    order comes once: every step is first, second and third twice. It returns one median per
+    step, in seconds."""
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    medians = bench.time_in_turns(steps, 6, torch.device("cpu"))
+    rounds = [tuple(calls[i:i + 3]) for i in range(0, len(calls), 3)]
+    assert len(rounds) == 6 and set(rounds) == {("a", "b", "c"), ("a", "c", "b"), ("b", "a", "c"),
+                                                 ("b", "c", "a"), ("c", "a", "b"), ("c", "b", "a")}
+    assert set(medians) == {"a", "b", "c"} and all(0 <= s < 1 for s in medians.values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc/self/status")
+def test_cpu_peak_is_in_bytes():
+    """ru_maxrss is in KiB on Linux; bench reports bytes: the process's high-water mark, which
+    /proc/self/status also gives as VmHWM (in kB), times 1024."""
+    with open("/proc/self/status") as f:
+        vm_hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    peak = bench.peak_bytes(torch.device("cpu"))
+    assert abs(peak - 1024 * vm_hwm) < 4_000_000  # the kernel's two readings of it round a little apart
