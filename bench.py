@@ -32,7 +32,6 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import argparse
 import itertools
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from torch.nn import functional as F
 
 import dpo
 from model import GPT, GPTConfig
-from train_toy import resolve_device
+from train_toy import peak_memory_bytes, resolve_device
 
 BETA = 0.1
 PHASES = {"a": "(a) straightforward: 4 forward passes",
@@ -106,13 +105,6 @@ def make_steps(policy, reference, batch):
             "c": lambda optimizer: floor_step(policy, optimizer, batch)}
 
 
-def peak_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else 1024 * peak  # bytes on macOS, KiB on Linux
-
-
 def peak_of_two_steps(step, policy, lr, device):
     """How far two steps with a new optimizer raise the peak (on the CPU, meaningful only in a
     process that did nothing bigger before)."""
@@ -121,10 +113,10 @@ def peak_of_two_steps(step, policy, lr, device):
     optimizer = dpo.make_optimizer(policy, lr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak starts again at what is allocated now
-    before = peak_bytes(device)
+    before = peak_memory_bytes(device)
     step(optimizer)
     step(optimizer)
-    return peak_bytes(device) - before
+    return peak_memory_bytes(device) - before
 
 
 def peak_in_a_new_process(argv, letter):

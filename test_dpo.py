@@ -2981,5 +2981,5 @@ def test_cpu_peak_is_in_bytes():
     /proc/self/status also gives as VmHWM (in kB), times 1024."""
     with open("/proc/self/status") as f:
         vm_hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    peak = bench.peak_bytes(torch.device("cpu"))
+    peak = bench.peak_memory_bytes(torch.device("cpu"))
     assert abs(peak - 1024 * vm_hwm) < 4_000_000  # the kernel's two readings of it round a little apart
