@@ -225,10 +225,14 @@ def progress_printer(label, every_s=10.0):
 
 
 def measure(model, encoded, args, label):
-    """log pi(chosen|x) and log pi(rejected|x) of every pair, as lists: before training (where
+    """log pi(chosen|x) and log pi(rejected|x) of every pair, (N,) each: before training (where
     the policy is the reference) and after, the same function both times."""
-    chosen, rejected = dpo.pair_logps(model, encoded, args.batch_size, args.average_logps,
-                                      progress=progress_printer(label))
+    return dpo.pair_logps(model, encoded, args.batch_size, args.average_logps, progress=progress_printer(label))
+
+
+def as_lists(logps):
+    """measure's two tensors as {"chosen": [...], "rejected": [...]}, for the report and metrics.jsonl."""
+    chosen, rejected = logps
     return {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
 
 
@@ -459,8 +463,9 @@ def prepare(args, device, log):
     context = policy.config.block_size
     n_given = len(pairs) + len(eval_pairs)
     pairs, encoded = pairs_that_fit(enc, pairs, args.data or "the toy pairs", context, args.max_length)
-    eval_pairs, eval_encoded = (pairs_that_fit(enc, eval_pairs, args.eval_data or args.data or "the held-out toy "
-                                               "pairs", context, args.max_length) if eval_pairs else ([], []))
+    eval_source = args.eval_data or args.data or "the held-out toy pairs"
+    eval_pairs, eval_encoded = (pairs_that_fit(enc, eval_pairs, eval_source, context, args.max_length)
+                                if eval_pairs else ([], []))
     if len(pairs) + len(eval_pairs) < n_given:
         print(f"left out {n_given - len(pairs) - len(eval_pairs):,} of {n_given:,} pairs longer than "
               f"--max-length {args.max_length}")
@@ -479,13 +484,13 @@ def train(args, policy, reference, encoded, eval_encoded, reference_logps, log):
     evaluating); the evaluations during training are not counted as training."""
     n_steps = args.epochs * math.ceil(len(encoded) / args.batch_size)  # dpo.epoch_batches' batches
     print_every = 1 if n_steps <= 30 else math.ceil(n_steps / 20)
-    evals, eval_s = [], [0.0]
+    evals, eval_seconds = [], []  # one evaluation record, and its duration, per evaluation
 
     def evaluate(step):
         t0 = time.perf_counter()
         numbers = dpo.evaluate(policy, reference, eval_encoded, args.batch_size, args.beta, args.loss,
                                args.label_smoothing, args.average_logps, progress=progress_printer("evaluating"))
-        eval_s[0] += time.perf_counter() - t0
+        eval_seconds.append(time.perf_counter() - t0)
         evals.append({"phase": "eval", "step": step, **numbers})
         log(evals[-1], format_eval(evals[-1]))
 
@@ -497,7 +502,7 @@ def train(args, policy, reference, encoded, eval_encoded, reference_logps, log):
 
     if eval_encoded:
         evaluate(0)
-    evaluating_before = eval_s[0]
+    before_training = len(eval_seconds)
     optimizer = dpo.make_optimizer(policy, lr=args.lr)
     t0 = time.perf_counter()
     try:
@@ -511,10 +516,10 @@ def train(args, policy, reference, encoded, eval_encoded, reference_logps, log):
         raise
     if next(policy.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
-    train_s = time.perf_counter() - t0 - (eval_s[0] - evaluating_before)
+    train_s = time.perf_counter() - t0 - sum(eval_seconds[before_training:])  # the evaluations during training
     if eval_encoded:
         evaluate(len(history))
-    return history, evals, train_s, eval_s[0]
+    return history, evals, train_s, sum(eval_seconds)
 
 
 def reward_accuracy(before, after, beta):
@@ -575,24 +580,24 @@ def run(args, device):
     # 2. measure: the reference's log-probs are where the untouched policy stands, and all DPO needs of it
     t0 = time.perf_counter()
     reference = dpo.make_reference(policy)
-    before = measure(reference, encoded, args, "reference log-probs")
+    reference_logps = measure(reference, encoded, args, "reference log-probs")  # what DPO needs, once
+    before = as_lists(reference_logps)
     seconds["reference_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    eval_before = measure(reference, eval_encoded, args, "held-out log-probs") if eval_encoded else None
+    eval_before = as_lists(measure(reference, eval_encoded, args, "held-out log-probs")) if eval_encoded else None
     shown = pairs[:SHOWN] + eval_pairs[:SHOWN]
     completions_before = [greedy_completion(policy, enc, p["prompt"]) for p in shown]
     seconds["eval_s"] = time.perf_counter() - t0
 
     # 3. train: one forward pass of the policy per step, the reference's log-probs cached
     print(describe_training(args, len(pairs), len(eval_pairs)))
-    reference_logps = (torch.tensor(before["chosen"]), torch.tensor(before["rejected"]))
     history, evals, seconds["train_s"], eval_s = train(args, policy, reference, encoded, eval_encoded,
                                                        reference_logps, log)
 
     # 4. measure again, with the same function
     t0 = time.perf_counter()
-    after = measure(policy, encoded, args, "trained log-probs")
-    eval_after = measure(policy, eval_encoded, args, "held-out log-probs") if eval_encoded else None
+    after = as_lists(measure(policy, encoded, args, "trained log-probs"))
+    eval_after = as_lists(measure(policy, eval_encoded, args, "held-out log-probs")) if eval_encoded else None
     completions_after = [greedy_completion(policy, enc, p["prompt"]) for p in shown]
     seconds["eval_s"] += eval_s + time.perf_counter() - t0
 
