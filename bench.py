@@ -21,6 +21,12 @@ phase inherits another's heap.
     python bench.py                            # --device auto: cuda, then mps, then cpu
     python bench.py --pairs 8 --completion-len 128
 
+It also writes preference pairs of made-up text with ordinary lengths, to time
+`train_toy.py --data` at real sizes:
+
+    python bench.py --write-pairs 400 pairs400.jsonl
+    python train_toy.py --init random --data pairs400.jsonl --eval-fraction 0.1 --batch-size 8 --epochs 1
+
 Read first: dpo.py.
 """
 
@@ -32,16 +38,19 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import argparse
 import itertools
+import json
+import random
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 import dpo
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, write_atomically
 from train_toy import peak_memory_bytes, resolve_device
 
 BETA = 0.1
@@ -143,6 +152,38 @@ def time_in_turns(steps, n_rounds, device):
     return {name: statistics.median(times) for name, times in seconds.items()}
 
 
+# -----------------------------------------------------------------------------
+# Preference pairs of ordinary lengths, for `train_toy.py --data`
+
+# Common English words that are each one GPT-2 token with the space before them, so that a
+# text of k words is k tokens.
+WORDS = ("the a of to and in is it you that he was for on are with as I his they be at one have this from "
+         "or had by hot word but what some we can out other were all there when up use your how said an "
+         "each she which do their time if will way about many then them write would like so these her long "
+         "make thing see him two has look more day could go come did number sound no most people my over "
+         "know water than call first who may down side been now find any new work part take get place made "
+         "live where after back little only round man year came show every good me give our under name "
+         "very through just form sentence great think say help low line differ turn cause much mean before "
+         "move right boy old too same tell does set three want air well also play small end put home read "
+         "hand port large spell add even land here must big high such").split()
+
+
+def write_pairs(path, n_pairs, same_length=False, seed=0):
+    """n_pairs preference pairs of random words as a --data file, seeded. Prompts are
+    "Human:" + 8 to 140 words + "\n\nAssistant:", 14 to 146 tokens; completions 4 to 150
+    words (and <|endoftext|>). same_length: every prompt 74 words and every completion 77,
+    so that every batch has the same shape, however many pairs there are."""
+    rng = random.Random(seed)
+
+    def text(fewest, most):
+        n_words = (fewest + most) // 2 if same_length else rng.randint(fewest, most)
+        return "".join(" " + rng.choice(WORDS) for _ in range(n_words))
+
+    lines = [json.dumps({"prompt": "Human:" + text(8, 140) + "\n\nAssistant:", "chosen": text(4, 150),
+                         "rejected": text(4, 150)}) + "\n" for _ in range(n_pairs)]
+    write_atomically(path, lambda tmp: Path(tmp).write_text("".join(lines), encoding="utf-8"))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description="Time the DPO step against the straightforward loop and the floor.")
@@ -152,8 +193,18 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (32)")
     parser.add_argument("--completion-len", type=int, default=32, help="tokens of each completion (32)")
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--write-pairs", nargs=2, metavar=("N", "PATH"),
+                        help="write N preference pairs of ordinary lengths to PATH (.jsonl) and stop")
+    parser.add_argument("--same-length", action="store_true", help="with --write-pairs: all pairs one length")
     parser.add_argument("--peak-of", choices=list(PHASES), help=argparse.SUPPRESS)  # bench.py's own child process
     args = parser.parse_args(argv)
+    if args.write_pairs:
+        n_pairs, path = args.write_pairs
+        if not n_pairs.isdigit() or int(n_pairs) < 1:
+            parser.error(f"--write-pairs N PATH: N must be a whole number > 0, got {n_pairs}")
+        write_pairs(path, int(n_pairs), args.same_length)
+        print(f"wrote {int(n_pairs):,} pairs to {path}")
+        return None
     device = resolve_device(args.device)
 
     peaks = dict.fromkeys(PHASES)  # none measured on MPS

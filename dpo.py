@@ -249,28 +249,43 @@ def make_reference(policy):
     return reference
 
 
+def batches_by_length(pairs, batch_size):
+    """Batches of pair indices for the passes without a gradient, where the order does not
+    matter: sorted by length, so that each batch, padded to its own longest row, holds
+    little padding. The order the pairs were computed in, flattened, undoes it (in_order)."""
+    order = sorted(range(len(pairs)), key=lambda i: longest_row(pairs[i]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def in_order(values, batches):
+    """Per-pair values computed batch by batch of batches_by_length, back in the pairs' order."""
+    computed = torch.tensor([i for index in batches for i in index])  # pair index of each value
+    return torch.cat(values)[computed.argsort()]
+
+
 @torch.no_grad()
 def pair_logps(model, pairs, batch_size=8, average=False, progress=None):
     """log pi(y_chosen|x) and log pi(y_rejected|x) of every encoded pair, (N,) each, on the
-    CPU, batch_size pairs at a time (each batch padded to its own longest row). No graph
-    is kept, whatever the model's requires_grad. progress(pairs done, total), if given,
-    is called after each batch.
+    CPU, batch_size pairs at a time (batches_by_length). No graph is kept, whatever the
+    model's requires_grad. progress(pairs done, total), if given, is called after each batch.
 
     Run on the reference before training, this is everything DPO needs from it: the
     reference is frozen and the data do not change, so log pi_ref(y|x) is the same number
     at every step. Computed once, it takes the reference's forward pass out of every step,
     which is then one forward and one backward of the policy."""
     device = next(model.parameters()).device
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), batch_size):
-        batch = collate(pairs[start:start + batch_size])
+    batches = batches_by_length(pairs, batch_size)
+    chosen, rejected, done = [], [], 0
+    for index in batches:
+        batch = collate([pairs[i] for i in index])
         logps = completion_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device), average)
         c, r = chosen_and_rejected(logps.cpu())
         chosen.append(c)
         rejected.append(r)
+        done += len(index)
         if progress is not None:
-            progress(min(start + batch_size, len(pairs)), len(pairs))
-    return torch.cat(chosen), torch.cat(rejected)
+            progress(done, len(pairs))
+    return in_order(chosen, batches), in_order(rejected, batches)
 
 
 # -----------------------------------------------------------------------------
@@ -382,40 +397,56 @@ def train_dpo(policy, reference, pairs, optimizer, epochs=3, batch_size=2, seed=
 # -----------------------------------------------------------------------------
 # Evaluation on pairs that are not trained on
 
+def logps_and_kl(policy, reference, batch, average_logps=False):
+    """One collated batch through both models: log pi(y|x) and log pi_ref(y|x) of its 2B rows,
+    (2B,) each on the CPU, the sum of KL(pi || pi_ref) over its N completion positions, and N.
+    A function of its own so that its two (N, V) tensors are freed when it returns, before
+    the next batch's forward pass: a loop would hold on to them until it rebinds the names."""
+    device = next(policy.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
+    policy_logprobs = next_token_logprobs(policy, ids, mask)  # (N, V): log pi(. | x, y_<t)
+    reference_logprobs = (policy_logprobs if reference is policy  # (N, V): log pi_ref(. | x, y_<t)
+                          else next_token_logprobs(reference, ids, mask))
+    kl_sum = 0.0  # a few hundred positions at a time: the temporaries stay small beside the two (N, V)
+    for p, q in zip(policy_logprobs.split(256), reference_logprobs.split(256)):
+        kl_sum += (p.exp() * (p - q)).sum().item()
+    return (logps_of_scored(policy_logprobs, ids, mask, average_logps).cpu(),
+            logps_of_scored(reference_logprobs, ids, mask, average_logps).cpu(), kl_sum, policy_logprobs.size(0))
+
+
 @torch.no_grad()
 def evaluate(policy, reference, pairs, batch_size=8, beta=0.1, loss_type="dpo", label_smoothing=0.0,
              average_logps=False, progress=None):
     """The training step's numbers on encoded `pairs`, without a gradient, and the exact KL.
 
-    Both models run on the same batches, so at step 0, where they are equal, every margin
-    is exactly 0. kl is the mean over the completion positions of both rows of every pair
-    of KL(pi || pi_ref) = sum over the vocabulary v of pi(v) log(pi(v) / pi_ref(v)), the
-    exact divergence at that position (not a one-sample estimate). progress as in pair_logps."""
-    device = next(policy.parameters()).device
-    losses, chosen_rewards, rejected_rewards = [], [], []
-    kl_sum, n_positions = 0.0, 0
-    for start in range(0, len(pairs), batch_size):
-        batch = collate(pairs[start:start + batch_size])
-        ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
-        policy_logprobs = next_token_logprobs(policy, ids, mask)  # (N, V): log pi(. | x, y_<t)
-        reference_logprobs = next_token_logprobs(reference, ids, mask)  # (N, V): log pi_ref(. | x, y_<t)
-        # a few hundred positions at a time: the temporaries stay small beside the two (N, V) tensors
-        for p, q in zip(policy_logprobs.split(256), reference_logprobs.split(256)):
-            kl_sum += (p.exp() * (p - q)).sum().item()
-        n_positions += policy_logprobs.size(0)
-        pair_losses, c, r = dpo_loss(*chosen_and_rejected(logps_of_scored(policy_logprobs, ids, mask, average_logps)),
-                                     *chosen_and_rejected(logps_of_scored(reference_logprobs, ids, mask, average_logps)),
-                                     beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-        losses.append(pair_losses.cpu())
-        chosen_rewards.append(c.cpu())
-        rejected_rewards.append(r.cpu())
+    Returns (numbers, (log pi(y_c|x), log pi(y_r|x))): a dict of means over the pairs, and
+    the policy's log-probs of every pair in the pairs' order, as pair_logps gives them.
+    kl is the mean over the completion positions of both rows of every pair of
+    KL(pi || pi_ref) = sum over the vocabulary v of pi(v) log(pi(v) / pi_ref(v)), the exact
+    divergence at that position (not a one-sample estimate). Both models run on the same
+    batches (batches_by_length), so where they are equal every margin is exactly 0; and
+    where the policy *is* the reference (at step 0, pass the reference twice) one forward
+    pass serves both. progress as in pair_logps."""
+    batches = batches_by_length(pairs, batch_size)
+    policy_rows, reference_rows, kl_sum, n_positions, done = [], [], 0.0, 0, 0
+    for index in batches:
+        policy_logps, reference_logps, batch_kl, n = logps_and_kl(policy, reference, collate([pairs[i] for i in index]),
+                                                                 average_logps)
+        policy_rows.append(policy_logps)
+        reference_rows.append(reference_logps)
+        kl_sum, n_positions, done = kl_sum + batch_kl, n_positions + n, done + len(index)
         if progress is not None:
-            progress(min(start + batch_size, len(pairs)), len(pairs))
-    losses, chosen_rewards, rejected_rewards = (torch.cat(x) for x in (losses, chosen_rewards, rejected_rewards))
+            progress(done, len(pairs))
+    # per pair, in the pairs' order: (chosen, rejected) of the policy, then of the reference
+    policy_logps, reference_logps = ([in_order([chosen_and_rejected(x)[k] for x in rows], batches) for k in (0, 1)]
+                                     for rows in (policy_rows, reference_rows))
+    losses, chosen_rewards, rejected_rewards = dpo_loss(*policy_logps, *reference_logps, beta=beta,
+                                                        loss_type=loss_type, label_smoothing=label_smoothing)
     margins = chosen_rewards - rejected_rewards
-    return {"loss": losses.mean().item(), "reward_accuracy": (margins > 0).float().mean().item(),
-            "margin": margins.mean().item(), "chosen_reward": chosen_rewards.mean().item(),
-            "rejected_reward": rejected_rewards.mean().item(), "kl": kl_sum / n_positions}
+    numbers = {"loss": losses.mean().item(), "reward_accuracy": (margins > 0).float().mean().item(),
+               "margin": margins.mean().item(), "chosen_reward": chosen_rewards.mean().item(),
+               "rejected_reward": rejected_rewards.mean().item(), "kl": kl_sum / n_positions}
+    return numbers, tuple(policy_logps)
 
 
 # -----------------------------------------------------------------------------

@@ -14,15 +14,18 @@ Index: claim -> the test that proves it.
     -> test_masking_the_prompt_leaves_the_dpo_loss_but_changes_rewards_and_log_probs
 - Only completion tokens are scored, tokenised apart from the prompt
     -> test_sequence_logps_ignores_prompt_and_padding_..., test_encode_pairs_tokenises_...
-- The fast path (logits only where scored, per-batch padding) gives the plain numbers
-    -> test_completion_logps_equals_sequence_logps_..., test_per_batch_padding_gives_...
+- The fast path (logits only where scored, per-batch padding, batches by length) gives the
+  plain numbers
+    -> test_completion_logps_equals_sequence_logps_..., test_per_batch_padding_gives_...,
+       test_batches_by_length_cover_every_pair_once_...
 - Mean instead of sum: IPO's target becomes nats per token
     -> test_averaged_log_probs_are_the_sum_divided_by_..., test_ipo_on_averaged_log_probs_...
 - The reference is frozen, computed once, carries no graph; the optimizer holds the policy only
     -> test_train_dpo_runs_the_reference_once_..., test_reference_log_probs_carry_no_graph_...,
        test_make_optimizer_holds_exactly_the_policy_parameters
-- Held-out evaluation: loss, rewards and the exact KL(pi || pi_ref)
-    -> test_evaluate_equals_dpo_loss_and_kl_computed_pair_by_pair_from_full_logits
+- Held-out evaluation: loss, rewards and the exact KL(pi || pi_ref); at step 0 one forward pass
+    -> test_evaluate_equals_dpo_loss_and_kl_computed_pair_by_pair_from_full_logits,
+       test_evaluate_at_the_start_is_log2_with_zero_margins_and_zero_kl
 - DPO's optimum is pi_ref exp(r / beta) / Z (Eq. 4); DPO drives pi(y_r) to 0, IPO stops
     -> test_population_dpo_minimiser_is_..., test_dpo_drives_..., test_ipo_stops_...
 - model.py is GPT-2: the same logits as a numpy GPT-2 on the Hugging Face tensors
@@ -41,7 +44,7 @@ Index: claim -> the test that proves it.
 
 Sections, in this order: 1. the DPO math (dpo.py); 2. theory on a bandit; 3. the model
 (model.py) against a numpy GPT-2; 4. checkpoints, safetensors and the hub; 5. Bradley-Terry
-(bt.py); 6. end to end (train_toy.py); 7. bench.py's steps.
+(bt.py); 6. end to end (train_toy.py); 7. bench.py's steps and pairs.
 
 Tests that need the GPT-2 tokenizer skip with a reason when tiktoken cannot load it
 offline: set TIKTOKEN_CACHE_DIR (see README.md). Three checks run only on a CUDA GPU (the
@@ -68,6 +71,7 @@ import sys
 import threading
 import urllib.parse
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +82,7 @@ import torch
 import bench
 import bt
 import dpo
+import train_toy
 from bt import fit_bradley_terry, win_probability
 from dpo import dpo_loss
 from model import (GPT, SAFETENSORS_DTYPES, GPTConfig, hub_cache_dir, load_safetensors, save_safetensors,
@@ -693,7 +698,27 @@ def test_per_batch_padding_gives_the_log_probs_of_one_padded_batch():
         assert torch.allclose(got, expected, rtol=0, atol=1e-5)
     for got, expected in zip(one_batch, plain):
         assert torch.allclose(got, expected, rtol=0, atol=1e-5)
-    assert len({dpo.collate(pairs[i:i + 2])["input_ids"].shape[1] for i in (0, 2, 4)}) > 1  # really other paddings
+    batches = dpo.batches_by_length(pairs, 2)
+    assert batches != [[0, 1], [2, 3], [4]]  # computed out of the pairs' order, and put back in it
+    assert len({dpo.collate([pairs[i] for i in index])["input_ids"].shape[1] for index in batches}) > 1
+
+
+def test_batches_by_length_cover_every_pair_once_and_pad_less_than_the_file_order():
+    """The passes without a gradient batch pairs of similar length: every pair exactly once,
+    lengths non-decreasing, and fewer padding positions than batches in the file's order."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 60, (40, 3), generator=generator).tolist()
+    pairs = [([1] * p, [2] * c, [3] * r) for p, c, r in lengths]
+    batches = dpo.batches_by_length(pairs, 8)
+    flat = [i for index in batches for i in index]
+    assert sorted(flat) == list(range(40)) and [len(index) for index in batches] == [8] * 5
+    assert [dpo.longest_row(pairs[i]) for i in flat] == sorted(dpo.longest_row(p) for p in pairs)
+
+    def padding(batches):
+        return sum(dpo.collate([pairs[i] for i in index])["loss_mask"].numel() for index in batches) \
+            - sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
+    in_file_order = [list(range(start, start + 8)) for start in range(0, 40, 8)]
+    assert padding(batches) < 0.5 * padding(in_file_order)
 
 
 # -----------------------------------------------------------------------------
@@ -884,11 +909,41 @@ def test_cached_reference_log_probs_keep_the_model_precision():
 
 def test_evaluate_at_the_start_is_log2_with_zero_margins_and_zero_kl():
     """Before training the policy is the reference, and evaluate runs both on the same batches:
-    loss exactly log 2 (Eq. 7 at h = 0), every margin 0, KL 0."""
+    loss exactly log 2 (Eq. 7 at h = 0), every margin 0, KL 0. Passing the reference as the
+    policy gives the same numbers and log-probs, bit for bit, from one forward pass per batch
+    instead of two; and the log-probs are pair_logps' on the same batches."""
     policy = tiny_policy()
-    m = dpo.evaluate(policy, dpo.make_reference(policy), encoded_pairs(), batch_size=2)
+    reference = dpo.make_reference(policy)
+    policy_forwards, reference_forwards = count_forwards(policy), count_forwards(reference)
+    m, logps = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=2)
     assert m["loss"] == pytest.approx(LOG2, abs=1e-7)
     assert m["margin"] == 0.0 and m["reward_accuracy"] == 0.0 and m["kl"] == 0.0
+    assert len(policy_forwards) == len(reference_forwards) == 3  # 5 pairs, batches of 2
+    reference_forwards.clear()
+    m_once, logps_once = dpo.evaluate(reference, reference, encoded_pairs(), batch_size=2)
+    assert len(reference_forwards) == 3  # one forward per batch serves both models
+    assert m_once == m
+    for once, twice, measured in zip(logps_once, logps, dpo.pair_logps(policy, encoded_pairs(), batch_size=2)):
+        assert torch.equal(once, twice) and torch.equal(twice, measured)
+
+
+def test_evaluate_frees_each_batch_before_the_next_forward_pass(monkeypatch):
+    """Memory bounded by one batch: the (N, V) log-prob tensors of a batch are gone before the
+    next batch's forward pass. A loop that only rebinds its names would still hold the last
+    batch's two while it computes the next: twice the batch's share of the peak."""
+    made, alive_at_each_forward = [], []
+    real = dpo.next_token_logprobs
+
+    def recorded(model, ids, mask):
+        alive_at_each_forward.append(sum(ref() is not None for ref in made))
+        logprobs = real(model, ids, mask)
+        made.append(weakref.ref(logprobs))
+        return logprobs
+
+    monkeypatch.setattr(dpo, "next_token_logprobs", recorded)
+    policy = tiny_policy()
+    dpo.evaluate(policy, dpo.make_reference(policy), encoded_pairs(), batch_size=2)
+    assert alive_at_each_forward == [0, 1] * 3  # 3 batches: the policy's, then the reference's forward
 
 
 def test_evaluate_equals_dpo_loss_and_kl_computed_pair_by_pair_from_full_logits():
@@ -910,7 +965,11 @@ def test_evaluate_equals_dpo_loss_and_kl_computed_pair_by_pair_from_full_logits(
         losses.append(loss.item())
         margins.append((c - r).item())
         kls += (p.exp() * (p - q)).sum(-1)[batch["loss_mask"][:, 1:].bool()].tolist()
-    m = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=3, beta=0.5, loss_type="ipo")
+    m, (chosen, rejected) = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=3, beta=0.5, loss_type="ipo")
+    with torch.no_grad():
+        expected_chosen, expected_rejected = plain_logps(policy, dpo.collate(encoded_pairs()))
+    assert torch.allclose(chosen, expected_chosen, rtol=0, atol=1e-12)  # in the pairs' order
+    assert torch.allclose(rejected, expected_rejected, rtol=0, atol=1e-12)
     assert min(kls) > 0 and abs(np.mean(margins)) > 1e-3  # the policy really moved
     assert m["loss"] == pytest.approx(np.mean(losses), rel=1e-9)
     assert m["margin"] == pytest.approx(np.mean(margins), rel=1e-9)
@@ -932,7 +991,7 @@ def test_kl_is_taken_in_the_direction_kl_policy_to_reference():
     forward = torch.distributions.kl_divergence(Categorical(logits=p), Categorical(logits=q)).mean().item()
     backward = torch.distributions.kl_divergence(Categorical(logits=q), Categorical(logits=p)).mean().item()
     assert abs(forward - backward) > 1e-3
-    kl = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=8)["kl"]
+    kl = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=8)[0]["kl"]
     assert kl == pytest.approx(forward, rel=1e-9)
 
 
@@ -951,7 +1010,7 @@ def test_dpo_step_on_cuda_computes_what_the_cpu_step_computes():
         reference_logps = dpo.pair_logps(reference, pairs)
         batch = dpo.make_batch(pairs, reference_logps, device)
         metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.5)
-        evaluation = dpo.evaluate(policy, reference, pairs)
+        evaluation, _ = dpo.evaluate(policy, reference, pairs)
         results[device] = torch.cat(reference_logps), metrics, evaluation, [p.grad.cpu() for p in policy.parameters()]
     (cpu_logps, cpu_metrics, cpu_eval, cpu_grads), (gpu_logps, gpu_metrics, gpu_eval, gpu_grads) = results.values()
     assert torch.allclose(gpu_logps, cpu_logps, rtol=0, atol=1e-4)
@@ -2447,7 +2506,6 @@ def test_python_bt_py_prints_the_fit_of_its_example():
 
 def run_toy(out, *args):
     """train_toy.py's main() in this process (no second torch import), output captured by pytest."""
-    import train_toy
     gpt2_tokenizer()
     return train_toy.main(["--out", str(out), *args])
 
@@ -2490,7 +2548,6 @@ def numbered_pairs(n):
 def quick_sft(monkeypatch):
     """For tests of the plumbing (data, errors, saving), which need a trained model, not a good
     one: 5 steps of the tiny model's SFT warm-up instead of 60."""
-    import train_toy
     monkeypatch.setattr(train_toy, "SFT_STEPS", 5)
 
 
@@ -2518,7 +2575,6 @@ def test_toy_run_reports_the_held_out_pairs_it_never_trained_on(tiny_dpo_run):
     """Four held-out pairs: measured before and after, evaluated at step 0 and at the end, and
     counted in the summary from their own log-probs. At step 0 the policy is the reference on
     the same batches: loss log 2, margin 0 and KL 0 exactly."""
-    import train_toy
     out, summary = tiny_dpo_run
     assert summary["n_eval_pairs"] == 4
     for key, logps in (("eval_preferred_before", "eval_logps_before"), ("eval_preferred_after", "eval_logps_after")):
@@ -2566,7 +2622,6 @@ def test_train_seconds_leave_out_the_evaluations_and_tokens_are_the_real_tokens(
     toy pairs themselves: each epoch sees every pair once, the prompt twice (chosen and rejected
     rows). tokens_per_s is the one over the other."""
     import time
-    import train_toy
     real_evaluate, real_train = train_toy.dpo.evaluate, train_toy.dpo.train_dpo
     walls = []
 
@@ -2596,7 +2651,6 @@ def test_toy_checkpoint_reloads_with_the_trained_log_probs(tiny_dpo_run):
     trained policy did in the run (logps_after in the summary): bit for bit through the same
     function, and to float32 rounding through the plain definition."""
     out, summary = tiny_dpo_run
-    import train_toy
     device = summary["device"]  # the same kernels as in the run: cuda where it ran on cuda
     model = GPT.from_pretrained(out, device=device)
     pairs = dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_PAIRS)
@@ -2625,7 +2679,6 @@ def test_toy_run_is_reproducible_with_the_same_seed(tiny_dpo_run, tmp_path):
 def test_toy_run_on_cuda_is_deterministic_inside_and_leaves_the_settings_as_they_were(tmp_path, monkeypatch):
     """train_toy.py asks PyTorch for deterministic CUDA kernels during its run only: inside the
     run they are on; after it, on success or on an error, the settings are as before."""
-    import train_toy
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = torch.are_deterministic_algorithms_enabled()
     seen, real_run = [], train_toy.run
@@ -2725,7 +2778,6 @@ def test_data_run_trains_on_the_training_part_only_and_pads_little(tmp_path, qui
     """--data with --eval-fraction: the held-out pairs are evaluated, never trained on (the
     steps' real tokens add up to the training pairs alone), and batches of similar lengths
     keep padding well under a third of the positions the policy processes."""
-    import train_toy
     pairs = numbered_pairs(40)
     data = write_pairs(tmp_path / "pairs.jsonl", pairs)
     summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--eval-fraction", "0.25",
@@ -2800,7 +2852,6 @@ def test_a_failure_while_saving_leaves_the_earlier_out_and_no_temporary_folder(t
     """--out is written as one unit: if saving fails half-way (here after the weights, before
     metrics.jsonl), the earlier --out is untouched and no temporary folder is left beside it."""
     import shutil
-    import train_toy
     out = tmp_path / "out"
     shutil.copytree(tiny_dpo_run[0], out)
     before = folder_bytes(out)
@@ -2865,7 +2916,6 @@ def test_plot_without_matplotlib_is_refused_before_training(tmp_path, monkeypatc
 ])
 def test_bad_options_are_refused_with_a_message(options, message, tmp_path, capsys):
     """Nonsensical options stop the script at once (argparse's exit code 2) with what was wrong."""
-    import train_toy
     with pytest.raises(SystemExit) as stop:
         train_toy.main(["--model", "tiny", "--out", str(tmp_path / "out"), *options])
     assert stop.value.code == 2 and message in capsys.readouterr().err
@@ -2873,7 +2923,8 @@ def test_bad_options_are_refused_with_a_message(options, message, tmp_path, caps
 
 
 # =============================================================================
-# 7. bench.py: the three steps it times compute what they say (no timing is asserted)
+# 7. bench.py: the three steps it times compute what they say (no timing is asserted),
+#    and the pairs it writes for timing --data are the lengths it says
 # =============================================================================
 #
 # A tiny GPT in float64 instead of GPT-2 124M, so that two ways of computing the same
@@ -2983,3 +3034,28 @@ def test_cpu_peak_is_in_bytes():
         vm_hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     peak = bench.peak_memory_bytes(torch.device("cpu"))
     assert abs(peak - 1024 * vm_hwm) < 4_000_000  # the kernel's two readings of it round a little apart
+
+
+def test_written_pairs_load_as_data_with_the_token_counts_the_docstring_gives(tmp_path):
+    """bench.py --write-pairs makes a --data file: train_toy.load_pairs reads every pair; with
+    GPT-2's tokenizer prompts are 14 to 146 tokens and completions 4 to 150 (+ <|endoftext|>),
+    spread over that range; with --same-length every pair is 80 + 78 tokens per row. The same
+    seed writes the same bytes, another seed other pairs."""
+    enc = gpt2_tokenizer()
+    assert all(len(enc.encode(" " + word)) == 1 for word in bench.WORDS)  # k words are k tokens
+    bench.main(["--write-pairs", "300", str(tmp_path / "pairs.jsonl")])
+    bench.write_pairs(tmp_path / "again.jsonl", 300)
+    bench.write_pairs(tmp_path / "other.jsonl", 300, seed=1)
+    assert (tmp_path / "pairs.jsonl").read_bytes() == (tmp_path / "again.jsonl").read_bytes()
+    assert (tmp_path / "pairs.jsonl").read_bytes() != (tmp_path / "other.jsonl").read_bytes()
+    encoded = dpo.encode_pairs(enc, train_toy.load_pairs(tmp_path / "pairs.jsonl"))
+    assert len(encoded) == 300
+    prompts = [len(p) for p, _, _ in encoded]
+    completions = [len(c) for _, c, _ in encoded] + [len(r) for _, _, r in encoded]
+    assert 14 <= min(prompts) < 30 and 130 < max(prompts) <= 146
+    assert 5 <= min(completions) < 20 and 135 < max(completions) <= 151
+    bench.main(["--write-pairs", "20", str(tmp_path / "same.jsonl"), "--same-length"])
+    same = dpo.encode_pairs(enc, train_toy.load_pairs(tmp_path / "same.jsonl"))
+    assert {(len(p), len(c), len(r)) for p, c, r in same} == {(80, 78, 78)}
+    assert len({tuple(c) for _, c, _ in same}) == 20  # one length, not one text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.jsonl", "other.jsonl", "pairs.jsonl", "same.jsonl"]

@@ -478,33 +478,19 @@ def prepare(args, device, log):
     return enc, policy, (pairs, encoded), (eval_pairs, eval_encoded), sft_s
 
 
-def train(args, policy, reference, encoded, eval_encoded, reference_logps, log):
-    """DPO (or IPO) on the training pairs, evaluated on the held-out pairs at step 0, every
-    --eval-every steps and at the end. Returns (steps, evaluations, seconds training, seconds
-    evaluating); the evaluations during training are not counted as training."""
+def train(args, policy, reference, encoded, reference_logps, evaluate, log):
+    """DPO (or IPO) on the training pairs; evaluate(policy, step), if given, every --eval-every
+    steps before the last. Returns the per-step metrics."""
     n_steps = args.epochs * math.ceil(len(encoded) / args.batch_size)  # dpo.epoch_batches' batches
     print_every = 1 if n_steps <= 30 else math.ceil(n_steps / 20)
-    evals, eval_seconds = [], []  # one evaluation record, and its duration, per evaluation
-
-    def evaluate(step):
-        t0 = time.perf_counter()
-        numbers = dpo.evaluate(policy, reference, eval_encoded, args.batch_size, args.beta, args.loss,
-                               args.label_smoothing, args.average_logps, progress=progress_printer("evaluating"))
-        eval_seconds.append(time.perf_counter() - t0)
-        evals.append({"phase": "eval", "step": step, **numbers})
-        log(evals[-1], format_eval(evals[-1]))
 
     def on_step(m):
         shown = m["step"] % print_every == 0 or m["step"] in (1, n_steps)
         log({"phase": "dpo", **m}, format_step(m, n_steps) if shown else None)
-        if eval_encoded and args.eval_every and m["step"] % args.eval_every == 0 and m["step"] < n_steps:
-            evaluate(m["step"])
+        if evaluate and args.eval_every and m["step"] % args.eval_every == 0 and m["step"] < n_steps:
+            evaluate(policy, m["step"])
 
-    if eval_encoded:
-        evaluate(0)
-    before_training = len(eval_seconds)
     optimizer = dpo.make_optimizer(policy, lr=args.lr)
-    t0 = time.perf_counter()
     try:
         history = dpo.train_dpo(policy, reference, encoded, optimizer, epochs=args.epochs, batch_size=args.batch_size,
                                 seed=args.seed, beta=args.beta, loss_type=args.loss,
@@ -515,11 +501,8 @@ def train(args, policy, reference, encoded, eval_encoded, reference_logps, log):
             raise RuntimeError(f"{e} (--lr, now {args.lr}). Nothing was saved.") from None
         raise
     if next(policy.parameters()).device.type == "cuda":
-        torch.cuda.synchronize()
-    train_s = time.perf_counter() - t0 - sum(eval_seconds[before_training:])  # the evaluations during training
-    if eval_encoded:
-        evaluate(len(history))
-    return history, evals, train_s, sum(eval_seconds)
+        torch.cuda.synchronize()  # the steps are done, not only queued, when the clock stops
+    return history
 
 
 def reward_accuracy(before, after, beta):
@@ -565,41 +548,58 @@ def save(out, policy, records, plot, history, evals, loss_type):
 
 def run(args, device):
     """The whole experiment on `device`; returns the summary that ends metrics.jsonl."""
-    records, seconds = [], {}
+    records, seconds, evals = [], {}, []
 
     def log(record, line=None):
         records.append(record)
         if line:
             print("  " + line, flush=True)
 
+    @contextlib.contextmanager
+    def timed(phase):  # adds the block's seconds to seconds[phase]
+        t0 = time.perf_counter()
+        yield
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t0
+
     # 1. inputs: everything that can be wrong with them is checked before any training
-    t0 = time.perf_counter()
-    enc, policy, (pairs, encoded), (eval_pairs, eval_encoded), seconds["sft_s"] = prepare(args, device, log)
-    seconds["load_s"] = time.perf_counter() - t0 - seconds["sft_s"]
+    with timed("load_s"):
+        enc, policy, (pairs, encoded), (eval_pairs, eval_encoded), seconds["sft_s"] = prepare(args, device, log)
+    seconds["load_s"] -= seconds["sft_s"]  # the tiny model's SFT is timed on its own
+    print(describe_training(args, len(pairs), len(eval_pairs)))
 
     # 2. measure: the reference's log-probs are where the untouched policy stands, and all DPO needs of it
-    t0 = time.perf_counter()
-    reference = dpo.make_reference(policy)
-    reference_logps = measure(reference, encoded, args, "reference log-probs")  # what DPO needs, once
-    before = as_lists(reference_logps)
-    seconds["reference_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    eval_before = as_lists(measure(reference, eval_encoded, args, "held-out log-probs")) if eval_encoded else None
+    with timed("reference_s"):
+        reference = dpo.make_reference(policy)
+        reference_logps = measure(reference, encoded, args, "reference log-probs")  # what DPO needs, once
+        before = as_lists(reference_logps)
+
+    def evaluate(model, step):
+        """dpo.evaluate on the held-out pairs, logged as an "eval" record; returns the model's log-probs."""
+        with timed("eval_s"):
+            numbers, logps = dpo.evaluate(model, reference, eval_encoded, args.batch_size, args.beta, args.loss,
+                                          args.label_smoothing, args.average_logps,
+                                          progress=progress_printer("evaluating"))
+        evals.append({"phase": "eval", "step": step, **numbers})
+        log(evals[-1], format_eval(evals[-1]))
+        return as_lists(logps)
+
+    # at step 0 the policy is the reference (make_reference copied it), so one forward pass serves both
+    eval_before = evaluate(reference, 0) if eval_encoded else None
     shown = pairs[:SHOWN] + eval_pairs[:SHOWN]
-    completions_before = [greedy_completion(policy, enc, p["prompt"]) for p in shown]
-    seconds["eval_s"] = time.perf_counter() - t0
+    with timed("eval_s"):
+        completions_before = [greedy_completion(policy, enc, p["prompt"]) for p in shown]
 
     # 3. train: one forward pass of the policy per step, the reference's log-probs cached
-    print(describe_training(args, len(pairs), len(eval_pairs)))
-    history, evals, seconds["train_s"], eval_s = train(args, policy, reference, encoded, eval_encoded,
-                                                       reference_logps, log)
+    eval_s = seconds["eval_s"]
+    with timed("train_s"):
+        history = train(args, policy, reference, encoded, reference_logps, evaluate if eval_encoded else None, log)
+    seconds["train_s"] -= seconds["eval_s"] - eval_s  # the evaluations during training are not training
 
-    # 4. measure again, with the same function
-    t0 = time.perf_counter()
-    after = as_lists(measure(policy, encoded, args, "trained log-probs"))
-    eval_after = as_lists(measure(policy, eval_encoded, args, "held-out log-probs")) if eval_encoded else None
-    completions_after = [greedy_completion(policy, enc, p["prompt"]) for p in shown]
-    seconds["eval_s"] += eval_s + time.perf_counter() - t0
+    # 4. measure again, with the same functions
+    with timed("eval_s"):
+        after = as_lists(measure(policy, encoded, args, "trained log-probs"))
+        completions_after = [greedy_completion(policy, enc, p["prompt"]) for p in shown]
+    eval_after = evaluate(policy, len(history)) if eval_encoded else None
 
     # 5. report
     report(args, pairs, eval_pairs, {"train": (before, after), "eval": (eval_before, eval_after)},
