@@ -249,18 +249,23 @@ def make_reference(policy):
     return reference
 
 
-def batches_by_length(pairs, batch_size):
-    """Batches of pair indices for the passes without a gradient, where the order does not
-    matter: sorted by length, so that each batch, padded to its own longest row, holds
-    little padding. The order the pairs were computed in, flattened, undoes it (in_order)."""
-    order = sorted(range(len(pairs)), key=lambda i: longest_row(pairs[i]))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+def batches_by_length(pairs, batch_size, indices=None):
+    """The indices of `pairs` (all of them, or those given) sorted by length and cut into
+    batches of batch_size, so that each batch, padded to its own longest row, holds little
+    padding. The passes without a gradient, where the order does not matter, take all pairs
+    this way (in_order then undoes the sorting); training sorts within shuffled chunks."""
+    indices = range(len(pairs)) if indices is None else indices
+    by_length = sorted(indices, key=lambda i: longest_row(pairs[i]))
+    return [by_length[start:start + batch_size] for start in range(0, len(by_length), batch_size)]
 
 
-def in_order(values, batches):
-    """Per-pair values computed batch by batch of batches_by_length, back in the pairs' order."""
+def in_order(rows, batches):
+    """Per-row values of collate's 2B rows, (2B,) for each batch of batches_by_length, as
+    (chosen (N,), rejected (N,)) in the pairs' order."""
     computed = torch.tensor([i for index in batches for i in index])  # pair index of each value
-    return torch.cat(values)[computed.argsort()]
+    chosen, rejected = (torch.cat(half) for half in zip(*(chosen_and_rejected(x) for x in rows)))
+    undo = computed.argsort()
+    return chosen[undo], rejected[undo]
 
 
 @torch.no_grad()
@@ -275,17 +280,14 @@ def pair_logps(model, pairs, batch_size=8, average=False, progress=None):
     which is then one forward and one backward of the policy."""
     device = next(model.parameters()).device
     batches = batches_by_length(pairs, batch_size)
-    chosen, rejected, done = [], [], 0
+    rows, done = [], 0
     for index in batches:
         batch = collate([pairs[i] for i in index])
-        logps = completion_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device), average)
-        c, r = chosen_and_rejected(logps.cpu())
-        chosen.append(c)
-        rejected.append(r)
+        rows.append(completion_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device), average).cpu())
         done += len(index)
         if progress is not None:
             progress(done, len(pairs))
-    return in_order(chosen, batches), in_order(rejected, batches)
+    return in_order(rows, batches)
 
 
 # -----------------------------------------------------------------------------
@@ -310,6 +312,19 @@ def make_batch(pairs, reference_logps, device):
     return batch
 
 
+STEP_NUMBERS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+
+
+def step_numbers(losses, chosen_rewards, rejected_rewards):
+    """dpo_loss's per-pair outputs as the means STEP_NUMBERS names, one (5,) tensor: the loss,
+    the reward accuracy (the fraction of margins, chosen reward - rejected reward, that are
+    > 0), the margin and the two rewards. The same numbers for a training step and for
+    evaluation."""
+    margins = chosen_rewards - rejected_rewards
+    return torch.stack([losses.detach().mean(), (margins > 0).float().mean(), margins.mean(),
+                        chosen_rewards.mean(), rejected_rewards.mean()])
+
+
 def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothing=0.0, max_grad_norm=1.0,
              average_logps=False):
     """One DPO update on a batch from make_batch; returns this step's numbers as floats.
@@ -330,11 +345,8 @@ def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothin
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
     optimizer.step()
 
-    margins = chosen_rewards - rejected_rewards
-    numbers = torch.stack([loss.detach(), (margins > 0).float().mean(), margins.mean(),
-                           chosen_rewards.mean(), rejected_rewards.mean(), grad_norm.to(loss.device)])
-    names = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "grad_norm")
-    return dict(zip(names, numbers.tolist()))  # one device-to-host copy per step
+    numbers = torch.cat([step_numbers(losses, chosen_rewards, rejected_rewards), grad_norm.to(loss.device)[None]])
+    return dict(zip(STEP_NUMBERS + ("grad_norm",), numbers.tolist()))  # one device-to-host copy per step
 
 
 def epoch_batches(pairs, batch_size, generator, chunk_batches=50):
@@ -351,8 +363,7 @@ def epoch_batches(pairs, batch_size, generator, chunk_batches=50):
     chunk = batch_size * chunk_batches
     batches = []
     for start in range(0, len(order), chunk):
-        by_length = sorted(order[start:start + chunk], key=lambda i: longest_row(pairs[i]))
-        batches += [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+        batches += batches_by_length(pairs, batch_size, order[start:start + chunk])
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
@@ -437,16 +448,12 @@ def evaluate(policy, reference, pairs, batch_size=8, beta=0.1, loss_type="dpo", 
         kl_sum, n_positions, done = kl_sum + batch_kl, n_positions + n, done + len(index)
         if progress is not None:
             progress(done, len(pairs))
-    # per pair, in the pairs' order: (chosen, rejected) of the policy, then of the reference
-    policy_logps, reference_logps = ([in_order([chosen_and_rejected(x)[k] for x in rows], batches) for k in (0, 1)]
-                                     for rows in (policy_rows, reference_rows))
-    losses, chosen_rewards, rejected_rewards = dpo_loss(*policy_logps, *reference_logps, beta=beta,
-                                                        loss_type=loss_type, label_smoothing=label_smoothing)
-    margins = chosen_rewards - rejected_rewards
-    numbers = {"loss": losses.mean().item(), "reward_accuracy": (margins > 0).float().mean().item(),
-               "margin": margins.mean().item(), "chosen_reward": chosen_rewards.mean().item(),
-               "rejected_reward": rejected_rewards.mean().item(), "kl": kl_sum / n_positions}
-    return numbers, tuple(policy_logps)
+    policy_logps = in_order(policy_rows, batches)  # (chosen, rejected), in the pairs' order
+    losses_and_rewards = dpo_loss(*policy_logps, *in_order(reference_rows, batches), beta=beta,
+                                  loss_type=loss_type, label_smoothing=label_smoothing)
+    numbers = dict(zip(STEP_NUMBERS, step_numbers(*losses_and_rewards).tolist()))
+    numbers["kl"] = kl_sum / n_positions
+    return numbers, policy_logps
 
 
 # -----------------------------------------------------------------------------
