@@ -18,7 +18,7 @@ peak above the models: CUDA's max_memory_allocated, or on the CPU the peak RSS (
 of a new process that runs only that phase (`python bench.py --peak-of b`), so that no
 phase inherits another's heap.
 
-    python bench.py                            # --device auto: cuda, then mps, then cpu
+    python bench.py                            # on cuda, else mps, else cpu
     python bench.py --pairs 8 --completion-len 128
 
 It also writes preference pairs of made-up text with ordinary lengths, to time
@@ -40,6 +40,7 @@ import argparse
 import itertools
 import json
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,8 +51,8 @@ import torch
 from torch.nn import functional as F
 
 import dpo
-from model import GPT, GPTConfig, write_atomically
-from train_toy import peak_memory_bytes, resolve_device
+from checkpoint import write_atomically
+from model import GPT, GPTConfig
 
 BETA = 0.1
 PHASES = {"a": "(a) straightforward: 4 forward passes",
@@ -74,6 +75,13 @@ def build(config, n_pairs, prompt_len, completion_len, device, seed=0):
     reference = dpo.make_reference(policy)
     pairs = random_pairs(n_pairs, prompt_len, completion_len, config.vocab_size, seed)
     return policy, reference, dpo.make_batch(pairs, dpo.pair_logps(reference, pairs, batch_size=n_pairs), device)
+
+
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def backward_and_update(policy, optimizer, loss):
@@ -110,7 +118,7 @@ def floor_step(policy, optimizer, batch):
 def make_steps(policy, reference, batch):
     """{letter: step(optimizer) -> loss as a float}."""
     return {"a": lambda optimizer: straightforward_step(policy, reference, optimizer, batch),
-            "b": lambda optimizer: dpo.dpo_step(policy, optimizer, batch, beta=BETA)["loss"],
+            "b": lambda optimizer: dpo.dpo_step(policy, optimizer, [batch], len(batch["reference_chosen_logps"]), beta=BETA)["loss"],
             "c": lambda optimizer: floor_step(policy, optimizer, batch)}
 
 
@@ -187,7 +195,7 @@ def write_pairs(path, n_pairs, same_length=False, seed=0):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description="Time the DPO step against the straightforward loop and the floor.")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each phase, after two untimed ones (6)")
     parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step (2)")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (32)")
@@ -205,7 +213,8 @@ def main(argv=None):
         write_pairs(path, int(n_pairs), args.same_length)
         print(f"wrote {int(n_pairs):,} pairs to {path}")
         return None
-    device = resolve_device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
+                                          "mps" if torch.backends.mps.is_available() else "cpu"))
 
     peaks = dict.fromkeys(PHASES)  # none measured on MPS
     if device.type == "cpu" and args.peak_of is None:  # first, while this process holds no model

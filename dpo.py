@@ -51,23 +51,29 @@ One forward pass of the policy over all 2B rows gives log pi(y|x) for each row (
 padding masked out); the first half is log pi(y_c|x), the second log pi(y_r|x). From each,
 the reference's log-probs of the same rows, computed once before training, are subtracted.
 
-In reading order: log-probabilities of completions, pairs to tensors, the losses, the frozen
-reference, the training step and loop, evaluation; `python dpo.py` runs the bandit.
+In reading order: log-probabilities of completions, pairs to tensors, batches of similar
+length, the losses, sharing work between processes, the frozen reference, the training step
+(micro-batches, a learning-rate schedule) and loop, evaluation; `python dpo.py` runs the bandit.
 Read first: model.py. Read next: train_toy.py, which runs all of this.
 """
 
+import contextlib
 import copy
 import math
+import os
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 
 # -----------------------------------------------------------------------------
 # Log-probabilities of completions
 
 def at_least_float32(x):
-    """float16 / bfloat16 logits are summed in float32; float64 stays float64."""
+    """float16 / bfloat16 logits are taken to float32 before log_softmax and the sums over
+    tokens, where half precision would lose a tenth of a nat; float64 stays float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -79,8 +85,9 @@ def sequence_logps(logits, labels, loss_mask, average=False):
     therefore contribute nothing. A causal LM's logits at position t score the token at
     t+1, hence the shift: the last position scores a token beyond the sequence, and the
     first token is scored by no position. average=True divides by the number of
-    completion tokens. Computed in at least float32 whatever the model's dtype, because
-    the sums run over many tokens."""
+    completion tokens. This is the definition; training computes the same numbers with
+    completion_logps below, which runs the output head only where it scores a completion
+    token (test_completion_logps_equals_sequence_logps_of_the_full_logits)."""
     logprobs = at_least_float32(logits[:, :-1, :]).log_softmax(dim=-1)  # (B, T-1, V): log pi(. | x, y_<t)
     token_logps = logprobs.gather(2, labels[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T-1): log pi(y_t)
     mask = loss_mask[:, 1:]
@@ -92,7 +99,7 @@ def sequence_logps(logits, labels, loss_mask, average=False):
 # completion token need logits: the output head (a third of GPT-2 small's compute) and the
 # log-softmax then skip the prompt and the padding.
 
-def next_token_logprobs(model, input_ids, loss_mask):
+def vocab_logprobs(model, input_ids, loss_mask):
     """log pi(. | x, y_<t) over the vocabulary at the N positions that score a completion
     token, (N, V), in row-major order."""
     scored = loss_mask[:, 1:].bool()  # (B, T-1): which next tokens are completion tokens
@@ -100,9 +107,9 @@ def next_token_logprobs(model, input_ids, loss_mask):
     return at_least_float32(model(input_ids, logits_at=scoring_positions)).log_softmax(dim=-1)
 
 
-def logps_of_scored(vocab_logprobs, input_ids, loss_mask, average=False):
-    """sequence_logps from next_token_logprobs' (N, V) rows: pick each completion token's
-    log-prob and sum them per row, (B,)."""
+def logps_from_vocab_logprobs(vocab_logprobs, input_ids, loss_mask, average=False):
+    """sequence_logps from vocab_logprobs' (N, V) rows: each completion token's log-prob,
+    summed per row, (B,)."""
     scored = loss_mask[:, 1:].bool()
     targets = input_ids[:, 1:][scored]  # (N,), the same row-major order
     token_logps = vocab_logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
@@ -114,43 +121,68 @@ def logps_of_scored(vocab_logprobs, input_ids, loss_mask, average=False):
 
 def completion_logps(model, input_ids, loss_mask, average=False):
     """sequence_logps(model(input_ids), input_ids, loss_mask, average), computed cheaply."""
-    return logps_of_scored(next_token_logprobs(model, input_ids, loss_mask), input_ids, loss_mask, average)
+    return logps_from_vocab_logprobs(vocab_logprobs(model, input_ids, loss_mask), input_ids, loss_mask, average)
 
 
 # -----------------------------------------------------------------------------
 # Pairs to tensors
 
-def encode_completion(enc, prompt, completion):
-    """Token ids of prompt and completion, tokenised *separately*.
+ASSISTANT = "\n\nAssistant:"  # where HH-RLHF's last answer begins
 
-    Tokenising prompt + completion as one string could merge the last prompt
-    characters with the first completion characters into one BPE token, and then
-    the completion would no longer be exactly the tokens being scored. Tokenised
-    apart, the completion tokens are exactly enc.encode(completion) + <|endoftext|>,
-    which marks where the completion ends (and is scored with it)."""
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f"the prompt must be a non-empty string, got {prompt!r}: a pair needs a prompt to condition on")
-    if not isinstance(completion, str) or not completion:
-        raise ValueError(f"the completion must be a non-empty string, got {completion!r} (prompt {prompt!r}): "
-                         "there would be no token to score")
+
+def split_prompt(chosen, rejected):
+    """(prompt, chosen completion, rejected completion) from two whole dialogues that share
+    their beginning, as Anthropic's HH-RLHF gives them ({"chosen", "rejected"}, no prompt).
+
+    The prompt is the shared beginning up to and including the last "\n\nAssistant:" in it,
+    as the DPO authors split HH. Without one, it ends at the last whitespace the two share,
+    which then starts both completions (" mat" / " bed"): GPT-2's tokens carry the space
+    before a word, and a prompt cut inside a word would leave its second half to be
+    tokenised as a word of its own, which the model would never see in running text."""
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are the same text, so there is no preference to learn")
+    shared = os.path.commonprefix([chosen, rejected])  # character by character
+    end = shared.rfind(ASSISTANT)
+    if end >= 0:
+        end += len(ASSISTANT)
+    else:
+        end = max((i for i, c in enumerate(shared) if c.isspace()), default=0)
+    if end == 0:
+        raise ValueError("chosen and rejected share no beginning to take as the prompt; give a \"prompt\" field")
+    return shared[:end], chosen[end:], rejected[end:]
+
+
+def text_field(pair, field):
+    """pair[field], which must be a non-empty string."""
+    text = pair.get(field)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"field {field!r} must be a non-empty string, got {text!r}")
+    return text
+
+
+def encode_pair(enc, pair):
+    """{"prompt", "chosen", "rejected"} -> (prompt_ids, chosen_ids, rejected_ids), each text
+    tokenised *separately*.
+
+    Tokenising prompt + completion as one string could merge the last prompt characters
+    with the first completion characters into one BPE token, and then the completion would
+    no longer be exactly the tokens being scored. Tokenised apart, a completion's tokens are
+    exactly enc.encode(completion) + <|endoftext|>, which marks where the completion ends
+    (and is scored with it)."""
+    texts = [text_field(pair, field) for field in ("prompt", "chosen", "rejected")]
     try:
-        prompt_ids, completion_ids = enc.encode(prompt), enc.encode(completion)
-    except ValueError as e:  # tiktoken refuses text such as "<|endoftext|>" inside the data
-        raise ValueError(f"cannot tokenise prompt {prompt!r} / completion {completion!r}: {e}") from None
-    return prompt_ids, completion_ids + [enc.eot_token]
+        prompt_ids, chosen_ids, rejected_ids = (enc.encode(text) for text in texts)
+    except ValueError:  # tiktoken refuses special-token text such as "<|endoftext|>" inside the data
+        raise ValueError("the text holds a special token such as '<|endoftext|>', which the tokenizer will not "
+                         "encode as text; remove it") from None
+    return prompt_ids, chosen_ids + [enc.eot_token], rejected_ids + [enc.eot_token]
 
 
 def encode_pairs(enc, pairs):
-    """Tokenise preference pairs: a list of dicts with string fields "prompt", "chosen",
-    "rejected" becomes a list of (prompt_ids, chosen_ids, rejected_ids)."""
+    """encode_pair for each of a list of pairs."""
     if len(pairs) == 0:
         raise ValueError("no preference pairs: need at least one {prompt, chosen, rejected}")
-    encoded = []
-    for pair in pairs:
-        prompt_ids, chosen_ids = encode_completion(enc, pair["prompt"], pair["chosen"])
-        _, rejected_ids = encode_completion(enc, pair["prompt"], pair["rejected"])
-        encoded.append((prompt_ids, chosen_ids, rejected_ids))
-    return encoded
+    return [encode_pair(enc, pair) for pair in pairs]
 
 
 def longest_row(pair):
@@ -186,6 +218,44 @@ def collate(pairs):
 def chosen_and_rejected(rows):
     """Split what collate's 2B rows gave, (2B, ...), into the chosen half and the rejected half."""
     return rows.chunk(2)
+
+
+# -----------------------------------------------------------------------------
+# Batches of similar length
+#
+# Each batch is padded to its own longest row, so a batch that mixes short and long pairs
+# is mostly padding. Pairs of similar length are put together instead.
+
+def batches_by_length(pairs, batch_size, indices=None):
+    """The indices of `pairs` (all of them, or those given) sorted by length and cut into
+    batches of batch_size. The passes without a gradient, where the order does not matter,
+    take all pairs this way; training sorts within shuffled chunks (epoch_batches)."""
+    indices = range(len(pairs)) if indices is None else indices
+    by_length = sorted(indices, key=lambda i: longest_row(pairs[i]))
+    return [by_length[start:start + batch_size] for start in range(0, len(by_length), batch_size)]
+
+
+def epoch_batches(pairs, batch_size, generator, chunk_batches=50):
+    """One epoch's batches of pair indices: shuffled, with pairs of similar length together.
+
+    The pairs are shuffled, cut into chunks of chunk_batches batches, sorted by length within
+    each chunk and cut into batches, and then the batches are shuffled: the grouping of
+    Hugging Face's LengthGroupedSampler. A new order every epoch, as the generator moves on.
+    With fewer than chunk_batches batches (every toy run) all pairs are one chunk, so the
+    batches are cut from the same sorted order every epoch and mostly only their order changes."""
+    order = torch.randperm(len(pairs), generator=generator).tolist()
+    chunk = batch_size * chunk_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        batches += batches_by_length(pairs, batch_size, order[start:start + chunk])
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def training_steps(pairs, batch_size, epochs, seed):
+    """Every step of a run as (epoch, pair indices), from the seed alone: a resumed run, and
+    every process under torchrun, takes exactly these steps."""
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
+    return [(epoch, indices) for epoch in range(1, epochs + 1) for indices in epoch_batches(pairs, batch_size, generator)]
 
 
 # -----------------------------------------------------------------------------
@@ -234,6 +304,53 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     return losses, chosen_rewards, rejected_rewards
 
 
+def reward_accuracy(chosen_rewards, rejected_rewards):
+    """Per pair: 1 where the implicit rewards rank chosen above rejected, 0 where below, and
+    1/2 at a tie, as a coin toss would score, so a policy still equal to its reference reads 0.5."""
+    margins = chosen_rewards - rejected_rewards
+    return (margins > 0).to(margins.dtype) + 0.5 * (margins == 0).to(margins.dtype)
+
+
+NUMBERS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+
+
+def summed_numbers(losses, chosen_rewards, rejected_rewards):
+    """dpo_loss's per-pair outputs summed into the NUMBERS a step reports, and the number of
+    pairs last, (6,): sums, so that micro-batches and processes can add theirs up first."""
+    margins = chosen_rewards - rejected_rewards
+    return torch.stack([losses.detach().sum(), reward_accuracy(chosen_rewards, rejected_rewards).sum(),
+                        margins.sum(), chosen_rewards.sum(), rejected_rewards.sum(), margins.new_tensor(len(margins))])
+
+
+def means(sums):
+    """summed_numbers, added up, -> {name: mean over the pairs}."""
+    return dict(zip(NUMBERS, (sums[:-1] / sums[-1]).tolist()))
+
+
+# -----------------------------------------------------------------------------
+# Sharing work between processes
+#
+# Under torchrun every process runs this same code on its own device. The passes without a
+# gradient give each process a share of the batches; every process then needs every
+# result, so each fills its share into a tensor of zeros and the tensors are added up
+# (all_reduce): adding zeros is exact, so the numbers are the ones one process would get.
+
+def process_rank_and_count():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def my_share(batches):
+    rank, count = process_rank_and_count()
+    return batches[rank::count]
+
+
+def sum_over_processes(x):
+    """x added up over the processes, in place (x itself without torchrun)."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
 # -----------------------------------------------------------------------------
 # The frozen reference
 
@@ -249,49 +366,35 @@ def make_reference(policy):
     return reference
 
 
-def batches_by_length(pairs, batch_size, indices=None):
-    """The indices of `pairs` (all of them, or those given) sorted by length and cut into
-    batches of batch_size, so that each batch, padded to its own longest row, holds little
-    padding. The passes without a gradient, where the order does not matter, take all pairs
-    this way (in_order then undoes the sorting); training sorts within shuffled chunks."""
-    indices = range(len(pairs)) if indices is None else indices
-    by_length = sorted(indices, key=lambda i: longest_row(pairs[i]))
-    return [by_length[start:start + batch_size] for start in range(0, len(by_length), batch_size)]
-
-
-def in_order(rows, batches):
-    """Per-row values of collate's 2B rows, (2B,) for each batch of batches_by_length, as
-    (chosen (N,), rejected (N,)) in the pairs' order."""
-    computed = torch.tensor([i for index in batches for i in index])  # pair index of each value
-    chosen, rejected = (torch.cat(half) for half in zip(*(chosen_and_rejected(x) for x in rows)))
-    undo = computed.argsort()
-    return chosen[undo], rejected[undo]
-
-
 @torch.no_grad()
-def pair_logps(model, pairs, batch_size=8, average=False, progress=None):
-    """log pi(y_chosen|x) and log pi(y_rejected|x) of every encoded pair, (N,) each, on the
-    CPU, batch_size pairs at a time (batches_by_length). No graph is kept, whatever the
-    model's requires_grad. progress(pairs done, total), if given, is called after each batch.
+def pair_logps(model, pairs, batch_size=8, average=False, autocast=contextlib.nullcontext(), progress=None):
+    """log pi(y_chosen|x) and log pi(y_rejected|x) of every encoded pair, (N,) each on the
+    CPU, batch_size pairs at a time (batches_by_length), under `autocast` (the training
+    step's). No graph is kept, whatever the model's requires_grad. progress(pairs done,
+    pairs to do), if given, is called after each batch.
 
     Run on the reference before training, this is everything DPO needs from it: the
     reference is frozen and the data do not change, so log pi_ref(y|x) is the same number
     at every step. Computed once, it takes the reference's forward pass out of every step,
     which is then one forward and one backward of the policy."""
     device = next(model.parameters()).device
-    batches = batches_by_length(pairs, batch_size)
-    rows, done = [], 0
-    for index in batches:
-        batch = collate([pairs[i] for i in index])
-        rows.append(completion_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device), average).cpu())
-        done += len(index)
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    logps = torch.zeros(2, len(pairs), dtype=dtype, device=device)  # chosen, rejected
+    batches, done = my_share(batches_by_length(pairs, batch_size)), 0
+    for indices in batches:
+        batch = collate([pairs[i] for i in indices])
+        with autocast:
+            rows = completion_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device), average)
+        logps[:, indices] = rows.view(2, -1)  # collate's chosen rows, then its rejected rows
+        done += len(indices)
         if progress is not None:
-            progress(done, len(pairs))
-    return in_order(rows, batches)
+            progress(done, sum(map(len, batches)))
+    chosen, rejected = sum_over_processes(logps).cpu()
+    return chosen, rejected
 
 
 # -----------------------------------------------------------------------------
-# The training step and loop
+# The training step
 
 def make_optimizer(policy, lr, weight_decay=0.01):
     """AdamW (Loshchilov & Hutter 2019) over the policy's parameters, never the reference's.
@@ -304,104 +407,129 @@ def make_optimizer(policy, lr, weight_decay=0.01):
         return torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def make_batch(pairs, reference_logps, device):
-    """What dpo_step needs for some encoded pairs: collate's rows on `device`, and the
-    reference's log-probs of the same pairs, reference_logps = (chosen (B,), rejected (B,))."""
+def learning_rate(step, lr, warmup_steps=0, decay="none", total_steps=None):
+    """The learning rate of step 1, 2, ...: a linear warmup, lr * step / warmup_steps, up to lr
+    at step warmup_steps; then lr ("none"; the DPO authors warm up for 150 steps and stay
+    there), or a linear decay that would reach 0 one step after total_steps ("linear", as TRL)."""
+    if step <= warmup_steps:
+        return lr * step / warmup_steps
+    if decay == "linear":
+        return lr * (total_steps - step + 1) / (total_steps - warmup_steps)
+    return lr
+
+
+def make_batch(pairs, reference_logps, device, weight=1.0):
+    """What dpo_step needs for some encoded pairs: collate's rows on `device`, the reference's
+    log-probs of the same pairs, reference_logps = (chosen (B,), rejected (B,)), and the
+    weight of the pairs' losses in the step (0: computed, but not counted)."""
     batch = {key: value.to(device) for key, value in collate(pairs).items()}
     batch["reference_chosen_logps"], batch["reference_rejected_logps"] = (x.to(device) for x in reference_logps)
+    batch["weight"] = weight
     return batch
 
 
-STEP_NUMBERS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+def split_step(indices, n_parts):
+    """One step's pair indices (sorted by length, so that neighbours pad alike) cut into n_parts
+    contiguous parts of nearly equal size, some empty when the step holds fewer pairs."""
+    return [indices[k * len(indices) // n_parts:(k + 1) * len(indices) // n_parts] for k in range(n_parts)]
 
 
-def step_numbers(losses, chosen_rewards, rejected_rewards):
-    """dpo_loss's per-pair outputs as the means STEP_NUMBERS names, one (5,) tensor: the loss,
-    the reward accuracy (the fraction of margins, chosen reward - rejected reward, that are
-    > 0), the margin and the two rewards. The same numbers for a training step and for
-    evaluation."""
-    margins = chosen_rewards - rejected_rewards
-    return torch.stack([losses.detach().mean(), (margins > 0).float().mean(), margins.mean(),
-                        chosen_rewards.mean(), rejected_rewards.mean()])
+def my_micro_batches(indices, grad_accum):
+    """This process's share of one step's pairs, as (pair indices, weight) micro-batches: of
+    split_step's processes x grad_accum parts, process r takes parts r * grad_accum, ..., and
+    drops the empty ones. A process left with none (a step of fewer pairs than processes)
+    gets the step's first pair with weight 0: it must still take part in the gradient sync,
+    or the other processes would wait for it for ever."""
+    rank, count = process_rank_and_count()
+    parts = split_step(indices, count * grad_accum)[rank * grad_accum:(rank + 1) * grad_accum]
+    return [(part, 1.0) for part in parts if part] or [(indices[:1], 0.0)]
 
 
-def dpo_step(policy, optimizer, batch, beta=0.1, loss_type="dpo", label_smoothing=0.0, max_grad_norm=1.0,
-             average_logps=False):
-    """One DPO update on a batch from make_batch; returns this step's numbers as floats.
+def dpo_step(policy, optimizer, micro_batches, n_pairs, beta=0.1, loss_type="dpo", label_smoothing=0.0,
+             max_grad_norm=1.0, average_logps=False, autocast=contextlib.nullcontext(), scaler=None):
+    """One optimizer step on a batch of n_pairs pairs, of which this process holds
+    micro_batches (make_batch's); returns the step's numbers (NUMBERS, grad_norm) as floats.
 
-    The policy runs once, on chosen and rejected together. The gradient is clipped to
-    max_grad_norm before the update; grad_norm is its norm before clipping."""
+    Each micro-batch adds the gradient of sum(its per-pair losses) / n_pairs, so that in the
+    end the gradient is that of the mean loss over all n_pairs pairs, however they were split.
+    (Dividing each micro-batch's mean by the number of micro-batches instead would weigh the
+    pairs of a short micro-batch more.) Under torchrun the policy is wrapped in
+    DistributedDataParallel, which averages the processes' gradients: each process's loss is
+    multiplied by their number to turn that average into the sum, and the gradients are
+    synced once, at the last micro-batch (no_sync before it).
+
+    The policy runs once per micro-batch, on chosen and rejected together, its forward pass
+    under `autocast`. With float16, `scaler` (torch.amp.GradScaler) scales the loss up so that
+    small gradients do not round to 0, and back down before clipping. The gradient is clipped
+    to max_grad_norm before the update; grad_norm is its norm before clipping."""
     # last step's gradients go before the forward pass, not after it: they are
     # a model's worth of memory that would otherwise sit beside the activations
     optimizer.zero_grad(set_to_none=True)
-    logps = completion_logps(policy, batch["input_ids"], batch["loss_mask"], average_logps)  # (2B,)
-    chosen_logps, rejected_logps = chosen_and_rejected(logps)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        chosen_logps, rejected_logps, batch["reference_chosen_logps"], batch["reference_rejected_logps"],
-        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    loss = losses.mean()
-    loss.backward()
+    _, processes = process_rank_and_count()
+    sums = 0
+    for i, batch in enumerate(micro_batches):
+        syncs = i == len(micro_batches) - 1 or not isinstance(policy, DistributedDataParallel)
+        with contextlib.nullcontext() if syncs else policy.no_sync():
+            with autocast:
+                logps = completion_logps(policy, batch["input_ids"], batch["loss_mask"], average_logps)  # (2B,)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                *chosen_and_rejected(logps), batch["reference_chosen_logps"], batch["reference_rejected_logps"],
+                beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+            loss = batch["weight"] * losses.sum() * processes / n_pairs
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        sums = sums + batch["weight"] * summed_numbers(losses, chosen_rewards, rejected_rewards)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
     # clipping: Pascanu et al. 2013, "On the difficulty of training recurrent neural networks"
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped where the scaled gradient overflowed
+        scaler.update()
+    return {**means(sum_over_processes(sums)), "grad_norm": grad_norm.item()}
 
-    numbers = torch.cat([step_numbers(losses, chosen_rewards, rejected_rewards), grad_norm.to(loss.device)[None]])
-    return dict(zip(STEP_NUMBERS + ("grad_norm",), numbers.tolist()))  # one device-to-host copy per step
 
-
-def epoch_batches(pairs, batch_size, generator, chunk_batches=50):
-    """One epoch's batches of pair indices: shuffled, with pairs of similar length together.
-
-    Each batch is padded to its own longest row, so a batch mixing short and long pairs is
-    mostly padding. The pairs are shuffled, cut into chunks of chunk_batches batches, sorted
-    by length within each chunk and cut into batches, and then the batches are shuffled:
-    the grouping of Hugging Face's LengthGroupedSampler. A new order every epoch, as the
-    generator moves on. With fewer than chunk_batches batches (every toy run) all pairs are
-    one chunk, so the batches are cut from the same sorted order every epoch and mostly
-    only their order changes."""
-    order = torch.randperm(len(pairs), generator=generator).tolist()
-    chunk = batch_size * chunk_batches
-    batches = []
-    for start in range(0, len(order), chunk):
-        batches += batches_by_length(pairs, batch_size, order[start:start + chunk])
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
+# -----------------------------------------------------------------------------
+# The training loop
 
 def train_dpo(policy, reference, pairs, optimizer, epochs=3, batch_size=2, seed=0, beta=0.1, loss_type="dpo",
-              label_smoothing=0.0, max_grad_norm=1.0, average_logps=False, reference_logps=None, on_step=None):
-    """DPO over encoded `pairs` (from encode_pairs) for some epochs of shuffled batches.
+              label_smoothing=0.0, max_grad_norm=1.0, average_logps=False, reference_logps=None, grad_accum=1,
+              lr_at=None, start_step=0, autocast=contextlib.nullcontext(), scaler=None, on_step=None):
+    """DPO over encoded `pairs` (from encode_pairs): the steps of training_steps, each a batch
+    of batch_size pairs in grad_accum micro-batches (per process).
 
-    reference_logps: pair_logps(reference, pairs, average=average_logps), if the caller has
-    it already. Returns the list of per-step metric dicts; on_step(metrics) is called after
-    each step. A loss or gradient norm that is not finite stops training with a RuntimeError
-    (the policy then holds the weights that step left)."""
+    reference_logps: pair_logps(reference, pairs, average=average_logps, autocast=autocast),
+    if the caller has it already (then reference may be None). lr_at(step), if given, sets
+    the learning rate of each step (learning_rate). start_step: the steps taken before, by a
+    run that is being resumed. Returns the per-step numbers; on_step(numbers, pair indices)
+    is called after each step. A loss that is not finite (or, without a scaler, a gradient
+    norm) stops training with FloatingPointError; the policy then holds that step's weights."""
     # Dropout off in both models: with it, log pi would be noisy, the policy and the
     # reference would disagree at step 0 although they are the same network, and the
     # first loss would not be log 2. Eval mode turns dropout off without touching gradients.
     policy.eval()
-    reference.eval()
     device = next(policy.parameters()).device
     if reference_logps is None:
-        reference_logps = pair_logps(reference, pairs, average=average_logps)
-    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
+        reference_logps = pair_logps(reference.eval(), pairs, average=average_logps, autocast=autocast)
     history = []
-    for epoch in range(epochs):
-        for index in epoch_batches(pairs, batch_size, generator):
-            batch_pairs = [pairs[i] for i in index]
-            batch = make_batch(batch_pairs, [logps[index] for logps in reference_logps], device)
-            metrics = dpo_step(policy, optimizer, batch, beta=beta, loss_type=loss_type,
-                               label_smoothing=label_smoothing, max_grad_norm=max_grad_norm,
-                               average_logps=average_logps)
-            metrics.update(step=len(history) + 1, epoch=epoch + 1,
-                           tokens=sum(2 * len(p) + len(c) + len(r) for p, c, r in batch_pairs),
-                           positions=batch["input_ids"].numel())  # tokens plus padding
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                raise RuntimeError(
-                    f"training diverged at step {metrics['step']}: loss {metrics['loss']}, gradient norm "
-                    f"{metrics['grad_norm']}; stopped there. Try a smaller learning rate")
-            history.append(metrics)
-            if on_step is not None:
-                on_step(metrics)
+    for step, (epoch, indices) in enumerate(training_steps(pairs, batch_size, epochs, seed)[start_step:],
+                                            start=start_step + 1):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+        micro_batches = [make_batch([pairs[i] for i in part], [logps[part] for logps in reference_logps], device, weight)
+                         for part, weight in my_micro_batches(indices, grad_accum)]
+        numbers = dpo_step(policy, optimizer, micro_batches, len(indices), beta=beta, loss_type=loss_type,
+                           label_smoothing=label_smoothing, max_grad_norm=max_grad_norm,
+                           average_logps=average_logps, autocast=autocast, scaler=scaler)
+        numbers.update(step=step, epoch=epoch)
+        if not (math.isfinite(numbers["loss"]) and (scaler is not None or math.isfinite(numbers["grad_norm"]))):
+            raise FloatingPointError(f"training diverged at step {step}: loss {numbers['loss']}, gradient norm "
+                                     f"{numbers['grad_norm']}; stopped there. Try a smaller learning rate")
+        history.append(numbers)
+        if on_step is not None:
+            on_step(numbers, indices)
     return history
 
 
@@ -409,51 +537,53 @@ def train_dpo(policy, reference, pairs, optimizer, epochs=3, batch_size=2, seed=
 # Evaluation on pairs that are not trained on
 
 def logps_and_kl(policy, reference, batch, average_logps=False):
-    """One collated batch through both models: log pi(y|x) and log pi_ref(y|x) of its 2B rows,
-    (2B,) each on the CPU, the sum of KL(pi || pi_ref) over its N completion positions, and N.
-    A function of its own so that its two (N, V) tensors are freed when it returns, before
-    the next batch's forward pass: a loop would hold on to them until it rebinds the names."""
+    """One collated batch through both models: (policy chosen, policy rejected, reference
+    chosen, reference rejected) log-probs, (4, B), the sum of KL(pi || pi_ref) over its N
+    completion positions, and N. A function of its own so that its two (N, V) tensors are
+    freed when it returns, before the next batch's forward pass: a loop would hold on to
+    them until it rebinds the names."""
     device = next(policy.parameters()).device
     ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
-    policy_logprobs = next_token_logprobs(policy, ids, mask)  # (N, V): log pi(. | x, y_<t)
-    reference_logprobs = (policy_logprobs if reference is policy  # (N, V): log pi_ref(. | x, y_<t)
-                          else next_token_logprobs(reference, ids, mask))
+    policy_logprobs = vocab_logprobs(policy, ids, mask)  # (N, V): log pi(. | x, y_<t)
+    reference_logprobs = vocab_logprobs(reference, ids, mask)  # (N, V): log pi_ref(. | x, y_<t)
     kl_sum = 0.0  # a few hundred positions at a time: the temporaries stay small beside the two (N, V)
     for p, q in zip(policy_logprobs.split(256), reference_logprobs.split(256)):
-        kl_sum += (p.exp() * (p - q)).sum().item()
-    return (logps_of_scored(policy_logprobs, ids, mask, average_logps).cpu(),
-            logps_of_scored(reference_logprobs, ids, mask, average_logps).cpu(), kl_sum, policy_logprobs.size(0))
+        kl_sum = kl_sum + (p.exp() * (p - q)).sum()
+    logps = [logps_from_vocab_logprobs(x, ids, mask, average_logps).view(2, -1)
+             for x in (policy_logprobs, reference_logprobs)]
+    return torch.cat(logps), kl_sum, policy_logprobs.size(0)
 
 
 @torch.no_grad()
 def evaluate(policy, reference, pairs, batch_size=8, beta=0.1, loss_type="dpo", label_smoothing=0.0,
-             average_logps=False, progress=None):
+             average_logps=False, autocast=contextlib.nullcontext(), progress=None):
     """The training step's numbers on encoded `pairs`, without a gradient, and the exact KL.
 
-    Returns (numbers, (log pi(y_c|x), log pi(y_r|x))): a dict of means over the pairs, and
-    the policy's log-probs of every pair in the pairs' order, as pair_logps gives them.
-    kl is the mean over the completion positions of both rows of every pair of
+    Returns a dict: NUMBERS, means over the pairs, and kl, which is the mean over the completion positions of both rows of every pair of
     KL(pi || pi_ref) = sum over the vocabulary v of pi(v) log(pi(v) / pi_ref(v)), the exact
     divergence at that position (not a one-sample estimate). Both models run on the same
-    batches (batches_by_length), so where they are equal every margin is exactly 0; and
-    where the policy *is* the reference (at step 0, pass the reference twice) one forward
-    pass serves both. progress as in pair_logps."""
-    batches = batches_by_length(pairs, batch_size)
-    policy_rows, reference_rows, kl_sum, n_positions, done = [], [], 0.0, 0, 0
-    for index in batches:
-        policy_logps, reference_logps, batch_kl, n = logps_and_kl(policy, reference, collate([pairs[i] for i in index]),
-                                                                 average_logps)
-        policy_rows.append(policy_logps)
-        reference_rows.append(reference_logps)
-        kl_sum, n_positions, done = kl_sum + batch_kl, n_positions + n, done + len(index)
+    batches (batches_by_length), so where they are equal every margin is exactly 0.
+    Under torchrun the processes share the batches as in pair_logps. progress as there."""
+    device = next(policy.parameters()).device
+    dtype = torch.promote_types(next(policy.parameters()).dtype, torch.float32)
+    logps = torch.zeros(4, len(pairs), dtype=dtype, device=device)  # policy c, r; reference c, r
+    kl = torch.zeros(2, dtype=torch.float64, device=device)  # KL summed over positions, positions
+    batches, done = my_share(batches_by_length(pairs, batch_size)), 0
+    for indices in batches:
+        with autocast:
+            logps[:, indices], kl_sum, n_positions = logps_and_kl(policy, reference, collate([pairs[i] for i in indices]),
+                                                                  average_logps)
+        kl += torch.stack([kl_sum.double(), torch.tensor(n_positions, dtype=torch.float64, device=device)])
+        done += len(indices)
         if progress is not None:
-            progress(done, len(pairs))
-    policy_logps = in_order(policy_rows, batches)  # (chosen, rejected), in the pairs' order
-    losses_and_rewards = dpo_loss(*policy_logps, *in_order(reference_rows, batches), beta=beta,
-                                  loss_type=loss_type, label_smoothing=label_smoothing)
-    numbers = dict(zip(STEP_NUMBERS, step_numbers(*losses_and_rewards).tolist()))
-    numbers["kl"] = kl_sum / n_positions
-    return numbers, policy_logps
+            progress(done, sum(map(len, batches)))
+    sum_over_processes(logps)
+    sum_over_processes(kl)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(*logps, beta=beta, loss_type=loss_type,
+                                                        label_smoothing=label_smoothing)
+    numbers = means(summed_numbers(losses, chosen_rewards, rejected_rewards))
+    numbers["kl"] = (kl[0] / kl[1]).item()
+    return numbers
 
 
 # -----------------------------------------------------------------------------

@@ -6,55 +6,70 @@ The proof: every formula of this project checked against something independent o
 Index: claim -> the test that proves it.
 - The DPO loss is -log sigmoid(beta h) (Eq. 7), cDPO and IPO (Eq. 17) as written
     -> test_dpo_loss_matches_hand_computed_values, test_conservative_dpo_..., test_ipo_loss_...
-- At step 0 the loss is log 2 and every margin 0
-    -> test_dpo_loss_is_log2_and_ipo_loss_is_inverse_2beta_squared_when_policy_equals_reference
+- At step 0 the loss is log 2, every margin 0, and the reward accuracy (ties count half) 0.5
+    -> test_dpo_loss_is_log2_and_ipo_loss_is_inverse_2beta_squared_when_policy_equals_reference,
+       test_reward_accuracy_counts_a_tie_as_half_right
 - The policy's gradient is -beta sigmoid(-beta h) [grad log pi(y_c) - grad log pi(y_r)]
     -> test_policy_gradient_follows_the_dpo_paper_identity_on_a_tiny_gpt
 - Masking the prompt leaves the loss alone but moves the rewards
     -> test_masking_the_prompt_leaves_the_dpo_loss_but_changes_rewards_and_log_probs
-- Only completion tokens are scored, tokenised apart from the prompt
-    -> test_sequence_logps_ignores_prompt_and_padding_..., test_encode_pairs_tokenises_...
+- Only completion tokens are scored, tokenised apart from the prompt; HH-RLHF dialogues split
+  at the last shared assistant turn
+    -> test_sequence_logps_ignores_prompt_and_padding_..., test_encode_pairs_tokenises_...,
+       test_split_prompt_cuts_hh_dialogues_at_the_last_shared_assistant_turn_or_whitespace
 - The fast path (logits only where scored, per-batch padding, batches by length) gives the
-  plain numbers
+  plain numbers; bfloat16 log-probs are summed in float32
     -> test_completion_logps_equals_sequence_logps_..., test_per_batch_padding_gives_...,
-       test_batches_by_length_cover_every_pair_once_...
+       test_bfloat16_log_probs_are_summed_in_float32
 - Mean instead of sum: IPO's target becomes nats per token
     -> test_averaged_log_probs_are_the_sum_divided_by_..., test_ipo_on_averaged_log_probs_...
 - The reference is frozen, computed once, carries no graph; the optimizer holds the policy only
     -> test_train_dpo_runs_the_reference_once_..., test_reference_log_probs_carry_no_graph_...,
        test_make_optimizer_holds_exactly_the_policy_parameters
-- Held-out evaluation: loss, rewards and the exact KL(pi || pi_ref); at step 0 one forward pass
+- Micro-batches of any sizes give the gradient of one pass (and mean / N does not); every
+  pair of a step reaches exactly one process; the schedule is the formula
+    -> test_micro_batches_of_different_sizes_give_the_gradient_of_one_pass,
+       test_a_step_is_shared_out_among_processes_and_micro_batches_every_pair_once,
+       test_learning_rate_warms_up_linearly_then_stays_or_decays_linearly
+- Held-out evaluation: loss, rewards and the exact KL(pi || pi_ref)
     -> test_evaluate_equals_dpo_loss_and_kl_computed_pair_by_pair_from_full_logits,
-       test_evaluate_at_the_start_is_log2_with_zero_margins_and_zero_kl
+       test_evaluate_at_the_start_is_log2_with_zero_margins_zero_kl_and_chance_accuracy
 - DPO's optimum is pi_ref exp(r / beta) / Z (Eq. 4); DPO drives pi(y_r) to 0, IPO stops
     -> test_population_dpo_minimiser_is_..., test_dpo_drives_..., test_ipo_stops_...
 - model.py is GPT-2: the same logits as a numpy GPT-2 on the Hugging Face tensors
     -> test_from_pretrained_directory_matches_numpy_gpt2, ..._float64_matches_numpy_gpt2_to_1e_9
-- .safetensors by hand: every dtype round-trips, malformed files are refused
-    -> test_every_dtype_round_trips_exactly_..., test_load_safetensors_rejects_malformed_...
-- The download is verified and nothing half-written is kept
-    -> test_from_pretrained_gpt2_downloads_into_hub_cache_..., test_failed_download_...
+- train_toy.py flips 0/4 to 4/4 (in bfloat16 too) and repeats itself exactly in a new process
+    -> test_toy_experiment_flips_every_preference,
+       test_toy_script_runs_from_the_command_line_with_the_numbers_of_this_process
+- --out: a folder of the user's is refused and left alone; a failure, Ctrl-C or kill at any
+  moment leaves the earlier --out byte for byte; leftovers of a killed save are cleaned up
+    -> test_out_holding_files_this_script_did_not_write_is_refused_and_left_alone,
+       test_ctrl_c_and_kill_during_training_and_saving_leave_the_earlier_out,
+       test_leftovers_of_a_save_killed_half_way_are_cleaned_up_by_the_next_run
+- A resumed run ends bit-identical to an uninterrupted one; torchrun trains what one process does
+    -> test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one,
+       test_torchrun_with_two_processes_trains_what_one_process_trains
 - Bradley-Terry recovers known strengths with honest standard errors
     -> test_fit_recovers_simulated_strengths_..., test_standard_errors_match_spread_...
-- train_toy.py flips 0/4 to 4/4, reports held-out pairs, repeats itself exactly
-    -> test_toy_experiment_flips_every_preference, test_toy_run_reports_the_held_out_pairs_...,
-       test_toy_script_runs_from_the_command_line_with_the_numbers_of_this_process
-- A failed run leaves an earlier --out as it was
-    -> test_a_diverging_run_stops_..., test_a_failure_while_saving_leaves_...
+- .safetensors by hand: every dtype round-trips, malformed files are refused; a folder is
+  replaced as one unit and only its own files are ever deleted; the download is verified
+    -> test_every_dtype_round_trips_exactly_..., test_load_safetensors_rejects_malformed_...,
+       test_replace_folder_..., test_from_pretrained_gpt2_downloads_into_hub_cache_...
 
 Sections, in this order: 1. the DPO math (dpo.py); 2. theory on a bandit; 3. the model
-(model.py) against a numpy GPT-2; 4. checkpoints, safetensors and the hub; 5. Bradley-Terry
-(bt.py); 6. end to end (train_toy.py); 7. bench.py's steps and pairs.
+(model.py) against a numpy GPT-2; 4. end to end (train_toy.py); 5. Bradley-Terry (bt.py);
+6. bench.py's steps and pairs; 7. checkpoints, safetensors and the hub (checkpoint.py).
 
 Tests that need the GPT-2 tokenizer skip with a reason when tiktoken cannot load it
-offline: set TIKTOKEN_CACHE_DIR (see README.md). Three checks run only on a CUDA GPU (the
-model and a DPO step there, against the numpy GPT-2 and the CPU; train_toy's deterministic
-mode), and three only where Hugging Face's transformers and safetensors packages are
-installed (cross-checks; never needed).
+offline: set TIKTOKEN_CACHE_DIR (see README.md). A few checks run only on a CUDA GPU, and
+a few only where Hugging Face's transformers and safetensors packages are installed
+(cross-checks; never needed).
 """
 
+import argparse
 import contextlib
 import copy
+import errno
 import functools
 import hashlib
 import http.server
@@ -64,6 +79,8 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -81,12 +98,13 @@ import torch
 
 import bench
 import bt
+import checkpoint
 import dpo
 import train_toy
 from bt import fit_bradley_terry, win_probability
 from dpo import dpo_loss
-from model import (GPT, SAFETENSORS_DTYPES, GPTConfig, hub_cache_dir, load_safetensors, save_safetensors,
-                   write_atomically)
+from checkpoint import SAFETENSORS_DTYPES, hub_cache_dir, load_safetensors, save_safetensors, write_atomically
+from model import GPT, GPTConfig
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this torch sees none")
 ROOT = Path(__file__).resolve().parent
@@ -171,6 +189,21 @@ def plain_logps(model, batch, average=False):
     return logps[:n], logps[n:]
 
 
+def one_step(policy, optimizer, batch, **options):
+    """dpo_step on one batch from make_batch, its only micro-batch."""
+    return dpo.dpo_step(policy, optimizer, [batch], len(batch["reference_chosen_logps"]), **options)
+
+
+@pytest.fixture
+def policy():
+    return tiny_policy()
+
+
+@pytest.fixture
+def reference(policy):
+    return dpo.make_reference(policy)
+
+
 def gpt2_tokenizer():
     """tiktoken's GPT-2 encoding, or a skip that says how to make it load offline."""
     try:
@@ -210,17 +243,15 @@ def test_dpo_loss_is_log2_and_ipo_loss_is_inverse_2beta_squared_when_policy_equa
     assert torch.allclose(losses.double(), torch.full((n,), target, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
-def test_dpo_step_first_report_is_log2_loss_zero_accuracy_zero_margin():
+def test_dpo_step_first_report_is_log2_loss_zero_margin_and_chance_accuracy(policy, reference):
     """dpo_step before any update, with the reference's log-probs of the same batch: policy =
-    reference, so loss = log 2 (Eq. 7 at h = 0) and every margin beta*h is exactly 0 (so no
-    pair counts as ranked right)."""
-    policy = tiny_policy()
-    reference = dpo.make_reference(policy)
+    reference, so loss = log 2 (Eq. 7 at h = 0), every margin beta*h is exactly 0, and the
+    reward accuracy, which counts a tie as half right, is 0.5: chance."""
     pairs = [encoded_pairs()[i] for i in (3, 0, 2)]
     batch = dpo.make_batch(pairs, dpo.pair_logps(reference, pairs, batch_size=3), "cpu")
-    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, beta=0.1)
+    metrics = one_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, beta=0.1)
     assert metrics["loss"] == pytest.approx(LOG2, abs=1e-7)
-    assert metrics["reward_accuracy"] == 0.0 and metrics["margin"] == 0.0
+    assert metrics["reward_accuracy"] == 0.5 and metrics["margin"] == 0.0
     assert metrics["chosen_reward"] == 0.0 and metrics["rejected_reward"] == 0.0
     assert metrics["grad_norm"] > 0  # the first step does move the policy
 
@@ -301,6 +332,20 @@ def test_dpo_loss_rejects_invalid_beta_loss_type_and_label_smoothing(kwargs, mes
         dpo.dpo_loss(*fixed_inputs(), **kwargs)
 
 
+def test_reward_accuracy_counts_a_tie_as_half_right():
+    """Per pair: 1 where the margin (chosen reward - rejected reward) is > 0, 0 where < 0, and
+    1/2 at an exact tie, which a coin toss would score; so a policy equal to its reference,
+    every margin 0, reads 0.5. summed_numbers adds the per-pair numbers and counts the pairs."""
+    chosen = torch.tensor([0.5, 0.2, -1.0, 0.3], dtype=torch.float64)
+    rejected = torch.tensor([-0.5, 0.2, 1.0, 0.3 - 1e-12], dtype=torch.float64)
+    assert dpo.reward_accuracy(chosen, rejected).tolist() == [1.0, 0.5, 0.0, 1.0]
+    losses = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    sums = dpo.summed_numbers(losses, chosen, rejected)
+    assert sums.tolist() == pytest.approx([1.0, 2.5, 1.0 + 0.0 - 2.0 + 1e-12, 0.0, 1.0 - 1e-12, 4.0], abs=1e-15)
+    assert dpo.means(sums) == pytest.approx(dict(loss=0.25, reward_accuracy=0.625, margin=-0.25, chosen_reward=0.0,
+                                                 rejected_reward=0.25), abs=1e-12)
+
+
 # -----------------------------------------------------------------------------
 # Sum or mean over the completion's tokens
 
@@ -350,7 +395,7 @@ def test_dpo_step_with_average_logps_trains_on_per_token_means():
         expected = dpo.dpo_loss(*plain_logps(policy, batch, average=True), *plain_logps(reference, batch, average=True),
                                 beta=0.5)
         summed = dpo.dpo_loss(*plain_logps(policy, batch), *plain_logps(reference, batch), beta=0.5)
-    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.5,
+    metrics = one_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.5,
                            average_logps=True)
     assert metrics["loss"] == pytest.approx(expected[0].mean().item(), rel=1e-10)
     assert metrics["chosen_reward"] == pytest.approx(expected[1].mean().item(), rel=1e-10)
@@ -429,7 +474,7 @@ def test_policy_gradient_follows_the_dpo_paper_identity_on_a_tiny_gpt():
     weight = -beta / (1 + math.exp(beta * h))  # -beta sigmoid(-beta h)
 
     for _ in range(2):  # the second step's gradient is its own, not added to the first's
-        dpo.dpo_step(policy, torch.optim.SGD(params, lr=0.0), batch, beta=beta, max_grad_norm=float("inf"))
+        one_step(policy, torch.optim.SGD(params, lr=0.0), batch, beta=beta, max_grad_norm=float("inf"))
     for p, gc, gr in zip(params, grad_chosen, grad_rejected):
         expected = weight * (gc - gr)
         assert (p.grad - expected).abs().max() <= 1e-6 * expected.abs().max()
@@ -475,7 +520,7 @@ def test_dpo_step_clips_the_gradient_to_max_grad_norm_and_reports_the_unclipped_
     norm = torch.sqrt(sum((g ** 2).sum() for g in unclipped)).item()
     max_norm = norm / 4  # so that clipping must act
     weights_before = [p.detach().clone() for p in policy.parameters()]
-    metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, beta=0.1,
+    metrics = one_step(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, beta=0.1,
                            max_grad_norm=max_norm)
     assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-9)
     for p, before, g in zip(policy.parameters(), weights_before, unclipped):  # (clip_grad_norm_ adds 1e-6 to norm)
@@ -529,6 +574,48 @@ def test_sequence_logps_of_float64_logits_keeps_float64_precision():
     got = dpo.sequence_logps(logits, labels, LOGPS_MASK.double())
     expected = loop_sequence_logps(logits.numpy(), labels.numpy(), LOGPS_MASK.numpy())
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+def bf16_test_model_and_batch():
+    """A small GPT over GPT-2's 50,257-token vocabulary, where a log-softmax in bfloat16 (8 bits
+    of mantissa) would round every log-prob, and a batch of random tokens."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=4, n_embd=64))
+    generator = torch.Generator().manual_seed(0)
+    pairs = [tuple(torch.randint(50257, (n,), generator=generator).tolist() for n in (12, 20, 25)) for _ in range(3)]
+    return model, dpo.collate(pairs)
+
+
+def test_bfloat16_log_probs_are_summed_in_float32():
+    """In bfloat16, under autocast or as a bfloat16 model, the logits are rounded, but
+    completion_logps takes them to float32 before the log-softmax and the sum over tokens:
+    its log-probs equal a float32 computation on the same bfloat16 logits (done in bfloat16,
+    they are about 2 nats off here), and stay within 2e-3 of the float32 model's, relative,
+    which is what bfloat16's rounding of the logits costs. Under autocast the reference's
+    log-probs, computed the same way, give the policy at step 0 a loss of exactly log 2."""
+    model, batch = bf16_test_model_and_batch()
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad():
+        float32 = dpo.completion_logps(model, ids, mask)
+        with autocast:
+            logits = model(ids)
+            autocast_logps = dpo.completion_logps(model, ids, mask)
+        bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+        bf16_logps = dpo.completion_logps(bf16_model, ids, mask)
+        bf16_logits = bf16_model(ids)
+    assert logits.dtype == torch.bfloat16 and autocast_logps.dtype == bf16_logps.dtype == torch.float32
+    assert torch.allclose(autocast_logps, dpo.sequence_logps(logits.float(), ids, mask), rtol=0, atol=1e-3)
+    assert torch.allclose(bf16_logps, dpo.sequence_logps(bf16_logits.float(), ids, mask), rtol=0, atol=1e-3)
+    for logps in (autocast_logps, bf16_logps):
+        assert ((logps - float32).abs() / float32.abs()).max() < 2e-3
+        assert not torch.equal(logps, float32)  # bfloat16 was really used
+    pairs = [(row[:12].tolist(), row[12:33].tolist(), row[12:33].tolist()) for row in ids[:1]]
+    reference = dpo.make_reference(model)
+    first = one_step(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                     dpo.make_batch(pairs, dpo.pair_logps(reference, pairs, autocast=autocast), "cpu"),
+                     autocast=autocast)
+    assert first["loss"] == pytest.approx(LOG2, abs=1e-7) and first["margin"] == 0.0
 
 
 def test_sequence_logps_ignores_prompt_and_padding_but_not_completion_positions():
@@ -624,21 +711,62 @@ def test_encode_pairs_tokenises_prompt_and_completion_apart_with_gpt2_bpe():
 
 
 def test_special_token_text_in_the_data_is_a_clear_error():
-    """tiktoken refuses "<|endoftext|>" inside ordinary text; the error names the pair's text."""
+    """tiktoken refuses "<|endoftext|>" inside ordinary text; the error says which text and why."""
     enc = gpt2_tokenizer()
     pairs = [{"prompt": "Say <|endoftext|> now", "chosen": " yes", "rejected": " no"}]
-    with pytest.raises(ValueError, match=re.escape("cannot tokenise prompt 'Say <|endoftext|> now'")):
+    with pytest.raises(ValueError, match=re.escape("special token such as '<|endoftext|>'")):
         dpo.encode_pairs(enc, pairs)
 
 
-def test_encode_pairs_rejects_empty_prompt_empty_completion_and_no_pairs():
-    enc = CharTokenizer()
-    with pytest.raises(ValueError, match="prompt"):
-        dpo.encode_pairs(enc, [{"prompt": "", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(ValueError, match="completion"):
-        dpo.encode_pairs(enc, [{"prompt": "x", "chosen": "a", "rejected": ""}])
-    with pytest.raises(ValueError, match="pairs"):
-        dpo.encode_pairs(enc, [])
+@pytest.mark.parametrize("pair, message", [
+    ({"prompt": "", "chosen": "a", "rejected": "b"}, "field 'prompt' must be a non-empty string, got ''"),
+    ({"prompt": "x", "chosen": "a", "rejected": ""}, "field 'rejected' must be a non-empty string"),
+    ({"prompt": "x", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a non-empty string, got 3"),
+    ({"prompt": "x", "chosen": "a"}, "field 'rejected' must be a non-empty string, got None"),
+])
+def test_encode_pair_names_the_field_that_is_not_a_non_empty_string(pair, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dpo.encode_pair(CharTokenizer(), pair)
+    with pytest.raises(ValueError, match="no preference pairs"):
+        dpo.encode_pairs(CharTokenizer(), [])
+
+
+# Anthropic's HH-RLHF gives two whole dialogues per line, no prompt: they share everything
+# up to the last answer.
+HH_CHOSEN = "\n\nHuman: Is the sea salty?\n\nAssistant: Yes.\n\nHuman: Why?\n\nAssistant: Rivers carry salt into it."
+HH_REJECTED = "\n\nHuman: Is the sea salty?\n\nAssistant: Yes.\n\nHuman: Why?\n\nAssistant: Because of the fish."
+
+
+@pytest.mark.parametrize("chosen, rejected, expected", [
+    # the last "\n\nAssistant:" the two share ends the prompt (the DPO authors' split of HH)
+    (HH_CHOSEN, HH_REJECTED, (HH_CHOSEN[:-len(" Rivers carry salt into it.")], " Rivers carry salt into it.",
+                              " Because of the fish.")),
+    # the answers share their first words: still split at the marker, not after "Rivers"
+    (HH_CHOSEN, HH_CHOSEN.replace("into it.", "too."), (HH_CHOSEN[:-len(" Rivers carry salt into it.")],
+                                                        " Rivers carry salt into it.", " Rivers carry salt too.")),
+    # no marker: the shared text up to its last whitespace, which starts both completions
+    ("The cat sat on the mat", "The cat sat on the bed", ("The cat sat on the", " mat", " bed")),
+    ("The cat sat on the bat", "The cat sat on the bed", ("The cat sat on the", " bat", " bed")),  # not " b"+"at"
+    ("Hi there", "Hi there friend", ("Hi", " there", " there friend")),  # one is a prefix of the other
+    ("A\nB yes", "A\nB no", ("A\nB", " yes", " no")),
+])
+def test_split_prompt_cuts_hh_dialogues_at_the_last_shared_assistant_turn_or_whitespace(chosen, rejected, expected):
+    """dpo.split_prompt, against prompts and completions written out by hand. The completions
+    start with the whitespace before their first word, as GPT-2's tokens do, so that no word
+    is cut in two between prompt and completion."""
+    prompt, chosen_completion, rejected_completion = dpo.split_prompt(chosen, rejected)
+    assert (prompt, chosen_completion, rejected_completion) == expected
+    assert prompt + chosen_completion == chosen and prompt + rejected_completion == rejected
+
+
+@pytest.mark.parametrize("chosen, rejected, message", [
+    ("Same text", "Same text", "the same text"),
+    ("Apples", "Pears", "share no beginning"),
+    ("Sunshine", "Sunset", "share no beginning"),  # shared "Suns", but no whitespace to cut at
+])
+def test_split_prompt_refuses_pairs_it_cannot_split(chosen, rejected, message):
+    with pytest.raises(ValueError, match=message):
+        dpo.split_prompt(chosen, rejected)
 
 
 def test_longest_row_is_the_prompt_plus_the_longer_completion():
@@ -671,7 +799,7 @@ def test_logits_at_scores_exactly_the_selected_positions():
 
 def test_completion_logps_equals_sequence_logps_of_the_full_logits():
     """completion_logps (logits only where a completion token is scored) gives the same log pi(y|x)
-    as the plain definition, sequence_logps(model(ids), ids, mask), and next_token_logprobs'
+    as the plain definition, sequence_logps(model(ids), ids, mask), and vocab_logprobs'
     (N, V) rows are exactly the log-softmax at the positions that score completion tokens."""
     policy = tiny_policy().double()
     batch = dpo.collate(encoded_pairs())
@@ -681,9 +809,9 @@ def test_completion_logps_equals_sequence_logps_of_the_full_logits():
                           atol=1e-12, rtol=0)
     scoring = torch.zeros_like(mask, dtype=torch.bool)
     scoring[:, :-1] = mask[:, 1:].bool()  # position t scores token t+1
-    vocab_logprobs = dpo.next_token_logprobs(policy, ids, mask)
-    assert torch.allclose(vocab_logprobs, full_logits[scoring].log_softmax(-1), atol=1e-12, rtol=0)
-    assert vocab_logprobs.shape[0] == int(mask.sum())  # one row per completion token
+    rows = dpo.vocab_logprobs(policy, ids, mask)
+    assert torch.allclose(rows, full_logits[scoring].log_softmax(-1), atol=1e-12, rtol=0)
+    assert rows.shape[0] == int(mask.sum())  # one row per completion token
 
 
 def test_per_batch_padding_gives_the_log_probs_of_one_padded_batch():
@@ -771,7 +899,7 @@ def test_dpo_step_runs_the_policy_once_on_chosen_and_rejected_together():
     pairs = [encoded_pairs()[i] for i in (4, 1)]
     batch = dpo.make_batch(pairs, dpo.pair_logps(dpo.make_reference(policy), pairs), "cpu")
     forwards = count_forwards(policy)
-    dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch)
+    one_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch)
     assert len(forwards) == 1
     assert forwards[0].shape[0] == 4  # B = 2 pairs: 2 chosen + 2 rejected rows
 
@@ -817,8 +945,9 @@ def test_train_dpo_turns_dropout_off_so_the_first_loss_is_log2():
 def test_every_epoch_gets_a_new_order_and_visits_every_pair_once():
     """epoch_batches: each epoch is a permutation of all pairs, cut into batches, and the
     generator moves on between epochs, so the orders differ (a generator seeded again for
-    every epoch, or an order drawn once, would repeat). 40 pairs, batch 4."""
-    pairs = [([1] * (1 + i % 7), [2] * (1 + i % 5), [3]) for i in range(40)]
+    every epoch, an order drawn once, or one sorted by length every epoch, would repeat).
+    40 pairs, all of different lengths (so that a sort leaves no tie to break at random), batch 4."""
+    pairs = [([1] * (1 + i), [2], [3]) for i in range(40)]
     generator = torch.Generator().manual_seed(0)
     epochs = [dpo.epoch_batches(pairs, 4, generator) for _ in range(3)]
     for batches in epochs:
@@ -833,12 +962,14 @@ def test_every_epoch_gets_a_new_order_and_visits_every_pair_once():
 def test_train_dpo_shows_the_policy_a_new_order_every_epoch():
     """Through train_dpo itself: with one pair per step, the policy's inputs over each of four
     epochs are the five pairs in four orders that are not all the same (a generator seeded
-    again every epoch would repeat the first)."""
+    again every epoch, or a sort by length, would repeat the first). The five pairs' lengths
+    all differ, so that a sort would leave no tie to break at random."""
     policy = tiny_policy()
     reference = dpo.make_reference(policy)  # before the hook: a deep copy would copy it too
     forwards = count_forwards(policy)
-    dpo.train_dpo(policy, reference, encoded_pairs(), torch.optim.SGD(policy.parameters(), lr=0.0),
-                  epochs=4, batch_size=1)
+    pairs = encoded_pairs(PAIRS[:4] + [{"prompt": "the sun", "chosen": " is", "rejected": " hot"}])
+    assert len({dpo.longest_row(pair) for pair in pairs}) == 5
+    dpo.train_dpo(policy, reference, pairs, torch.optim.SGD(policy.parameters(), lr=0.0), epochs=4, batch_size=1)
     epochs = [tuple(tuple(x[0].tolist()) for x in forwards[e * 5:(e + 1) * 5]) for e in range(4)]
     assert all(sorted(epoch) == sorted(epochs[0]) for epoch in epochs)  # every pair once per epoch
     assert len(set(epochs)) > 1
@@ -880,14 +1011,14 @@ def test_train_dpo_stops_at_the_first_step_whose_loss_is_not_finite():
     policy = tiny_policy()
     reference = dpo.make_reference(policy)
     seen = []
-    with pytest.raises(RuntimeError, match=r"diverged at step 2: .* smaller learning rate"):
+    with pytest.raises(FloatingPointError, match=r"diverged at step 2: .* smaller learning rate"):
         dpo.train_dpo(policy, reference, encoded_pairs(), dpo.make_optimizer(policy, lr=1e30), epochs=2,
-                      batch_size=2, on_step=seen.append)
+                      batch_size=2, on_step=lambda numbers, pairs: seen.append(numbers))
     assert [m["step"] for m in seen] == [1]  # the bad step was not passed on as a result
 
     policy = tiny_policy()  # a finite loss with a gradient that is not: stopped at step 1
     policy.transformer.ln_f.weight.register_hook(lambda grad: grad * float("inf"))
-    with pytest.raises(RuntimeError, match=r"diverged at step 1: loss 0\.69.*, gradient norm (inf|nan)"):
+    with pytest.raises(FloatingPointError, match=r"diverged at step 1: loss 0\.69.*, gradient norm (inf|nan)"):
         dpo.train_dpo(policy, dpo.make_reference(policy), encoded_pairs(), dpo.make_optimizer(policy, lr=1e-3))
 
 
@@ -903,28 +1034,136 @@ def test_cached_reference_log_probs_keep_the_model_precision():
     assert torch.allclose(rejected, direct[1], atol=1e-12, rtol=0)
 
 
+def test_train_dpo_averages_the_reference_log_probs_it_computes_when_asked_to_average():
+    """train_dpo(average_logps=True) without cached reference log-probs must average the
+    reference's too: at step 0, where policy = reference, the loss is then log 2 (Eq. 7 at
+    h = 0). Summed reference log-probs against averaged policy ones would give another loss."""
+    policy = tiny_policy()
+    reference = dpo.make_reference(policy)
+    history = dpo.train_dpo(policy, reference, encoded_pairs(), torch.optim.SGD(policy.parameters(), lr=0.0),
+                            epochs=1, batch_size=len(PAIRS), average_logps=True)
+    assert history[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Micro-batches, several processes and the learning-rate schedule
+
+
+def accumulated_gradient(policy, batch_pairs, reference_logps, micro_batches):
+    """The gradient dpo_step leaves in the policy for the pairs split into micro_batches (lists
+    of indices into batch_pairs), with a learning rate of 0 and no clipping."""
+    batches = [dpo.make_batch([batch_pairs[i] for i in part], [x[part] for x in reference_logps], "cpu")
+               for part in micro_batches]
+    dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batches, len(batch_pairs), beta=0.5,
+                 max_grad_norm=float("inf"))
+    return [p.grad.clone() for p in policy.parameters()]
+
+
+def test_micro_batches_of_different_sizes_give_the_gradient_of_one_pass():
+    """Gradient accumulation: micro-batches of 3 and 5 pairs, each adding sum(losses) / 8,
+    give the gradient of the mean loss over all 8 pairs in one pass, to float64 rounding.
+    The negative control is the common mistake, each micro-batch's mean divided by the number
+    of micro-batches (Hugging Face's Trainer until 2024): it weighs the 3 pairs' losses by
+    1/6 each and the 5 pairs' by 1/10, and gives another gradient."""
+    words = ["a b", "cd e", "f", "gh ij k", "l m", "nop", "q r s t", "uv"]
+    pairs = encoded_pairs([{"prompt": w, "chosen": " x" * (1 + i % 3), "rejected": " y" * (1 + i % 4)}
+                           for i, w in enumerate(words)])
+    policy = tiny_policy(dtype=torch.float64)
+    reference = dpo.make_reference(policy)
+    perturb(policy)
+    reference_logps = dpo.pair_logps(reference, pairs)
+    one_pass = accumulated_gradient(policy, pairs, reference_logps, [list(range(8))])
+    accumulated = accumulated_gradient(policy, pairs, reference_logps, [[0, 1, 2], [3, 4, 5, 6, 7]])
+    for g, expected in zip(accumulated, one_pass):
+        assert torch.allclose(g, expected, rtol=0, atol=1e-12 * expected.abs().max().item())
+
+    mean_over_n = [torch.zeros_like(g) for g in one_pass]
+    for part in ([0, 1, 2], [3, 4, 5, 6, 7]):
+        losses = dpo.dpo_loss(*plain_logps(policy, dpo.collate([pairs[i] for i in part])),
+                              *[x[part] for x in reference_logps], beta=0.5)[0]
+        for total, g in zip(mean_over_n, torch.autograd.grad(losses.mean() / 2, list(policy.parameters()))):
+            total += g
+    assert max((g - e).abs().max().item() / e.abs().max().item() for g, e in zip(mean_over_n, one_pass)) > 1e-3
+
+
+def test_a_step_is_shared_out_among_processes_and_micro_batches_every_pair_once(monkeypatch):
+    """my_micro_batches, as process r of `count` sees it (process_rank_and_count replaced
+    here): over all processes every pair of the step comes exactly once, with weight 1; a
+    process that a short step leaves without pairs gets a pair with weight 0, so that it
+    still joins the gradient sync."""
+    def shares(indices, count, grad_accum):
+        result = []
+        for rank in range(count):
+            monkeypatch.setattr(dpo, "process_rank_and_count", lambda rank=rank: (rank, count))
+            result.append(dpo.my_micro_batches(indices, grad_accum))
+        return result
+
+    for n_pairs, count, grad_accum in [(8, 2, 2), (7, 2, 2), (3, 2, 2), (5, 1, 3), (8, 4, 1)]:
+        indices = list(range(10, 10 + n_pairs))
+        counted = [i for share in shares(indices, count, grad_accum) for part, w in share if w == 1.0 for i in part]
+        assert sorted(counted) == indices, (n_pairs, count, grad_accum)
+        assert all(1 <= len(share) <= grad_accum for share in shares(indices, count, grad_accum))
+    assert shares([10], 2, 1) == [[([10], 0.0)], [([10], 1.0)]]  # one pair, two processes
+    assert shares([10, 11, 12], 2, 2) == [[([10], 1.0)], [([11], 1.0), ([12], 1.0)]]
+
+
+def test_a_micro_batch_of_weight_0_changes_neither_the_gradient_nor_the_numbers():
+    """The placeholder a process without pairs runs (weight 0) adds exactly nothing."""
+    policy = tiny_policy(dtype=torch.float64)
+    reference = dpo.make_reference(policy)
+    perturb(policy)
+    pairs = encoded_pairs()
+    reference_logps = dpo.pair_logps(reference, pairs)
+    batch = dpo.make_batch(pairs[:2], [x[:2] for x in reference_logps], "cpu")
+    placeholder = dpo.make_batch(pairs[4:], [x[4:] for x in reference_logps], "cpu", weight=0.0)
+    results = []
+    for micro_batches in ([batch], [batch, placeholder]):
+        numbers = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), micro_batches, 2, beta=0.5)
+        results.append((numbers, [p.grad.clone() for p in policy.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+@pytest.mark.parametrize("decay", ["none", "linear"])
+def test_learning_rate_warms_up_linearly_then_stays_or_decays_linearly(decay):
+    """learning_rate(step), steps 1..100, lr 1e-3, 10 warmup steps: lr * step / 10 up to step 10;
+    then lr ("none") or lr * (100 - step + 1) / 90 ("linear": lr at step 11, lr / 90 at step 100)."""
+    lr, warmup, total = 1e-3, 10, 100
+    at = [dpo.learning_rate(step, lr, warmup, decay, total) for step in range(1, total + 1)]
+    assert at[0] == pytest.approx(1e-4) and at[4] == pytest.approx(5e-4) and at[9] == pytest.approx(1e-3)
+    if decay == "none":
+        assert at[10:] == [lr] * 90
+    else:
+        assert at[10] == pytest.approx(lr) and at[54] == pytest.approx(lr * 46 / 90)
+        assert at[99] == pytest.approx(lr / 90) and all(a > b for a, b in zip(at[10:], at[11:]))
+    assert [dpo.learning_rate(s, lr) for s in (1, 50)] == [lr, lr]  # no warmup, no decay: constant
+
+
+def test_train_dpo_sets_each_step_s_learning_rate_and_resumes_where_it_was_told(policy, reference):
+    """lr_at(step) is the learning rate of that step's update; start_step skips the steps taken."""
+    seen = []
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    dpo.train_dpo(policy, reference, encoded_pairs(), optimizer, epochs=2, batch_size=2,
+                  lr_at=lambda step: step / 100, start_step=2,
+                  on_step=lambda m, pairs: seen.append((m["step"], optimizer.param_groups[0]["lr"], pairs)))
+    steps = dpo.training_steps(encoded_pairs(), 2, 2, seed=0)
+    assert [(step, lr) for step, lr, _ in seen] == [(s, s / 100) for s in range(3, 7)]
+    assert [pairs for _, _, pairs in seen] == [indices for _, indices in steps[2:]]
+
+
 # -----------------------------------------------------------------------------
 # Evaluation on held-out pairs
 
 
-def test_evaluate_at_the_start_is_log2_with_zero_margins_and_zero_kl():
+def test_evaluate_at_the_start_is_log2_with_zero_margins_zero_kl_and_chance_accuracy(policy, reference):
     """Before training the policy is the reference, and evaluate runs both on the same batches:
-    loss exactly log 2 (Eq. 7 at h = 0), every margin 0, KL 0. Passing the reference as the
-    policy gives the same numbers and log-probs, bit for bit, from one forward pass per batch
-    instead of two; and the log-probs are pair_logps' on the same batches."""
-    policy = tiny_policy()
-    reference = dpo.make_reference(policy)
+    loss exactly log 2 (Eq. 7 at h = 0), every margin 0 (so the reward accuracy, ties counted
+    half, is 0.5), KL 0; one forward pass of each model per batch."""
     policy_forwards, reference_forwards = count_forwards(policy), count_forwards(reference)
-    m, logps = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=2)
+    m = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=2)
     assert m["loss"] == pytest.approx(LOG2, abs=1e-7)
-    assert m["margin"] == 0.0 and m["reward_accuracy"] == 0.0 and m["kl"] == 0.0
+    assert m["margin"] == 0.0 and m["reward_accuracy"] == 0.5 and m["kl"] == 0.0
     assert len(policy_forwards) == len(reference_forwards) == 3  # 5 pairs, batches of 2
-    reference_forwards.clear()
-    m_once, logps_once = dpo.evaluate(reference, reference, encoded_pairs(), batch_size=2)
-    assert len(reference_forwards) == 3  # one forward per batch serves both models
-    assert m_once == m
-    for once, twice, measured in zip(logps_once, logps, dpo.pair_logps(policy, encoded_pairs(), batch_size=2)):
-        assert torch.equal(once, twice) and torch.equal(twice, measured)
 
 
 def test_evaluate_frees_each_batch_before_the_next_forward_pass(monkeypatch):
@@ -932,7 +1171,7 @@ def test_evaluate_frees_each_batch_before_the_next_forward_pass(monkeypatch):
     next batch's forward pass. A loop that only rebinds its names would still hold the last
     batch's two while it computes the next: twice the batch's share of the peak."""
     made, alive_at_each_forward = [], []
-    real = dpo.next_token_logprobs
+    real = dpo.vocab_logprobs
 
     def recorded(model, ids, mask):
         alive_at_each_forward.append(sum(ref() is not None for ref in made))
@@ -940,7 +1179,7 @@ def test_evaluate_frees_each_batch_before_the_next_forward_pass(monkeypatch):
         made.append(weakref.ref(logprobs))
         return logprobs
 
-    monkeypatch.setattr(dpo, "next_token_logprobs", recorded)
+    monkeypatch.setattr(dpo, "vocab_logprobs", recorded)
     policy = tiny_policy()
     dpo.evaluate(policy, dpo.make_reference(policy), encoded_pairs(), batch_size=2)
     assert alive_at_each_forward == [0, 1] * 3  # 3 batches: the policy's, then the reference's forward
@@ -965,15 +1204,12 @@ def test_evaluate_equals_dpo_loss_and_kl_computed_pair_by_pair_from_full_logits(
         losses.append(loss.item())
         margins.append((c - r).item())
         kls += (p.exp() * (p - q)).sum(-1)[batch["loss_mask"][:, 1:].bool()].tolist()
-    m, (chosen, rejected) = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=3, beta=0.5, loss_type="ipo")
-    with torch.no_grad():
-        expected_chosen, expected_rejected = plain_logps(policy, dpo.collate(encoded_pairs()))
-    assert torch.allclose(chosen, expected_chosen, rtol=0, atol=1e-12)  # in the pairs' order
-    assert torch.allclose(rejected, expected_rejected, rtol=0, atol=1e-12)
+    m = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=3, beta=0.5, loss_type="ipo")
     assert min(kls) > 0 and abs(np.mean(margins)) > 1e-3  # the policy really moved
     assert m["loss"] == pytest.approx(np.mean(losses), rel=1e-9)
     assert m["margin"] == pytest.approx(np.mean(margins), rel=1e-9)
     assert m["reward_accuracy"] == pytest.approx(np.mean([x > 0 for x in margins]))
+    assert min(abs(x) for x in margins) > 0  # no tie here: the tie rule has its own test
     assert m["kl"] == pytest.approx(np.mean(kls), rel=1e-9)
 
 
@@ -984,14 +1220,14 @@ def test_kl_is_taken_in_the_direction_kl_policy_to_reference():
     reference = dpo.make_reference(policy)
     perturb(policy, std=0.3)
     batch = dpo.collate(encoded_pairs())
-    scored = dpo.next_token_logprobs  # (N, V) log-probs at the completion positions
+    scored = dpo.vocab_logprobs  # (N, V) log-probs at the completion positions
     with torch.no_grad():
         p, q = scored(policy, *batch.values()), scored(reference, *batch.values())
     Categorical = torch.distributions.Categorical
     forward = torch.distributions.kl_divergence(Categorical(logits=p), Categorical(logits=q)).mean().item()
     backward = torch.distributions.kl_divergence(Categorical(logits=q), Categorical(logits=p)).mean().item()
     assert abs(forward - backward) > 1e-3
-    kl = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=8)[0]["kl"]
+    kl = dpo.evaluate(policy, reference, encoded_pairs(), batch_size=8)["kl"]
     assert kl == pytest.approx(forward, rel=1e-9)
 
 
@@ -1009,8 +1245,8 @@ def test_dpo_step_on_cuda_computes_what_the_cpu_step_computes():
         reference.to(device)
         reference_logps = dpo.pair_logps(reference, pairs)
         batch = dpo.make_batch(pairs, reference_logps, device)
-        metrics = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.5)
-        evaluation, _ = dpo.evaluate(policy, reference, pairs)
+        metrics = one_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.5)
+        evaluation = dpo.evaluate(policy, reference, pairs)
         results[device] = torch.cat(reference_logps), metrics, evaluation, [p.grad.cpu() for p in policy.parameters()]
     (cpu_logps, cpu_metrics, cpu_eval, cpu_grads), (gpu_logps, gpu_metrics, gpu_eval, gpu_grads) = results.values()
     assert torch.allclose(gpu_logps, cpu_logps, rtol=0, atol=1e-4)
@@ -1152,19 +1388,15 @@ def test_python_dpo_py_shows_dpo_falling_towards_zero_and_ipo_stopping_at_its_cl
 # =============================================================================
 # 3. The model: GPT-2 against an independent numpy forward pass
 # =============================================================================
-# Tests for model.py: GPT-2 forward pass, checkpoint loading and saving, generation, download,
-# atomic writes.
-#
-# Every check compares model.py against something written here independently of it:
+# Tests for model.py's network: its logits, its size, its initialisation, its tied head
+# and generate. Every check compares it with something written here independently of it:
 # - `gpt2`, a numpy GPT-2 forward pass after picoGPT (Jay Mody), reading the Hugging Face
 #   tensors exactly as the hub stores them (Conv1D weights are (in, out), so x @ W + b);
-# - `write_safetensors` / `read_safetensors`, a tiny safetensors writer and reader
-#   (format: 8-byte little-endian header length N, N bytes of JSON, then raw data);
-# - `FakeHub`, an HTTP server that answers like huggingface.co (a 302 to a CDN for
-#   model.safetensors, with the sha256 only in X-Linked-Etag; a 200 with a git-sha1 ETag
-#   for config.json).
-# The facts about the real files and the real hub that these fakes imitate are stated in
-# model.py, in the chapter that relies on each. Read model.py next.
+# - `gpt_holding`, which puts such tensors into a GPT by this file's own reading of the
+#   layout, so that generate is tested here without model.py's loading code (section 8
+#   tests that, and the logits of what it loads, on files written by hand);
+# - closed forms: the chain rule for the tied matrix, GPT-2's parameter count and the
+#   standard deviations of its initialisation (GPT-2 paper, Section 2.3).
 
 
 # ---------------------------------------------------------------------------
@@ -1221,69 +1453,24 @@ def numpy_logits(params, n_head, idx):
     return np.stack([gpt2(np.asarray(row), p64, n_head) for row in idx])  # (B, T, V)
 
 
+def numpy_greedy(params, n_head, prompt, n_new):
+    """Append argmax of the last position's logits, n_new times, using the numpy model."""
+    seq = list(prompt)
+    for _ in range(n_new):
+        seq.append(int(numpy_logits(params, n_head, [seq])[0, -1].argmax()))
+    return seq
+
+
 def model_logits(model, idx):
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(idx))).double().numpy()
 
 
 # ---------------------------------------------------------------------------
-# A test-side safetensors writer and reader (struct + json only).
-
-ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-NP_TO_ST = {np.dtype(v): k for k, v in ST_DTYPES.items()}
-
-
-def safetensors_bytes(header, data, align=False):
-    """A safetensors file: 8-byte little-endian length N, N bytes of JSON header, then data."""
-    text = json.dumps(header, separators=(",", ":")).encode()
-    if align:  # what transformers' writer does: pad with spaces so the data is 8-byte aligned
-        text += b" " * (-len(text) % 8)
-    elif len(text) % 8 == 0:  # like the hub's gpt2 file, whose data starts at byte 14,291
-        text += b" "
-    assert (len(text) % 8 == 0) == align
-    return struct.pack("<Q", len(text)) + text + data
-
-
-def write_safetensors(path, arrays, align=False):
-    """Write numpy arrays back to back, in dict order, with {"format": "pt"} metadata."""
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, a in arrays.items():
-        raw = np.ascontiguousarray(a).tobytes()
-        header[name] = {"dtype": NP_TO_ST[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    Path(path).write_bytes(safetensors_bytes(header, b"".join(chunks), align))
-
-
-def bf16_to_float32(raw):
-    """BF16 is the top half of a float32's bits."""
-    return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def read_safetensors(path):
-    """Return (header, {name: np.ndarray}); BF16 is widened to float32."""
-    raw = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
-    arrays = {}
-    for name, info in header.items():
-        if name != "__metadata__":
-            begin, end = info["data_offsets"]
-            a = (bf16_to_float32(data[begin:end]) if info["dtype"] == "BF16"
-                 else np.frombuffer(data[begin:end], ST_DTYPES[info["dtype"]]))
-            arrays[name] = a.reshape(info["shape"])
-    return header, arrays
-
-
-# ---------------------------------------------------------------------------
-# Test-side GPT-2 checkpoints in the two real layouts.
+# Random GPT-2 weights in the hub's layout, and a GPT holding them.
 
 TINY = dict(n_layer=2, n_head=2, n_embd=16, vocab_size=61, n_positions=32)
 TINY_CONFIG = GPTConfig(block_size=32, vocab_size=61, n_layer=2, n_head=2, n_embd=16)
-COMMIT = "607a30d783dfa663caf39e06633721c8d4cfcd7e"  # the gpt2 commit many caches hold
-REPO_DIR = "models--openai-community--gpt2"  # its folder in the hub cache
 
 
 def hub_config(n_layer, n_head, n_embd, vocab_size, n_positions):
@@ -1322,23 +1509,6 @@ def random_gpt2_params(config, seed=0):
     return p
 
 
-def write_checkpoint(directory, params, config, layout="hub", lm_head=False):
-    """Write config.json + model.safetensors the way the hub ("hub") or transformers'
-    save_pretrained ("transformers") does (model.py, chapter 4, states both layouts)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if layout == "hub":  # no prefix, causal-mask buffers, data not 8-byte aligned
-        mask = np.tril(np.ones((config["n_positions"],) * 2, np.float32))[None, None]  # (1, 1, P, P)
-        tensors = {**params, **{f"h.{i}.attn.bias": mask for i in range(config["n_layer"])}}
-    else:  # "transformer." prefix, no masks, header padded to a multiple of 8
-        tensors = {"transformer." + k: v for k, v in params.items()}
-    if lm_head:
-        tensors["lm_head.weight"] = params["wte.weight"]
-    write_safetensors(directory / "model.safetensors", tensors, align=(layout == "transformers"))
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
-
-
 @pytest.fixture
 def tiny():
     """(config.json, weights) of a tiny GPT-2: random hub-layout float32 arrays, no masks."""
@@ -1346,13 +1516,16 @@ def tiny():
     return config, random_gpt2_params(config)
 
 
-@pytest.fixture
-def tiny_dir(tmp_path, tiny):
-    """A directory holding the tiny checkpoint in the hub's layout."""
-    config, params = tiny
-    return write_checkpoint(tmp_path / "ckpt", params, config)
-
-
+def gpt_holding(params, dtype=torch.float32):
+    """A TINY GPT holding hub-layout params, put in by this file's own reading of the layout:
+    "transformer." before every name, the four Conv1D weights turned from (in, out) into
+    nn.Linear's (out, in), and the head the same matrix as wte."""
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    state = {"transformer." + name: torch.from_numpy(np.ascontiguousarray(a.T if name.endswith(conv1d) else a))
+             for name, a in params.items()}
+    model = GPT(TINY_CONFIG)
+    model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
+    return model.to(dtype).eval()
 
 
 def random_tokens(B=2, T=32, V=61, seed=0):
@@ -1369,18 +1542,40 @@ def assert_matches_numpy(model, params, n_head=TINY["n_head"], idx=None, atol=1e
 # ---------------------------------------------------------------------------
 # The library leaves the process alone.
 
-def test_importing_model_sets_no_environment_variable(monkeypatch):
+@pytest.mark.parametrize("module", ["checkpoint", "model", "dpo"])
+def test_importing_the_library_sets_no_environment_variable(monkeypatch, module):
     """A library sets no process-wide state on import (MKL_CBWR, say, is the scripts' to
-    set): model.py's top level, executed afresh, leaves os.environ exactly as it was."""
-    monkeypatch.delenv("MKL_CBWR", raising=False)
-    before = dict(os.environ)
-    spec = importlib.util.spec_from_file_location("model_imported_afresh", inspect.getsourcefile(GPT))
+    set): the module's top level, executed afresh in an emptied environment, leaves it empty.
+    (Emptied, so that even a setdefault of a variable this process already has would show.)"""
+    for variable in list(os.environ):
+        monkeypatch.delenv(variable)
+    spec = importlib.util.spec_from_file_location(f"{module}_imported_afresh", ROOT / f"{module}.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    assert dict(os.environ) == before
+    assert dict(os.environ) == {}
 
 
 # ---------------------------------------------------------------------------
-# The network: size, shapes, tying.
+# The forward pass.
+
+def test_numpy_gpt2_tells_tanh_gelu_from_erf_gelu(monkeypatch, tiny):
+    """The parity checks (generate's below, from_pretrained's in section 8) can fail: the erf
+    GELU moves these logits by more than 1e-4."""
+    config, params = tiny
+    idx = random_tokens(B=1)
+    tanh_logits = numpy_logits(params, config["n_head"], idx)
+    monkeypatch.setitem(globals(), "gelu", lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2))))
+    assert np.abs(numpy_logits(params, config["n_head"], idx) - tanh_logits).max() > 1e-4
+
+
+def test_sequence_longer_than_block_size_raises_value_error():
+    """wpe has block_size rows; a longer input must fail loudly, naming both numbers."""
+    with pytest.raises(ValueError) as err:
+        GPT(TINY_CONFIG)(torch.zeros(1, 33, dtype=torch.long))
+    assert "33" in str(err.value) and "32" in str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# Size, initialisation, tying.
 
 def count_params(C, L, V, P):
     """GPT-2's parameters: embeddings, 12C^2 + 13C per block, the final layer norm."""
@@ -1397,18 +1592,29 @@ def test_default_config_is_gpt2_124m_with_124439808_parameters():
     assert 548_090_880 // 4 - 12 * 1024 * 1024 == n
 
 
-def test_tiny_model_has_as_many_parameters_as_the_hub_checkpoint_has_floats(tiny):
-    """Every checkpoint tensor (masks aside) is a parameter, and nothing else is."""
-    _, params = tiny
-    model = GPT(TINY_CONFIG)
-    assert sum(p.numel() for p in model.parameters()) == sum(a.size for a in params.values())
-
-
-def test_lm_head_is_tied_to_token_embedding():
-    """GPT-2 has no separate output matrix: logits = x @ wte.T (the checkpoint has no lm_head).
-    Tied the plain way, as GPT-2 and nanoGPT do: one Parameter held by both modules."""
-    model = GPT(TINY_CONFIG)
-    assert model.lm_head.weight is model.transformer.wte.weight
+def test_initialisation_is_gpt2s_normal_0_02_with_residual_projections_scaled_by_1_over_sqrt_2_n_layer():
+    """Every weight matrix is drawn from N(0, 0.02^2) (initializer_range in GPT-2's
+    config.json), except the two projections that end in the residual stream (attn.c_proj,
+    mlp.c_proj), whose std is scaled by 1/sqrt(N) for N = 2 n_layer residual layers (GPT-2
+    paper, Section 2.3); biases are 0 and layer-norm gains 1.
+    Each tensor's sample std is within 3% of its std (the smallest has 16,384 numbers: 5
+    standard errors), and 4.55% of its numbers lie beyond 2 std, as for a normal law
+    (a uniform law of the same std has none there)."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=8, n_head=8, n_embd=256)
+    residual = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_proj\.weight")
+    other_matrix = re.compile(r"transformer\.(wte|wpe|h\.\d+\.attn\.c_attn|h\.\d+\.mlp\.c_fc)\.weight")
+    gain = re.compile(r"transformer\.(h\.\d+\.ln_[12]|ln_f)\.weight")
+    for name, p in GPT(config).named_parameters():
+        p = p.detach().double()
+        if gain.fullmatch(name) or name.endswith(".bias"):
+            assert torch.equal(p, torch.full_like(p, 1.0 if gain.fullmatch(name) else 0.0)), name
+            continue
+        assert residual.fullmatch(name) or other_matrix.fullmatch(name), name
+        std = 0.02 / math.sqrt(2 * config.n_layer) if residual.fullmatch(name) else 0.02
+        assert abs(p.std().item() / std - 1) < 0.03, (name, p.std().item(), std)
+        assert abs(p.mean().item()) < 5 * std / math.sqrt(p.numel()), name
+        assert abs((p.abs() > 2 * std).double().mean().item() - 0.0455) < 0.01, name
 
 
 def test_tied_matrix_gradient_is_the_head_part_plus_the_lookup_part():
@@ -1441,839 +1647,843 @@ def test_tied_matrix_gradient_is_the_head_part_plus_the_lookup_part():
     torch.testing.assert_close(wte.grad.double(), head_part + lookup_part, rtol=1e-5, atol=1e-6)
 
 
-def test_logits_have_shape_batch_time_vocab():
-    """The model scores every position, not only the last (DPO needs all of them)."""
-    logits = GPT(TINY_CONFIG)(torch.zeros(3, 7, dtype=torch.long))
-    assert logits.shape == (3, 7, 61)
-
-
-def test_sequence_longer_than_block_size_raises_value_error():
-    """wpe has block_size rows; a longer input must fail loudly, naming both numbers."""
-    with pytest.raises(ValueError) as err:
-        GPT(TINY_CONFIG)(torch.zeros(1, 33, dtype=torch.long))
-    assert "33" in str(err.value) and "32" in str(err.value)
-
-
-# =============================================================================
-# 4. Checkpoints, safetensors and the hub: both real layouts, files written by hand here,
-#    a fake hub on 127.0.0.1
-# =============================================================================
-
-
 # ---------------------------------------------------------------------------
-# from_pretrained against the numpy GPT-2.
-
-@pytest.mark.parametrize("layout", ["hub", "transformers"])
-@pytest.mark.parametrize("lm_head", [False, True])
-def test_from_pretrained_directory_matches_numpy_gpt2(tmp_path, tiny, layout, lm_head):
-    """Both real layouts load: hub (no prefix, mask buffers, unaligned data) and
-    transformers (prefix, padded header), with or without a redundant lm_head.weight."""
-    config, params = tiny
-    write_checkpoint(tmp_path / "ckpt", params, config, layout, lm_head)
-    model = GPT.from_pretrained(str(tmp_path / "ckpt"))
-    assert not model.training  # dropout off: logits must be deterministic
-    assert model.lm_head.weight is model.transformer.wte.weight  # still one tensor, for training
-    assert_matches_numpy(model, params)
-
-
-def test_from_pretrained_bare_safetensors_file_uses_config_json_beside_it(tmp_path):
-    """n_head=2 cannot come from shapes (16 / 64 is not whole); config.json must supply it."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config, seed=1)
-    write_checkpoint(tmp_path, params, config)
-    model = GPT.from_pretrained(str(tmp_path / "model.safetensors"))
-    assert_matches_numpy(model, params)
-
-
-def test_from_pretrained_bare_file_without_config_infers_config_from_shapes(tmp_path):
-    """n_layer, n_embd, vocab_size and block_size are in the shapes; with GPT-2's n_embd=768,
-    n_head=12 is GPT-2's (head size 64)."""
-    config = hub_config(n_layer=1, n_head=12, n_embd=768, vocab_size=61, n_positions=8)
-    params = random_gpt2_params(config)
-    write_checkpoint(tmp_path, params, config)
-    (tmp_path / "config.json").unlink()
-    model = GPT.from_pretrained(str(tmp_path / "model.safetensors"))
-    assert_matches_numpy(model, params, n_head=12, idx=random_tokens(T=8))
-
-
-def test_from_pretrained_bare_file_of_a_width_gpt2_never_had_asks_for_config_json(tiny_dir):
-    """With n_embd=16 the head count is anybody's guess; guessing wrong would load a model
-    that runs and is wrong, so without config.json the file is refused."""
-    (tiny_dir / "config.json").unlink()
-    with pytest.raises(ValueError, match="config.json"):
-        GPT.from_pretrained(str(tiny_dir / "model.safetensors"))
-
-
-def test_from_pretrained_refuses_an_untied_output_head(tmp_path, tiny):
-    """This GPT ties the head to wte, as GPT-2 does; a different lm_head.weight cannot be honoured."""
-    config, params = tiny
-    params["lm_head.weight"] = params["wte.weight"] + 1.0
-    write_checkpoint(tmp_path, params, config)
-    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
-        GPT.from_pretrained(str(tmp_path))
-
-
-def test_from_pretrained_float64_matches_numpy_gpt2_to_1e_9(tiny, tiny_dir):
-    """In float64 rounding is gone, so even small slips (eps 1e-6, a GELU variant) would show."""
-    _, params = tiny
-    model = GPT.from_pretrained(str(tiny_dir), dtype=torch.float64)
-    assert model.transformer.wte.weight.dtype == torch.float64
-    assert model.lm_head.weight is model.transformer.wte.weight  # .to(dtype) kept the tie
-    assert_matches_numpy(model, params, atol=1e-9)
-
-
-def test_numpy_gpt2_tells_tanh_gelu_from_erf_gelu(monkeypatch, tiny):
-    """The parity checks above can fail: the erf GELU moves these logits by more than 1e-4."""
-    config, params = tiny
-    idx = random_tokens(B=1)
-    tanh_logits = numpy_logits(params, config["n_head"], idx)
-    monkeypatch.setitem(globals(), "gelu", lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2))))
-    assert np.abs(numpy_logits(params, config["n_head"], idx) - tanh_logits).max() > 1e-4
-
-
-# ---------------------------------------------------------------------------
-# from_pretrained refuses checkpoints that do not fit.
-
-def load_edited_checkpoint(directory, edit):
-    """Write the tiny hub checkpoint with edit(tensors) applied, then load it."""
-    config = hub_config(**TINY)
-    params = random_gpt2_params(config)
-    edit(params)
-    write_checkpoint(directory, params, config)
-    return GPT.from_pretrained(str(directory))
-
-
-def test_from_pretrained_missing_tensor_raises_value_error_naming_it(tmp_path):
-    """A silently random-initialised layer would be a wrong model that still runs."""
-    with pytest.raises(ValueError, match=re.escape("h.1.mlp.c_fc.bias")):
-        load_edited_checkpoint(tmp_path, lambda p: p.pop("h.1.mlp.c_fc.bias"))
-
-
-def test_from_pretrained_unexpected_tensor_raises_value_error_naming_it(tmp_path):
-    """An unknown tensor means the file is not the architecture we think it is."""
-    def add(p):
-        p["h.0.mlp.c_gate.weight"] = np.zeros((16, 64), np.float32)
-    with pytest.raises(ValueError, match=re.escape("h.0.mlp.c_gate.weight")):
-        load_edited_checkpoint(tmp_path, add)
-
-
-def test_from_pretrained_shape_mismatch_raises_value_error_naming_tensor_and_shapes(tmp_path):
-    """config.json says 32 positions, the file's wpe has 31: say which tensor and both shapes."""
-    def shrink(p):
-        p["wpe.weight"] = p["wpe.weight"][:31]
-    with pytest.raises(ValueError) as err:
-        load_edited_checkpoint(tmp_path, shrink)
-    message = str(err.value)
-    assert "wpe.weight" in message
-    assert re.search(r"31\D{1,4}16", message) and re.search(r"32\D{1,4}16", message), message
-
-
-# ---------------------------------------------------------------------------
-# safetensors: round trip, independent parsing, malformed files, atomic writes.
-
-def test_save_safetensors_round_trip_and_header_parsed_independently(tmp_path):
-    """dtype strings, shapes and contiguous offsets are what the format spec says; values,
-    dtypes and metadata survive; a transposed view is written by value, not by storage."""
-    path = tmp_path / "t.safetensors"
-    w = torch.randn(3, 5)
-    tensors = {"f32": torch.randn(2, 3), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2).bfloat16(),
-               "transposed": w.t(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
-    save_safetensors(tensors, path, metadata={"format": "pt", "note": "hello"})
-
-    header, arrays = read_safetensors(path)
-    assert header["__metadata__"] == {"format": "pt", "note": "hello"}
-    assert {k: v["dtype"] for k, v in header.items() if k != "__metadata__"} == {
-        "f32": "F32", "f16": "F16", "bf16": "BF16", "transposed": "F32", "scalar": "F32", "empty": "F32"}
-    assert {k: v["shape"] for k, v in header.items() if k != "__metadata__"} == {
-        k: list(t.shape) for k, t in tensors.items()}
-    spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
-    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no gaps
-    n_header = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    assert 8 + n_header + spans[-1][1] == path.stat().st_size
-    for name, t in tensors.items():
-        np.testing.assert_array_equal(arrays[name], t.float().numpy())
-
-    loaded = load_safetensors(path)
-    assert set(loaded) == set(tensors)
-    for name, t in tensors.items():
-        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
-
-
-EVERY_DTYPE = {  # name in the file: values that each dtype must keep exactly, extremes included
-    "F64": ([1 / 3, -0.0, -1e308, 5e-324, np.inf], np.float64, torch.float64),
-    "F32": ([1 / 3, -0.0, -3.4e38, 1e-45, -np.inf], np.float32, torch.float32),
-    "F16": ([1 / 3, -0.0, 65504.0, -6e-8, np.inf], np.float16, torch.float16),
-    "BF16": ([1.5, -2.0, 2.0**127, -np.inf, -(2.0**-133)], None, torch.bfloat16),  # exact in BF16
-    "I64": ([-(2**63), 2**63 - 1, -1, 0, 50256], np.int64, torch.int64),
-    "I32": ([-(2**31), 2**31 - 1, -1, 0, 7], np.int32, torch.int32),
-    "I16": ([-(2**15), 2**15 - 1, -1, 0, 7], np.int16, torch.int16),
-    "I8": ([-128, 127, -1, 0, -7], np.int8, torch.int8),  # signed: the negatives must come back negative
-    "U8": ([0, 255, 1, 128, 7], np.uint8, torch.uint8),
-    "BOOL": ([True, False, True, True, False], np.bool_, torch.bool),
-}
-
-
-def test_every_dtype_model_py_knows_is_tested_here():
-    """The round trip below covers the whole of model.py's dtype table, no more, no less."""
-    assert set(SAFETENSORS_DTYPES) == set(EVERY_DTYPE)
-
-
-@pytest.mark.parametrize("name", EVERY_DTYPE)
-def test_every_dtype_round_trips_exactly_through_files_read_and_written_independently(tmp_path, name):
-    """save_safetensors writes each dtype under its spec name with the values a plain
-    little-endian reader decodes (I8 as signed two's complement, BOOL as 0/1 bytes), and
-    load_safetensors decodes a file the test-side writer made to the same values and dtype."""
-    values, np_dtype, torch_dtype = EVERY_DTYPE[name]
-    t = torch.tensor(values, dtype=torch_dtype).reshape(5, 1)
-    save_safetensors({"t": t}, tmp_path / "ours.safetensors")
-    header, arrays = read_safetensors(tmp_path / "ours.safetensors")
-    assert header["t"]["dtype"] == name and header["t"]["shape"] == [5, 1]
-    expected = np.array(values, np.float32 if name == "BF16" else np_dtype).reshape(5, 1)
-    np.testing.assert_array_equal(arrays["t"], expected)
-    if expected.dtype.kind == "f":
-        np.testing.assert_array_equal(np.signbit(arrays["t"]), np.signbit(expected))  # -0.0 too
-
-    if name == "BF16":  # the test-side writer has no BF16: its bits are a float32's top half
-        data = (expected.view(np.uint32) >> 16).astype(np.uint16).tobytes()
-        entry = {"dtype": "BF16", "shape": [5, 1], "data_offsets": [0, len(data)]}
-        (tmp_path / "theirs.safetensors").write_bytes(safetensors_bytes({"t": entry}, data))
-    else:
-        write_safetensors(tmp_path / "theirs.safetensors", {"t": expected})
-    for path in ("ours.safetensors", "theirs.safetensors"):
-        loaded = load_safetensors(tmp_path / path)["t"]
-        assert loaded.dtype == torch_dtype and loaded.shape == (5, 1), path
-        assert loaded.view(torch.uint8).tolist() == t.view(torch.uint8).tolist(), path  # bit for bit
-
-
-def test_load_safetensors_reads_hand_written_f16_and_bf16_at_unaligned_offsets(tmp_path):
-    """A 6-byte F16 tensor first pushes the F32 and BF16 data off any alignment."""
-    f16 = np.array([1.5, -2.0, 65504.0], np.float16)
-    f32 = np.array([[0.1, -3e38], [1e-45, 7.0]], np.float32)
-    bf16_bits = np.array([0x3FC0, 0xC000, 0x7F80], np.uint16)  # 1.5, -2.0, +inf
-    data = f16.tobytes() + f32.tobytes() + bf16_bits.tobytes()
-    header = {"__metadata__": {"format": "pt"},
-              "half": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
-              "single": {"dtype": "F32", "shape": [2, 2], "data_offsets": [6, 22]},
-              "brain": {"dtype": "BF16", "shape": [3], "data_offsets": [22, 28]}}
-    (tmp_path / "t.safetensors").write_bytes(safetensors_bytes(header, data))
-    loaded = load_safetensors(tmp_path / "t.safetensors")
-    assert loaded["half"].dtype == torch.float16 and loaded["brain"].dtype == torch.bfloat16
-    np.testing.assert_array_equal(loaded["half"].numpy(), f16)
-    np.testing.assert_array_equal(loaded["single"].numpy(), f32)
-    np.testing.assert_array_equal(loaded["brain"].float().numpy(), [1.5, -2.0, np.inf])
-
-
-def one_tensor(dtype="F32", shape=(2,), offsets=(0, 8)):
-    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
-
-
-EIGHT_BYTES = np.arange(2, dtype=np.float32).tobytes()
-MALFORMED = {  # name: (file bytes, what the message must say)
-    "shorter than the length prefix": (b"\x10\x00\x00", r"(?i)truncat|short|small|header"),
-    "truncated data": (safetensors_bytes({"a": one_tensor(shape=[4], offsets=[0, 16])}, EIGHT_BYTES * 2)[:-5],
-                       r"(?i)truncat|short|offset|range|beyond|exceed|end"),
-    "header length past the end": (struct.pack("<Q", 1000) + b'{"a":1}', r"(?i)header"),
-    "header length above 100 MB": (struct.pack("<Q", 2**62) + b"{}", r"(?i)header"),
-    "header not JSON": (struct.pack("<Q", 5) + b"{oops", r"(?i)json"),
-    "header a JSON list": (safetensors_bytes([1, 2], b""), r"(?i)object|dict|mapping"),
-    "offsets overlap": (safetensors_bytes({"a": one_tensor(offsets=[0, 8]), "b": one_tensor(offsets=[4, 12])},
-                                          EIGHT_BYTES + EIGHT_BYTES[:4]), r"(?i)overlap|contiguous|offset"),
-    "gap between tensors": (safetensors_bytes({"a": one_tensor(offsets=[0, 8]), "b": one_tensor(offsets=[12, 20])},
-                                              EIGHT_BYTES * 2 + EIGHT_BYTES[:4]), r"(?i)gap|contiguous|offset"),
-    "offsets past the data": (safetensors_bytes({"a": one_tensor(offsets=[8, 16])}, EIGHT_BYTES),
-                              r"(?i)offset|range|beyond|exceed|truncat|gap|contiguous"),
-    "end before begin": (safetensors_bytes({"a": one_tensor(offsets=[8, 0])}, EIGHT_BYTES),
-                         r"(?i)offset|range|order|byte|size"),
-    "byte count != numel * itemsize": (safetensors_bytes({"a": one_tensor(shape=[3], offsets=[0, 8])}, EIGHT_BYTES),
-                                       r"(?i)byte|size|numel|shape"),
-    "unknown dtype": (safetensors_bytes({"a": one_tensor(dtype="X3")}, EIGHT_BYTES), r"(?i)dtype|X3"),
-}
-
-
-@pytest.mark.parametrize("case", MALFORMED)
-def test_load_safetensors_rejects_malformed_file_with_value_error_naming_path(tmp_path, case):
-    """A broken download must say what is wrong and where, not crash deep inside numpy/json."""
-    content, pattern = MALFORMED[case]
-    path = tmp_path / "broken.safetensors"
-    path.write_bytes(content)
-    with pytest.raises(ValueError, match=pattern) as err:
-        load_safetensors(path)
-    assert str(path) in str(err.value)
-
-
-@pytest.mark.parametrize("extra", [b"\0", b"\0" * 8, EIGHT_BYTES * 3])
-def test_load_safetensors_refuses_bytes_after_the_last_tensor(tmp_path, extra):
-    """The spec (and its reference reader) wants the tensors to tile the data exactly: bytes
-    after the last tensor mean the header and the file disagree (a file appended to, or the
-    wrong header). The message names the problem, how many bytes, and the file."""
-    path = tmp_path / "trailing.safetensors"
-    path.write_bytes(safetensors_bytes({"a": one_tensor()}, EIGHT_BYTES + extra))
-    with pytest.raises(ValueError, match=rf"{len(extra)} trailing bytes after the last tensor") as err:
-        load_safetensors(path)
-    assert str(path) in str(err.value)
-    path.write_bytes(safetensors_bytes({"a": one_tensor()}, EIGHT_BYTES))  # the same file, without them,
-    assert load_safetensors(path)["a"].tolist() == [0.0, 1.0]  # loads
-
-
-def test_save_safetensors_replaces_the_file_atomically(tmp_path):
-    """Written to a temporary file, then os.replace'd: a reader that has the old file open
-    keeps reading the old bytes, and only the target file remains."""
-    path = tmp_path / "x.safetensors"
-    save_safetensors({"a": torch.ones(3)}, path)
-    old = path.read_bytes()
-    with open(path, "rb") as reader:
-        save_safetensors({"a": torch.zeros(300)}, path)
-        assert reader.read() == old
-    assert os.listdir(tmp_path) == ["x.safetensors"]
-
-
-def test_failed_save_safetensors_keeps_old_file_and_leaves_no_temp_files(tmp_path):
-    """A save that dies half-way must not destroy the previous checkpoint or leave debris.
-    A meta tensor has a dtype and a shape but no bytes, so writing it fails mid-file."""
-    path = tmp_path / "x.safetensors"
-    save_safetensors({"a": torch.ones(3)}, path)
-    for bad in ("not a tensor", torch.empty(3, device="meta")):
-        for target in (path, tmp_path / "new.safetensors"):
-            with pytest.raises(Exception):  # any error, as long as it is raised
-                save_safetensors({"a": torch.zeros(3), "b": bad}, target)
-            assert os.listdir(tmp_path) == ["x.safetensors"]
-            assert torch.equal(load_safetensors(path)["a"], torch.ones(3))
-
-
-# ---------------------------------------------------------------------------
-# write_atomically: the one helper every write goes through (train_toy.py uses it for
-# its whole output folder).
-
-def tree(root):
-    """{relative path: bytes} of every file below root (or of root itself, if a file)."""
-    root = Path(root)
-    if root.is_file():
-        return {".": root.read_bytes()}
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def write_file(tmp):
-    tmp.write_bytes(b"new file")
-
-
-def write_folder(tmp):
-    tmp.mkdir()
-    (tmp / "model.safetensors").write_bytes(b"new weights")
-    (tmp / "metrics.jsonl").write_text('{"step": 1}\n')
-
-
-WRITERS = {"file": (write_file, {".": b"new file"}),
-           "folder": (write_folder, {"metrics.jsonl": b'{"step": 1}\n', "model.safetensors": b"new weights"})}
-
-
-@pytest.fixture(params=["nothing", "file", "folder"])
-def old(request, tmp_path):
-    """What is at tmp_path/out before the write: nothing, a file, or a folder with a subfolder."""
-    path = tmp_path / "out"
-    if request.param == "file":
-        path.write_bytes(b"old file")
-    elif request.param == "folder":
-        (path / "sub").mkdir(parents=True)
-        (path / "sub" / "old.bin").write_bytes(b"old weights")
-        (path / "notes.txt").write_text("old notes")
-    return path
-
-
-@pytest.mark.parametrize("kind", WRITERS)
-def test_write_atomically_puts_the_new_file_or_folder_in_place_and_nothing_else(old, kind):
-    """On success path holds exactly what write(tmp) made (old contents gone, a folder's too),
-    tmp was a fresh name in the same folder, and no temporary sibling is left. The files get
-    the permissions open() gives under the umask, not mkstemp's 0600."""
-    write, expected = WRITERS[kind]
-    given = []
-
-    def recording_write(tmp):
-        given.append(tmp)
-        assert tmp.parent == old.parent and not os.path.lexists(tmp)
-        write(tmp)
-    write_atomically(old, recording_write)
-    assert tree(old) == expected
-    assert os.listdir(old.parent) == ["out"]
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [old, *old.rglob("*")]:
-        if p.is_file():
-            assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
-
-
-@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-@pytest.mark.parametrize("kind", WRITERS)
-def test_write_atomically_that_fails_leaves_the_old_contents_and_no_temporary(old, kind, error):
-    """An exception inside write (even KeyboardInterrupt) propagates, path is byte for byte
-    what it was (or still absent), and the half-written file or folder is gone."""
-    before = tree(old) if old.exists() else None
-    write, _ = WRITERS[kind]
-
-    def failing_write(tmp):
-        write(tmp)  # half done...
-        raise error("interrupted")
-    with pytest.raises(error, match="interrupted"):
-        write_atomically(old, failing_write)
-    assert (tree(old) if old.exists() else None) == before
-    assert os.listdir(old.parent) == (["out"] if before is not None else [])
-
-
-# ---------------------------------------------------------------------------
-# save_pretrained writes what the hub serves.
-
-def test_save_pretrained_writes_hub_layout_that_numpy_gpt2_reproduces(tmp_path):
-    """No prefix, no lm_head, Conv1D (in, out) weights: the numpy GPT-2, which reads
-    the hub layout, must reproduce the model's own logits from the saved file alone."""
-    torch.manual_seed(0)
-    model = GPT(TINY_CONFIG).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # non-trivial layer norms and biases too
-            p.normal_(0.0, 0.3)
-    model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "gpt2"
-    assert {k: config[k] for k in TINY} == TINY
-
-    header, arrays = read_safetensors(tmp_path / "model.safetensors")
-    assert header["__metadata__"]["format"] == "pt"
-    expected = {k: v.shape for k, v in random_gpt2_params(hub_config(**TINY)).items()}
-    masks = {k for k in arrays if re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", k)}  # optional buffers
-    assert {k: a.shape for k, a in arrays.items() if k not in masks} == expected
-    assert arrays["h.0.attn.c_attn.weight"].shape == (16, 48)  # (in, out), not nn.Linear's (out, in)
-    params = {k: a for k, a in arrays.items() if k not in masks}
-    assert_matches_numpy(model, params)
-
-
-def test_save_pretrained_then_from_pretrained_round_trips_exactly(tmp_path, tiny, tiny_dir):
-    """Loading a hub checkpoint and saving it gives back the same tensors bit for bit,
-    and reloading the saved directory gives identical logits."""
-    _, params = tiny
-    model = GPT.from_pretrained(str(tiny_dir))
-    model.save_pretrained(tmp_path / "out")
-    _, arrays = read_safetensors(tmp_path / "out" / "model.safetensors")
-    for name, a in params.items():
-        np.testing.assert_array_equal(arrays[name], a, err_msg=name)
-    again = GPT.from_pretrained(str(tmp_path / "out"))
-    assert np.array_equal(model_logits(again, random_tokens()), model_logits(model, random_tokens()))
-
-
-def test_saved_files_get_the_usual_permissions(tmp_path):
-    """Atomic writes must not leave owner-only files (as mkstemp makes them): the result is
-    as open() makes it under the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    GPT(TINY_CONFIG).save_pretrained(tmp_path)
-    for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
-
-
-# ---------------------------------------------------------------------------
-# generate
-
-def numpy_greedy(params, n_head, prompt, n_new):
-    """Append argmax of the last position's logits, n_new times, using the numpy model."""
-    seq = list(prompt)
-    for _ in range(n_new):
-        seq.append(int(numpy_logits(params, n_head, [seq])[0, -1].argmax()))
-    return seq
-
+# generate: greedy, top-k and temperature, each against the numpy GPT-2.
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)])
-def test_greedy_generate_equals_argmax_loop_of_numpy_gpt2(tiny, tiny_dir, sampling):
+def test_greedy_generate_equals_argmax_loop_of_numpy_gpt2(tiny, sampling):
     """temperature 0 is greedy decoding; so is sampling restricted to the top 1 token."""
     config, params = tiny
-    model = GPT.from_pretrained(str(tiny_dir))
     prompt = random_tokens(B=2, T=5)
-    out = model.generate(torch.as_tensor(prompt), max_new_tokens=10, **sampling)
+    out = gpt_holding(params).generate(torch.as_tensor(prompt), max_new_tokens=10, **sampling)
     assert out.shape == (2, 15)
     for row, p in zip(out.tolist(), prompt):
         assert row == numpy_greedy(params, config["n_head"], p, 10)
 
 
-# ---------------------------------------------------------------------------
-# Downloading from the hub, against a fake hub on 127.0.0.1 (model.py, chapter 5, states
-# how the real one answers).
-
-def git_blob_sha1(data):
-    """The ETag the hub gives files stored in git (config.json): git's object id."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-@dataclass
-class FakeHub:
-    files: dict  # filename -> bytes
-    repo: str = "openai-community/gpt2"  # where the files live; another name = a renamed repo
-    truncate: bool = False  # the CDN promises the whole file, sends half, hangs up
-    linked_etag: str = ""  # override X-Linked-Etag (a wrong sha256)
-    no_linked_etag: bool = False  # a hub that states no sha256: only the size can catch a cut
-    direct: bool = False  # a mirror that serves large files itself, 200 with a sha256 ETag
-    config_etag: str = ""  # override config.json's ETag (a wrong git blob sha1)
-    requests: list = field(default_factory=list)
-
-
-class FakeHubHandler(http.server.BaseHTTPRequestHandler):
-    """Answers like huggingface.co; HTTP/1.0, so every connection closes after one answer."""
-
-    def do_HEAD(self):
-        self.answer(send_body=False)
-
-    def do_GET(self):
-        self.answer(send_body=True)
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-    def send(self, status, headers, body=b"", send_body=True):
-        self.send_response(status)
-        for key, value in {**headers, "Content-Length": headers.get("Content-Length", len(body))}.items():
-            self.send_header(key, str(value))
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def answer(self, send_body):
-        hub = self.server.hub
-        hub.requests.append((self.command, self.path))
-        path = urllib.parse.urlsplit(self.path).path
-        m = re.fullmatch(r"/(.+)/resolve/main/([^/]+)", path)
-        if path.startswith("/cdn/") and path[5:] in hub.files:  # the CDN: its own, different ETag
-            data = hub.files[path[5:]]
-            headers = {"ETag": f'"{hashlib.sha256(b"cdn" + data).hexdigest()}"', "Content-Length": len(data)}
-            self.send(200, headers, data[: len(data) // 2] if hub.truncate else data, send_body)
-        elif m and m[1] != hub.repo:  # renamed repo: a relative redirect to the new hub path
-            self.send(307, {"Location": f"/{hub.repo}/resolve/main/{m[2]}"})
-        elif m and m[2] == "config.json":  # small file in git: 200 directly
-            data = hub.files["config.json"]
-            etag = hub.config_etag or git_blob_sha1(data)
-            self.send(200, {"ETag": f'"{etag}"', "X-Repo-Commit": COMMIT}, data, send_body)
-        elif m and m[2] in hub.files and hub.direct:  # a mirror: the bytes at once, sha256 as ETag
-            data = hub.files[m[2]]
-            etag = hub.linked_etag or hashlib.sha256(data).hexdigest()
-            self.send(200, {"ETag": f'"{etag}"', "X-Repo-Commit": COMMIT}, data, send_body)
-        elif m and m[2] in hub.files:  # LFS file: 302 to the CDN; the hub's facts only here
-            data, port = hub.files[m[2]], self.server.server_address[1]
-            cdn = f"http://localhost:{port}/cdn/{m[2]}?X-Amz-Signature=f00d"  # same server, another host name
-            headers = {"Location": cdn, "X-Linked-Size": len(data), "X-Repo-Commit": COMMIT,
-                       "X-Linked-Etag": f'"{hub.linked_etag or hashlib.sha256(data).hexdigest()}"'}
-            if hub.no_linked_etag:
-                del headers["X-Linked-Etag"]
-            self.send(302, headers)
-        else:
-            self.send(404, {"X-Error-Code": "EntryNotFound"})
-
-
-@contextlib.contextmanager
-def serving(hub, monkeypatch):
-    """Run the fake hub in a daemon thread with HF_ENDPOINT pointing at it; always shut it down."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
-    server.hub = hub
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-        yield hub
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def closed_port_url():
-    """A URL where nothing listens: connecting is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-def files_under(root):
-    """Every file and symlink below root, relative to it, sorted."""
-    return sorted(str(Path(d, f).relative_to(root)) for d, _, fs in os.walk(root) for f in fs)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty hub cache at $HF_HOME/hub under tmp_path; no other hub setting leaks in."""
-    for var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME", "HF_ENDPOINT",
-                "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    return tmp_path / "hf" / "hub"
-
-
-@pytest.fixture
-def no_network(hub_cache, monkeypatch):
-    """HF_ENDPOINT at a port where nothing listens: any download attempt fails at once."""
-    url = closed_port_url()
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    return url
-
-
-@pytest.fixture
-def tiny_repo(tiny, tiny_dir):
-    """(params, config, files) of the tiny checkpoint in the hub layout, as the hub would serve it."""
+def test_top_k_sampling_draws_every_one_of_the_k_most_likely_tokens_and_no_other(tiny):
+    """top_k=3 keeps each row's 3 highest logits and samples among them. 1,000 draws after
+    each of two prompts (a batch of 2,000 rows, one new token each): the set of tokens drawn
+    is exactly numpy's 3 most likely for that prompt. Each of the 3 has a probability of at
+    least 10% once renormalised, so missing one in 1,000 draws has odds below 1e-45; and
+    each prompt's cut, applied to the other's logits, would keep another number of tokens.
+    So this fails only if top_k keeps the wrong tokens, too many or too few, in any row."""
     config, params = tiny
-    files = {name: (tiny_dir / name).read_bytes() for name in ("config.json", "model.safetensors")}
-    return params, config, files
+    prompts = random_tokens(B=2, T=5, seed=9)
+    last = numpy_logits(params, config["n_head"], prompts)[:, -1]  # (2, V)
+    best3 = np.argsort(last, axis=-1)[:, -3:]
+    assert (softmax(np.take_along_axis(last, best3, axis=-1)) > 0.1).all()
+    cut = np.sort(last, axis=-1)[:, [-3]]  # (2, 1)
+    assert ((last >= cut[::-1]).sum(axis=-1) != 3).all()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = gpt_holding(params).generate(torch.as_tensor(prompts).repeat_interleave(1000, dim=0),
+                                           max_new_tokens=1, top_k=3)
+    drawn = out[:, -1].view(2, 1000)
+    for row, expected in zip(drawn.tolist(), best3.tolist()):
+        assert set(row) == set(expected)
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"HF_HUB_CACHE": "/a", "HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/a"),
-    ({"HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/b/hub"),
-    ({"XDG_CACHE_HOME": "/c"}, "/c/huggingface/hub"),
-    ({"HOME": "/home/u"}, "/home/u/.cache/huggingface/hub"),
-])
-def test_hub_cache_dir_follows_huggingface_hub_precedence(monkeypatch, env, expected):
-    """The same order huggingface_hub uses, so an existing cache is found and reused."""
-    for var in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in env.items():
-        monkeypatch.setenv(var, value)
-    assert Path(hub_cache_dir()) == Path(expected)
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_each_step_samples_softmax_of_logits_over_temperature_given_the_last_block_size_tokens(tiny, monkeypatch,
+                                                                                               temperature):
+    """Each step samples from softmax(logits / T) at the last position, the logits of the last
+    block_size tokens so far: with a 28-token prompt the window slides past block_size 32 after
+    4 of the 10 steps. The probabilities handed to torch.multinomial are numpy's, step by step.
+    (Greedy decoding cannot show the window: this tiny random model soon repeats one token,
+    whatever it sees; probabilities move with every token and every position.)"""
+    config, params = tiny
+    handed = []
+    real_multinomial = torch.multinomial
+
+    def recording_multinomial(probs, num_samples, *args, **kwargs):
+        handed.append(probs.double().numpy().copy())
+        return real_multinomial(probs, num_samples, *args, **kwargs)
+    monkeypatch.setattr(torch, "multinomial", recording_multinomial)
+    prompt = random_tokens(B=2, T=28, seed=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = gpt_holding(params).generate(torch.as_tensor(prompt), max_new_tokens=10, temperature=temperature)
+    assert len(handed) == 10
+    for step, probs in enumerate(handed):
+        window = out[:, : 28 + step][:, -32:].numpy()
+        expected = softmax(numpy_logits(params, config["n_head"], window)[:, -1] / temperature)
+        np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-7)
+# =============================================================================
+# 4. End to end: train_toy.py flips 0/4 to 4/4; --data; --out; stops; resume; torchrun
+# =============================================================================
 
 
-def test_from_pretrained_gpt2_downloads_into_hub_cache_then_reuses_it_offline(hub_cache, tiny_repo, monkeypatch):
-    """The cache after a download looks like huggingface_hub's (blob named by sha256,
-    relative symlink, refs/main, files readable as open() makes them), and a second call
-    needs no network at all."""
-    params, config, files = tiny_repo
-    with serving(FakeHub(files), monkeypatch) as hub:
-        assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
-        assert any("/cdn/model.safetensors" in path for _, path in hub.requests)
-        n_requests = len(hub.requests)
-        GPT.from_pretrained("gpt2")
-        assert len(hub.requests) == n_requests  # answered from the cache
-
-    sha256, sha1 = hashlib.sha256(files["model.safetensors"]).hexdigest(), git_blob_sha1(files["config.json"])
-    assert files_under(hub_cache) == sorted([
-        f"{REPO_DIR}/blobs/{sha256}", f"{REPO_DIR}/blobs/{sha1}", f"{REPO_DIR}/refs/main",
-        f"{REPO_DIR}/snapshots/{COMMIT}/config.json", f"{REPO_DIR}/snapshots/{COMMIT}/model.safetensors"])
-    repo = hub_cache / REPO_DIR
-    assert (repo / "refs" / "main").read_text().strip() == COMMIT
-    assert (repo / "blobs" / sha256).read_bytes() == files["model.safetensors"]
-    for name, blob in [("model.safetensors", sha256), ("config.json", sha1)]:
-        assert os.readlink(repo / "snapshots" / COMMIT / name) == f"../../blobs/{blob}"
-    umask = os.umask(0)
-    os.umask(umask)
-    for blob in (sha256, sha1):
-        assert (repo / "blobs" / blob).stat().st_mode & 0o777 == 0o666 & ~umask
-
-    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)  # server gone
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+def run_toy(out, *args):
+    """train_toy.py's main() in this process (no second torch import), output captured by pytest."""
+    gpt2_tokenizer()
+    return train_toy.main(["--out", str(out), *args])
 
 
-@pytest.mark.parametrize("fault", ["truncate", "wrong sha256"])
-def test_failed_download_raises_and_leaves_nothing_cached(hub_cache, tiny_repo, monkeypatch, fault):
-    """A half or corrupt file must never look like a cached model; config.json, which did
-    download correctly, may stay."""
-    _, _, files = tiny_repo
-    wrong = hashlib.sha256(b"some other file").hexdigest()
-    hub = FakeHub(files, truncate=(fault == "truncate"), linked_etag=wrong if fault == "wrong sha256" else "")
-    with serving(hub, monkeypatch), pytest.raises((RuntimeError, ValueError)) as err:
-        GPT.from_pretrained("gpt2")
-    if fault == "wrong sha256":
-        assert "sha256" in str(err.value).lower()
-    config_files = {f"{REPO_DIR}/blobs/{git_blob_sha1(files['config.json'])}", f"{REPO_DIR}/refs/main",
-                    f"{REPO_DIR}/snapshots/{COMMIT}/config.json"}
-    assert set(files_under(hub_cache.parent)) <= config_files
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_config_json_not_matching_its_git_blob_sha1_is_not_kept(hub_cache, tiny_repo, monkeypatch, capsys):
-    """config.json's ETag is git's blob id of its bytes: a mismatch is reported and the file
-    is not kept. The weights, already verified, stay; the known gpt2 config then stands in,
-    which these tiny weights do not fit, so loading them fails."""
-    _, _, files = tiny_repo
-    with serving(FakeHub(files, config_etag=git_blob_sha1(b"another config")), monkeypatch), \
-            pytest.raises(ValueError, match="missing tensor.*of the configured size"):
-        GPT.from_pretrained("gpt2")
-    assert "corrupt: its git blob sha1" in capsys.readouterr().err
-    sha256 = hashlib.sha256(files["model.safetensors"]).hexdigest()
-    assert files_under(hub_cache) == sorted([f"{REPO_DIR}/blobs/{sha256}", f"{REPO_DIR}/refs/main",
-                                             f"{REPO_DIR}/snapshots/{COMMIT}/model.safetensors"])
+def folder_bytes(folder):
+    """{relative path: bytes} of everything under folder, hidden files included: to compare a
+    folder before and after, to the byte."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
-def test_truncated_download_is_caught_by_its_size_when_no_sha256_is_stated(hub_cache, tiny_repo, monkeypatch):
-    """Without X-Linked-Etag only X-Linked-Size can tell a cut download from a whole one."""
-    _, _, files = tiny_repo
-    with serving(FakeHub(files, truncate=True, no_linked_etag=True), monkeypatch), \
-            pytest.raises(RuntimeError) as err:
-        GPT.from_pretrained("gpt2")
-    half, whole = len(files["model.safetensors"]) // 2, len(files["model.safetensors"])
-    assert f"stopped after {half} of {whole} bytes" in str(err.value)
-    assert files_under(hub_cache.parent) == []
+def assert_same_checkpoint(path, expected_path):
+    """The two safetensors files are equal to the byte. If not, the message names the tensors
+    that differ and by how much (a plain `==` on the bytes would have pytest diff megabytes)."""
+    if Path(path).read_bytes() == Path(expected_path).read_bytes():
+        return
+    got, expected = load_safetensors(path), load_safetensors(expected_path)
+    differ = {name: float((got[name].double() - expected[name].double()).abs().max())
+              for name in expected if name in got and not torch.equal(got[name], expected[name])}
+    pytest.fail(f"{path} differs from {expected_path}: tensors only in one: "
+                f"{sorted(set(got) ^ set(expected))}; largest |difference| per tensor: {differ}")
 
 
-def test_a_whole_download_without_a_stated_sha256_goes_straight_into_the_snapshot(hub_cache, tiny_repo,
-                                                                                   monkeypatch):
-    """With no hash from the hub there is no blob name, and the CDN's own ETag must not be
-    taken for one: the checked-by-size file is kept as a plain file in the snapshot."""
-    params, _, files = tiny_repo
-    with serving(FakeHub(files, no_linked_etag=True), monkeypatch):
-        assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
-    weights = hub_cache / REPO_DIR / "snapshots" / COMMIT / "model.safetensors"
-    assert not weights.is_symlink() and weights.read_bytes() == files["model.safetensors"]
-    assert files_under(hub_cache / REPO_DIR / "blobs") == [git_blob_sha1(files["config.json"])]
+def write_pairs(path, pairs, prefix=b""):
+    path.write_bytes(prefix + "".join(json.dumps(p) + "\n" for p in pairs).encode())
+    return path
 
 
-@pytest.mark.parametrize("good", [True, False])
-def test_a_mirror_serving_files_directly_is_checked_by_its_sha256_etag(hub_cache, tiny_repo, monkeypatch, good):
-    """HF_ENDPOINT may be a mirror that answers 200 with the bytes and a 64-hex ETag: that ETag
-    is the sha256 to check (and a wrong one is refused), while a 40-hex one is git's blob id."""
-    params, _, files = tiny_repo
-    wrong = "" if good else hashlib.sha256(b"another file").hexdigest()
-    with serving(FakeHub(files, direct=True, linked_etag=wrong), monkeypatch):
-        if good:
-            assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
-        else:
-            with pytest.raises(RuntimeError, match="corrupt: its sha256"):
-                GPT.from_pretrained("gpt2")
-            assert files_under(hub_cache.parent) == []
+def numbered_pairs(n):
+    """n pairs of varied lengths, all different, for --data runs."""
+    words = "red green blue cold warm small large quick slow bright".split()
+    return [{"prompt": f"Item {i}: " + " ".join(words[: 1 + i % 7]),
+             "chosen": " yes" + " indeed" * (i % 5) + ".", "rejected": " no" + " never" * (i % 3) + "."}
+            for i in range(n)]
 
 
-def test_an_unwritable_cache_is_a_clear_error(tmp_path, no_network, monkeypatch):
-    """A cache folder that cannot be made (here: a file is in the way) says where and what to set."""
-    (tmp_path / "not-a-folder").write_text("")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "not-a-folder" / "hub"))
-    with pytest.raises(RuntimeError, match="cannot write to the Hugging Face cache .* HF_HUB_CACHE"):
-        GPT.from_pretrained("gpt2")
+def without_times(records, also=()):
+    """metrics.jsonl's records without the timings (and the keys in `also`)."""
+    leave_out = {"train_s", "tokens_per_s", "peak_memory_bytes", *also}
+    return [{k: v for k, v in r.items() if k not in leave_out} for r in records]
 
 
-def test_from_pretrained_follows_relative_redirect_of_renamed_repo(hub_cache, tiny_repo, monkeypatch):
-    """A renamed repo answers 307 with a relative Location on the hub itself."""
-    params, _, files = tiny_repo
-    with serving(FakeHub(files, repo="openai-community/gpt2-renamed"), monkeypatch) as hub:
-        model = GPT.from_pretrained("gpt2")
-    assert any(path.startswith("/openai-community/gpt2-renamed/") for _, path in hub.requests)
-    assert_matches_numpy(model, params)
+@pytest.fixture(scope="session")
+def sft_cache():
+    return {}
 
 
-@pytest.mark.parametrize("value", ["1", "on", "Yes", "TRUE"])
-def test_offline_and_not_cached_raises_file_not_found_saying_where_to_put_it(hub_cache, no_network, monkeypatch,
-                                                                             value):
-    """Offline means no network; the message tells the user where the file should be."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", value)
-    with pytest.raises(FileNotFoundError) as err:
-        GPT.from_pretrained("gpt2")
-    assert str(hub_cache) in str(err.value) and "--weights" in str(err.value)
+def reuse_sft(monkeypatch, sft_cache):
+    """The tiny model's SFT warm-up is the same computation in every toy run of this process
+    (same seed, same pairs); it runs once, and later runs start from its weights. The run in a
+    new process (the command-line test) does it itself and must end with the same weights,
+    which is what makes this safe."""
+    real = train_toy.sft_warmup
+
+    def cached(model, tokens, seed, log):
+        key = (json.dumps(tokens), seed, train_toy.SFT_STEPS, str(next(model.parameters()).device))
+        if key not in sft_cache:
+            records = []
+            real(model, tokens, seed, lambda record, line=None: records.append((record, line)))
+            sft_cache[key] = ({k: v.clone() for k, v in model.state_dict().items()}, records)
+        state, records = sft_cache[key]
+        model.load_state_dict(state)
+        model.eval()
+        for record, line in records:
+            log(record, line)
+
+    monkeypatch.setattr(train_toy, "sft_warmup", cached)
 
 
-def test_connection_refused_raises_runtime_error_with_url_and_weights_hint(no_network):
-    """No network: say which URL failed and how to use a local file instead."""
-    with pytest.raises(RuntimeError) as err:
-        GPT.from_pretrained("gpt2")
-    assert f"{no_network}/openai-community/gpt2/resolve/main/" in str(err.value)
-    assert "--weights" in str(err.value)
+@pytest.fixture(autouse=True)
+def sft_once(monkeypatch, sft_cache):
+    reuse_sft(monkeypatch, sft_cache)
 
 
-def test_existing_hub_cache_is_used_without_network_preferring_refs_main(tmp_path, hub_cache, no_network,
-                                                                          tiny_repo):
-    """A cache made by huggingface_hub is reused as is; of several snapshots, refs/main's wins."""
-    params, config, files = tiny_repo
-    stale = write_checkpoint(tmp_path / "stale", random_gpt2_params(config, seed=7), config)
-    repo = hub_cache / REPO_DIR
-    for commit, model_bytes in [("1" * 40, (stale / "model.safetensors").read_bytes()),
-                                ("5" * 40, files["model.safetensors"]),
-                                ("9" * 40, (stale / "model.safetensors").read_bytes())]:
-        sha256 = hashlib.sha256(model_bytes).hexdigest()
-        (repo / "blobs").mkdir(parents=True, exist_ok=True)
-        (repo / "blobs" / sha256).write_bytes(model_bytes)
-        (repo / "snapshots" / commit).mkdir(parents=True)
-        (repo / "snapshots" / commit / "model.safetensors").symlink_to(f"../../blobs/{sha256}")
-        (repo / "snapshots" / commit / "config.json").write_bytes(files["config.json"])
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("5" * 40)
-    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+@pytest.fixture
+def quick_sft(monkeypatch):
+    """For tests of the plumbing (data, errors, saving), which need a trained model, not a good
+    one: 5 steps of the tiny model's SFT warm-up instead of 60."""
+    monkeypatch.setattr(train_toy, "SFT_STEPS", 5)
 
 
-def test_cache_under_the_old_gpt2_repo_name_is_reused(hub_cache, no_network, tiny_repo):
-    """transformers' from_pretrained("gpt2") cached it as models--gpt2 (before the rename to
-    openai-community/gpt2); that copy is found too, with no network."""
-    params, _, files = tiny_repo
-    snapshot = hub_cache / "models--gpt2" / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for name, data in files.items():
-        (snapshot / name).write_bytes(data)  # copies, as on systems without symlinks
-    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+@pytest.fixture(scope="module")
+def tiny_dpo_run(tmp_path_factory, sft_cache):
+    out = tmp_path_factory.mktemp("toy") / "toy-dpo"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        reuse_sft(monkeypatch, sft_cache)
+        return out, run_toy(out, "--model", "tiny", "--loss", "dpo")
+
+
+@pytest.mark.parametrize("loss, dtype", [("dpo", "float32"), ("ipo", "float32"), ("dpo", "bfloat16")])
+def test_toy_experiment_flips_every_preference(loss, dtype, tiny_dpo_run, tmp_path):
+    """The whole story of train_toy.py --model tiny: after SFT on the intuitive completions the
+    model prefers none of the chosen (counter-intuitive) ones; after DPO / IPO it prefers all four,
+    and every pair is ranked right by the implicit reward. Under bfloat16 autocast too, where
+    the step-0 evaluation (policy = reference, same batches, same autocast) still has every
+    margin exactly 0 and the loss at h = 0 (log 2 for DPO)."""
+    out, summary = tiny_dpo_run
+    if (loss, dtype) != ("dpo", "float32"):
+        out, summary = tmp_path, run_toy(tmp_path, "--model", "tiny", "--loss", loss, "--dtype", dtype)
+    assert summary["preferred_before"] == 0 and summary["preferred_after"] == 4 == summary["n_pairs"]
+    assert summary["final_reward_accuracy"] == 1.0 and summary["dtype"] == dtype
+    first_eval = next(r for r in read_metrics(out) if r.get("phase") == "eval")
+    assert first_eval["step"] == 0 and first_eval["margin"] == 0.0 and first_eval["kl"] == 0.0
+    at_h_0 = LOG2 if loss == "dpo" else (1 / (2 * summary["beta"])) ** 2  # Eq. 7 / Eq. 17 at h = 0
+    assert first_eval["loss"] == pytest.approx(at_h_0, rel=1e-7) and first_eval["reward_accuracy"] == 0.5
+
+
+def test_chosen_preferred_counts_strictly_more_likely_and_not_a_tie():
+    """count_preferred, the headline's "chosen preferred": log pi(chosen) > log pi(rejected),
+    strictly; a tie is not a preference (unlike the reward accuracy, where it counts half)."""
+    chosen, rejected = torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([-2.0, -2.0, -1.0, -4.0 - 1e-6])
+    assert train_toy.count_preferred((chosen, rejected)) == 2
+
+
+def test_toy_run_reports_the_held_out_pairs_it_never_trained_on(tiny_dpo_run):
+    """Four held-out pairs, disjoint from the training pairs: evaluated at step 0 and at the end,
+    and their log-probs after training are what the saved policy gives them, scored again here.
+    The final held-out reward accuracy is the share of pairs whose margin, computed here from
+    those log-probs, is > 0 (ties half)."""
+    out, summary = tiny_dpo_run
+    assert summary["n_eval_pairs"] == 4 and summary["eval_preferred_before"] == 0
+    assert [r["step"] for r in read_metrics(out) if r.get("phase") == "eval"] == [0, 12]
+    model = GPT.from_pretrained(out, device=summary["device"])
+    chosen, rejected = dpo.pair_logps(model, dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_EVAL_PAIRS),
+                                      batch_size=summary["batch_size"])
+    assert summary["eval_logps_after"] == {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+    before, after = summary["eval_logps_before"], summary["eval_logps_after"]
+    margins = [(ac - bc) - (ar - br) for bc, br, ac, ar in zip(before["chosen"], before["rejected"],
+                                                                after["chosen"], after["rejected"])]
+    assert summary["final_eval_reward_accuracy"] == pytest.approx(np.mean([(m > 0) + 0.5 * (m == 0) for m in margins]))
+    assert not {p["prompt"] for p in train_toy.TOY_EVAL_PAIRS} & {p["prompt"] for p in train_toy.TOY_PAIRS}
+
+
+def test_toy_metrics_file_has_every_step_and_a_summary(tiny_dpo_run):
+    """metrics.jsonl: SFT lines at steps 1, 20, 40, 60; one line per DPO step, 6 epochs x 2
+    batches, the first loss log 2 (policy = reference, Eq. 7 at h = 0); the summary last, equal
+    to what main() returned. train_tokens counts the toy pairs' real tokens, here from the
+    tokenizer itself: each epoch sees every pair once, its prompt twice (chosen and rejected rows)."""
+    out, summary = tiny_dpo_run
+    records = read_metrics(out)
+    assert [r["step"] for r in records if r.get("phase") == "sft"] == [1, 20, 40, 60]
+    steps = [r for r in records if r.get("phase") == "dpo"]
+    assert [(r["step"], r["epoch"]) for r in steps] == [(s, (s + 1) // 2) for s in range(1, 13)]
+    assert steps[0]["loss"] == pytest.approx(LOG2, abs=1e-6) and steps[0]["reward_accuracy"] == 0.5
+    assert records[-1] == json.loads(json.dumps(summary)) and summary["summary"] is True
+    per_epoch = sum(2 * len(p) + len(c) + len(r) for p, c, r in dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_PAIRS))
+    assert summary["train_tokens"] == 6 * per_epoch < summary["train_positions"]  # the pairs differ: some padding
+    assert summary["tokens_per_s"] == pytest.approx(summary["train_tokens"] / summary["train_s"], rel=1e-12)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "model.safetensors"]
+
+
+def test_training_seconds_leave_out_the_evaluations(tmp_path, monkeypatch, quick_sft):
+    """train_s is the time of the training steps alone: every held-out evaluation (at step 0,
+    every --eval-every steps, at the end) is made to take 0.2 s longer here, and train_s stays
+    below the wall time of dpo.train_dpo minus the two evaluations inside it."""
+    import time
+    real_evaluate, real_train = train_toy.dpo.evaluate, train_toy.dpo.train_dpo
+    walls = []
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.2)
+        return real_evaluate(*args, **kwargs)
+
+    def timed_train(*args, **kwargs):
+        start = time.perf_counter()
+        history = real_train(*args, **kwargs)
+        walls.append(time.perf_counter() - start)
+        return history
+
+    monkeypatch.setattr(train_toy.dpo, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train_toy.dpo, "train_dpo", timed_train)
+    summary = run_toy(tmp_path, "--model", "tiny", "--epochs", "3", "--eval-every", "2")
+    assert [r["step"] for r in read_metrics(tmp_path) if r.get("phase") == "eval"] == [0, 2, 4, 6]
+    assert 0 < summary["train_s"] <= walls[0] - 2 * 0.2
+
+
+def test_toy_checkpoint_reloads_with_the_trained_log_probs(tiny_dpo_run):
+    """The saved policy, opened with from_pretrained, scores every completion exactly as the
+    trained policy did in the run (logps_after in the summary): bit for bit through the same
+    function, and to float32 rounding through the plain definition."""
+    out, summary = tiny_dpo_run
+    device = summary["device"]  # the same kernels as in the run: cuda where it ran on cuda
+    model = GPT.from_pretrained(out, device=device)
+    pairs = dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_PAIRS)
+    chosen, rejected = dpo.pair_logps(model, pairs, batch_size=summary["batch_size"])
+    assert chosen.tolist() == summary["logps_after"]["chosen"] and rejected.tolist() == summary["logps_after"]["rejected"]
+    batch = dpo.collate(pairs)
+    with torch.no_grad():
+        plain = dpo.sequence_logps(model(batch["input_ids"].to(device)), batch["input_ids"].to(device),
+                                   batch["loss_mask"].to(device))
+    assert plain.tolist() == pytest.approx(summary["logps_after"]["chosen"] + summary["logps_after"]["rejected"],
+                                           abs=1e-4)
 
 
 @needs_cuda
-def test_model_on_cuda_matches_numpy_gpt2_and_decodes_the_same_tokens(tiny, tiny_dir):
-    """The GPU path loads onto the GPU and computes the same GPT-2 as the numpy forward pass,
-    to float32 rounding (PyTorch keeps TF32 off for float32 matmuls unless asked)."""
-    config, params = tiny
-    model = GPT.from_pretrained(str(tiny_dir), device="cuda")
-    assert all(p.is_cuda for p in model.parameters())
-    assert model.lm_head.weight is model.transformer.wte.weight  # .to("cuda") kept the tie
-    idx = random_tokens()
-    with torch.no_grad():
-        logits = model(torch.as_tensor(idx, device="cuda")).double().cpu().numpy()
-    np.testing.assert_allclose(logits, numpy_logits(params, config["n_head"], idx), rtol=0, atol=1e-4)
-    prompt = random_tokens(B=2, T=5)
-    out = model.generate(torch.as_tensor(prompt, device="cuda"), max_new_tokens=10, temperature=0)
-    for row, p in zip(out.tolist(), prompt):
-        assert row == numpy_greedy(params, config["n_head"], p, 10)
+def test_toy_run_on_cuda_gives_the_same_numbers_twice(tmp_path):
+    """train_toy.py asks PyTorch for deterministic CUDA kernels: two runs, the same weights."""
+    for name in ("a", "b"):
+        run_toy(tmp_path / name, "--model", "tiny", "--epochs", "2", "--device", "cuda", "--dtype", "float32")
+    assert_same_checkpoint(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
 
 
-# ---------------------------------------------------------------------------
-# Cross-checks with Hugging Face's own libraries. The project never needs them and CI does
-# not install them; where they are installed, these check the hand-written safetensors code
-# and the weight mapping against the implementations everyone else uses.
-
-def test_safetensors_library_reads_our_files_and_we_read_its_files(tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch", reason="cross-check needs the safetensors package")
-    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3).bfloat16(),
-               "f64": torch.randn(2, dtype=torch.float64), "i64": torch.tensor([1, -2, 2**40]),
-               "i8": torch.tensor([-128, 127, -1], dtype=torch.int8), "bool": torch.tensor([True, False])}
-    save_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt", "note": "x"})
-    theirs = safetensors_torch.load_file(str(tmp_path / "ours.safetensors"))
-    assert set(theirs) == set(tensors)
-    assert all(theirs[k].dtype == t.dtype and torch.equal(theirs[k], t) for k, t in tensors.items())
-    from safetensors import safe_open
-    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format": "pt", "note": "x"}
-
-    safetensors_torch.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
-    ours = load_safetensors(tmp_path / "theirs.safetensors")
-    assert set(ours) == set(tensors)
-    assert all(ours[k].dtype == t.dtype and torch.equal(ours[k], t) for k, t in tensors.items())
+# -----------------------------------------------------------------------------
+# Your own pairs: --data, held-out evaluation, long pairs, HH-RLHF's format
 
 
-def transformers_gpt2():
-    """A GPT2LMHeadModel of TINY's shape with weights far from their initialisation."""
-    transformers = pytest.importorskip("transformers", reason="cross-check needs the transformers package")
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():  # non-trivial layer norms and biases too
-            p.normal_(0.0, 0.3)
-    return transformers, hf
+def test_eval_fraction_holds_out_a_seeded_disjoint_part_of_the_data():
+    """split_off_eval: round(fraction * N) pairs held out, the rest trained on, no pair in both,
+    none lost, each part in the file's order, texts and tokens together; the same seed gives
+    the same split."""
+    texts = numbered_pairs(50)
+    pairs = train_toy.Pairs(texts, [(i,) for i in range(50)], "pairs.jsonl")
+    train, held_out = train_toy.split_off_eval(pairs, 0.2, seed=0)
+    assert len(held_out.texts) == 10 and len(train.texts) == 40
+    for part in (train, held_out):
+        assert [texts.index(t) for t in part.texts] == [i for (i,) in part.tokens]  # in order, together
+    assert sorted(train.tokens + held_out.tokens) == pairs.tokens
+    assert train_toy.split_off_eval(pairs, 0.2, seed=0) == (train, held_out)
+    assert train_toy.split_off_eval(pairs, 0.2, seed=1)[1] != held_out
+    with pytest.raises(ValueError, match="at least one pair for training and one for evaluation"):
+        train_toy.split_off_eval(train_toy.Pairs(texts[:3], [0, 1, 2], "x"), 0.1, seed=0)
 
 
-def hf_logits(hf, idx):
-    with torch.no_grad():
-        return hf(torch.as_tensor(idx)).logits.double().numpy()
+def test_data_run_trains_on_the_training_part_only_and_pads_little(tmp_path, quick_sft):
+    """--data with --eval-fraction: the held-out pairs are evaluated, never trained on (the
+    steps' real tokens add up to the training pairs alone), and batches of similar lengths
+    keep padding well under a third of the positions the policy processes. A file saved with
+    a UTF-8 byte-order mark, as Windows editors write them, reads like any other."""
+    pairs = numbered_pairs(40)
+    data = write_pairs(tmp_path / "pairs.jsonl", pairs, prefix=b"\xef\xbb\xbf")
+    summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--eval-fraction", "0.25",
+                      "--epochs", "1", "--batch-size", "4")
+    assert summary["n_pairs"] == 30 and summary["n_eval_pairs"] == 10
+    held_out = set(torch.randperm(40, generator=torch.Generator().manual_seed(0))[:10].tolist())
+    train = [p for i, p in enumerate(pairs) if i not in held_out]
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in dpo.encode_pairs(gpt2_tokenizer(), train))
+    assert summary["train_tokens"] == tokens
+    assert 1 - summary["train_tokens"] / summary["train_positions"] < 1 / 3
+    assert [r["step"] for r in read_metrics(tmp_path / "out") if r.get("phase") == "eval"] == [0, 8]
 
 
-def test_transformers_gpt2_checkpoint_loads_with_the_same_logits(tmp_path):
-    """transformers' own save_pretrained output (its real layout, not our imitation of it)
-    loads here, and this GPT-2 computes transformers' GPT-2 logits."""
-    _, hf = transformers_gpt2()
-    hf.save_pretrained(tmp_path / "hf")
-    model = GPT.from_pretrained(str(tmp_path / "hf"))
-    idx = random_tokens()
-    np.testing.assert_allclose(model_logits(model, idx), hf_logits(hf, idx), rtol=0, atol=1e-4)
+def test_eval_data_and_eval_every(tmp_path, quick_sft):
+    """--eval-data PATH: those pairs are the held-out ones; --eval-every N adds evaluations."""
+    data = write_pairs(tmp_path / "train.jsonl", numbered_pairs(6))
+    held_out = write_pairs(tmp_path / "eval.jsonl", numbered_pairs(9)[6:])
+    summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--eval-data", str(held_out),
+                      "--epochs", "2", "--eval-every", "2")
+    assert summary["n_pairs"] == 6 and summary["n_eval_pairs"] == 3
+    assert [r["step"] for r in read_metrics(tmp_path / "out") if r.get("phase") == "eval"] == [0, 2, 4, 6]
 
 
-def test_transformers_gpt2_loads_what_save_pretrained_writes(tmp_path):
-    """The other way: transformers reads save_pretrained's hub-layout files as GPT-2."""
-    transformers, hf = transformers_gpt2()
-    hf.save_pretrained(tmp_path / "hf")
-    GPT.from_pretrained(str(tmp_path / "hf")).save_pretrained(tmp_path / "ours")
-    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
-    idx = random_tokens()
-    np.testing.assert_array_equal(hf_logits(again, idx), hf_logits(hf, idx))
+def test_hh_rlhf_dialogues_without_a_prompt_are_split_and_trained_on(tmp_path, quick_sft):
+    """A --data line of HH-RLHF's form, {"chosen", "rejected"} as two whole dialogues, trains
+    like the prompt form: the prompt is their shared beginning up to the last assistant turn
+    (dpo.split_prompt), as the printed table and the summary's counts show."""
+    lines = [{"chosen": f"\n\nHuman: Question {i}?\n\nAssistant: A kind answer {i}.",
+              "rejected": f"\n\nHuman: Question {i}?\n\nAssistant: Go away."} for i in range(3)]
+    data = write_pairs(tmp_path / "hh.jsonl", lines + numbered_pairs(1))  # both forms in one file
+    summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--epochs", "1")
+    assert summary["n_pairs"] == 4 and summary["n_eval_pairs"] == 0
+    enc = gpt2_tokenizer()
+    expected = dpo.encode_pairs(enc, [{"prompt": f"\n\nHuman: Question {i}?\n\nAssistant:",
+                                       "chosen": f" A kind answer {i}.", "rejected": " Go away."} for i in range(3)])
+    assert summary["train_tokens"] == sum(2 * len(p) + len(c) + len(r) for p, c, r in
+                                          expected + dpo.encode_pairs(enc, numbered_pairs(1)))
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"", "no preference pairs"),
+    (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n', "line 2: field 'rejected'"),
+    (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n', "line 2: not valid JSON"),
+    (b'["a", "b", "c"]\n', "line 1: expected a JSON object"),
+    (b'{"prompt": "", "chosen": "b", "rejected": "c"}\n', "line 1: field 'prompt' must be a non-empty string"),
+    (b'\n{"prompt": "x <|endoftext|>", "chosen": " b", "rejected": " c"}\n', "line 2: the text holds a special token"),
+    (b'{"prompt": "a", "chosen": "b", "rejected": "\xff"}\n', "line 1: not UTF-8 text"),
+    (b'{"chosen": "Same", "rejected": "Same"}\n', "line 1: chosen and rejected are the same text"),
+    (b'{"chosen": "Apples", "rejected": "Pears"}\n', "line 1: chosen and rejected share no beginning"),
+    (None, "no such file"),
+    ("folder", "not a file"),
+])
+def test_bad_data_file_is_refused_before_any_model_is_built(content, message, tmp_path, monkeypatch):
+    """A --data file that is missing or holds a bad line stops the run with the file, the line
+    number and the problem, before any model is built (building one fails here), and nothing
+    is written."""
+    data = tmp_path / "pairs.jsonl"
+    if content == "folder":
+        data.mkdir()
+    elif content is not None:
+        data.write_bytes(content)
+    monkeypatch.setattr(train_toy, "GPT", None)  # a model built would be an AttributeError, not this message
+    with pytest.raises(SystemExit) as stop:
+        run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data))
+    assert message in str(stop.value) and str(data) in str(stop.value)
+    assert str(stop.value).startswith("error: ") and "\n" not in str(stop.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["pairs.jsonl"] if content is not None else [])
+
+
+def test_pairs_of_exactly_the_context_or_max_length_are_kept_and_one_token_more_is_not():
+    """A pair's longer row, prompt + completion + <|endoftext|>, must fit the context (here
+    1024): a pair of exactly 1024 tokens is kept, one of 1025 is an error naming its line and
+    the way through; --max-length N keeps rows of exactly N tokens and leaves out N + 1."""
+    enc = gpt2_tokenizer()
+
+    def pairs_of(*n_tokens):  # " a" is one token: prompt "x" (1) + n - 2 times " a" + eot
+        texts = [{"prompt": "x", "chosen": " a" * (n - 2), "rejected": " b", "line": i + 1}
+                 for i, n in enumerate(n_tokens)]
+        return train_toy.Pairs(texts, dpo.encode_pairs(enc, texts), "long.jsonl")
+
+    fit = lambda pairs, max_length=None: train_toy.pairs_that_fit(
+        pairs, argparse.Namespace(max_length=max_length), context=1024)
+    assert [dpo.longest_row(t) for t in pairs_of(1024, 12).tokens] == [1024, 12]
+    assert fit(pairs_of(1024, 12)) == pairs_of(1024, 12)
+    with pytest.raises(ValueError, match="long.jsonl line 2: .* 1025 tokens, longer than the model.s context of 1024 "
+                                         r"\(1 of 3 pairs are\); .* --max-length 1024"):
+        fit(pairs_of(12, 1025, 30))
+    assert [p["line"] for p in fit(pairs_of(12, 1025, 30, 31), max_length=30).texts] == [1, 3]
+    with pytest.raises(ValueError, match="all 2 pairs are longer than --max-length 11"):
+        fit(pairs_of(12, 30), max_length=11)
+    with pytest.raises(ValueError, match="--max-length 2000 is longer than the model's context of 1024"):
+        fit(pairs_of(12), max_length=2000)
+
+
+def test_max_length_leaves_pairs_out_and_says_how_many(tmp_path, quick_sft, capsys):
+    """Through the script: --max-length 20 leaves out the pairs with a longer row, and says so."""
+    data = write_pairs(tmp_path / "pairs.jsonl", numbered_pairs(6) + [{"prompt": "x", "chosen": " a" * 40,
+                                                                      "rejected": " b"}])
+    summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--max-length", "20", "--epochs", "1")
+    assert summary["n_pairs"] == 6 and "left out 1 of 7 pairs longer than --max-length 20" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# --out: what it holds, what it refuses, and what survives a failure at any moment
+
+
+@pytest.fixture
+def earlier_out(tiny_dpo_run, tmp_path):
+    """An --out that an earlier run filled, in a folder of its own: (path, its bytes)."""
+    out = tmp_path / "runs" / "toy-dpo"
+    shutil.copytree(tiny_dpo_run[0], out)
+    return out, folder_bytes(out)
+
+
+def assert_left_as_it_was(earlier_out):
+    """The earlier --out byte for byte, and nothing beside it: no temporary or old folder."""
+    out, before = earlier_out
+    assert folder_bytes(out) == before
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+@pytest.mark.parametrize("content", [
+    {"thesis.txt": b"two years of work"},
+    {"config.json": b"{}", "model.safetensors": b"a model of someone else's"},  # ours by name, not by origin
+    {"metrics.jsonl": b"{}\n", "notes": b"mine"},
+])
+def test_out_holding_files_this_script_did_not_write_is_refused_and_left_alone(content, tmp_path, monkeypatch):
+    """--out pointed at a folder of the user's: refused before anything loads (building a model
+    would fail here), naming what is there; every file is still there, byte for byte."""
+    out = tmp_path / "mydocs"
+    out.mkdir()
+    for name, data in content.items():
+        (out / name).write_bytes(data)
+    monkeypatch.setattr(train_toy, "load_tokenizer", None)  # loading anything would be a TypeError instead
+    with pytest.raises(SystemExit) as stop:
+        run_toy(out, "--model", "tiny")
+    assert f"--out {out} holds " in str(stop.value) and "give a new or empty folder" in str(stop.value)
+    assert folder_bytes(out) == content and sorted(p.name for p in tmp_path.iterdir()) == ["mydocs"]
+
+
+def test_out_that_is_the_current_folder_or_holds_it_is_refused(tmp_path, monkeypatch, capsys):
+    """`--out .` (or a folder above this one) would be replaced as a whole: refused at once."""
+    (tmp_path / "mine.txt").write_text("keep me")
+    (tmp_path / "sub").mkdir()
+    for cwd, out in ((tmp_path, "."), (tmp_path / "sub", ".."), (tmp_path / "sub", str(tmp_path))):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(SystemExit) as stop:
+            train_toy.main(["--model", "tiny", "--out", out])
+        assert stop.value.code == 2 and "is the folder you are in, or holds it" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "mine.txt", "sub"]
+
+
+def test_an_earlier_runs_out_is_replaced_by_the_new_run(earlier_out, quick_sft):
+    """A previous run's --out (only files this script writes) is replaced, as one unit, by the
+    new run's files; nothing is left beside it."""
+    out, before = earlier_out
+    summary = run_toy(out, "--model", "tiny", "--epochs", "1")
+    assert folder_bytes(out) != before and read_metrics(out)[-1] == json.loads(json.dumps(summary))
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_a_diverging_run_stops_names_the_step_and_keeps_the_earlier_out(earlier_out, quick_sft):
+    """--lr 1e30: the loss stops being finite at step 2; the run exits with a one-line error
+    naming the step and a smaller learning rate, and the earlier --out is left as it was."""
+    with pytest.raises(SystemExit) as stop:
+        run_toy(earlier_out[0], "--model", "tiny", "--lr", "1e30")
+    assert "diverged at step 2" in str(stop.value) and "learning rate" in str(stop.value)
+    assert_left_as_it_was(earlier_out)
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("a bug")])
+def test_a_failure_while_saving_leaves_the_earlier_out_and_nothing_beside_it(failure, earlier_out, quick_sft,
+                                                                             monkeypatch):
+    """A save that fails half-way (here once the weights are written, before the rest): the
+    earlier --out is byte-identical and no temporary folder is left. A full disk is an
+    expected failure, one line saying where and that the earlier results are untouched; a bug
+    in the code keeps its traceback."""
+    real = checkpoint.save_safetensors
+
+    def save_then_fail(tensors, path, metadata=None):
+        real(tensors, path, metadata)
+        assert Path(path).is_file()  # half of the folder is written
+        raise failure
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", save_then_fail)
+    with pytest.raises(SystemExit if isinstance(failure, OSError) else RuntimeError) as stop:
+        run_toy(earlier_out[0], "--model", "tiny", "--epochs", "1")
+    if isinstance(failure, OSError):
+        assert str(stop.value) == (f"error: could not save to {earlier_out[0]} (No space left on device); it is as "
+                                   "it was before this save")
+    assert_left_as_it_was(earlier_out)
+
+
+def test_leftovers_of_a_save_killed_half_way_are_cleaned_up_by_the_next_run(earlier_out, quick_sft):
+    """A SIGKILL or a power cut during a save leaves a hidden .NAME.XXXXXXXX.tmp folder beside
+    --out, and, between its two renames, --out missing with the earlier files in a .old
+    folder. The next run, before anything else, puts the earlier files back and removes the
+    rest; here it then fails on a bad option of its own (--resume without a checkpoint), so
+    that what it restored can be checked byte for byte."""
+    out, before = earlier_out
+    old, tmp = out.with_name(f".{out.name}.0123abcd.old"), out.with_name(f".{out.name}.89abcdef.tmp")
+    out.rename(old)
+    tmp.mkdir()
+    (tmp / "config.json").write_text("{}")
+    (tmp / ".model.safetensors.00ff00ff.tmp").write_bytes(b"half a file")
+    with pytest.raises(SystemExit, match="holds no resume.pt"):
+        run_toy(out, "--model", "tiny", "--resume")
+    assert_left_as_it_was((out, before))
+
+
+def signal_run(out, where, *options):
+    """train_toy.py in a new process that prints `where` ("training" at step 2, or "saving"
+    once the first file of a save is written) and then waits for the test's signal."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import checkpoint, dpo, train_toy
+train_toy.SFT_STEPS = 1
+
+def pause(real, when):
+    def paused(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if when(result):
+            print({where!r}, flush=True)
+            time.sleep(120)
+        return result
+    return paused
+
+if {where!r} == "training":
+    dpo.dpo_step = pause(dpo.dpo_step, lambda numbers: True if pause.steps else setattr(pause, "steps", 1))
+    pause.steps = 0
+else:
+    checkpoint.save_safetensors = pause(checkpoint.save_safetensors, lambda result: True)
+train_toy.main(["--model", "tiny", "--out", {str(out)!r}, *{list(options)!r}])
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # several at once on two cores
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=env)
+
+
+def test_ctrl_c_and_kill_during_training_and_saving_leave_the_earlier_out(tiny_dpo_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Real signals: Ctrl-C (SIGINT) to a process during training and SIGTERM (kill, a cluster
+    scheduler's stop) to a process while it saves, both from outside, at once; and SIGTERM
+    during training sent by this process to itself, which reaches the same handler. Each ends
+    with exit code 1 and one line on stderr that says where the run stopped and that nothing
+    was saved, no traceback, and the earlier --out byte for byte with nothing beside it.
+    (What SIGKILL or a power cut leaves is tested above, as the files it leaves.)"""
+    cases = {"sigint": ("training", signal.SIGINT), "sigterm-save": ("saving", signal.SIGTERM)}
+    outs, processes = {}, {}
+    for name, (where, _) in cases.items():
+        outs[name] = tmp_path / name / "toy-dpo"
+        shutil.copytree(tiny_dpo_run[0], outs[name])
+        processes[name] = signal_run(outs[name], where, "--epochs", "1")
+    before = folder_bytes(tiny_dpo_run[0])
+
+    out = tmp_path / "in-process" / "toy-dpo"  # meanwhile, in this process
+    shutil.copytree(tiny_dpo_run[0], out)
+    monkeypatch.setattr(train_toy, "SFT_STEPS", 1)
+    real, steps = dpo.dpo_step, []
+
+    def kill_myself_at_2(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "dpo_step", kill_myself_at_2)
+    with pytest.raises(SystemExit) as stop:
+        run_toy(out, "--model", "tiny", "--epochs", "1")
+    assert stop.value.code == f"stopped after step 1 (Ctrl-C or SIGTERM); nothing was saved and {out} is as it was"
+    assert folder_bytes(out) == before and [p.name for p in out.parent.iterdir()] == ["toy-dpo"]
+    assert signal.getsignal(signal.SIGTERM) is not signal.default_int_handler  # main put the old handler back
+
+    try:
+        for name, (where, signal_number) in cases.items():
+            for line in processes[name].stdout:  # the run's own lines, then the marker
+                if line.strip() == where:
+                    break
+            else:
+                pytest.fail(f"{name}: the run ended before {where}: {processes[name].stderr.read()}")
+            processes[name].send_signal(signal_number)
+        results = {name: process.communicate(timeout=120) for name, process in processes.items()}
+    finally:
+        for process in processes.values():
+            process.kill()
+    for name, (where, signal_number) in cases.items():
+        _, stderr = results[name]
+        out = outs[name]
+        assert processes[name].returncode == 1 and "Traceback" not in stderr, stderr
+        step = "after step 1" if where == "training" else "after step 2"
+        assert stderr == f"stopped {step} (Ctrl-C or SIGTERM); nothing was saved and {out} is as it was\n", name
+        assert folder_bytes(out) == before and [p.name for p in out.parent.iterdir()] == ["toy-dpo"], name
+
+
+def test_ctrl_c_after_a_checkpoint_says_which_step_was_kept(tmp_path, quick_sft, monkeypatch):
+    """Stopped at step 5 with --save-every 2: the message names the checkpoint of step 4 that
+    --out holds and --resume continues from, and that is what --out holds."""
+    real = dpo.dpo_step
+    steps = []
+
+    def stop_at_5(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "dpo_step", stop_at_5)
+    with pytest.raises(SystemExit) as stop:
+        run_toy(tmp_path / "out", "--model", "tiny", "--save-every", "2")
+    assert str(stop.value) == (f"stopped after step 4 (Ctrl-C or SIGTERM); {tmp_path / 'out'} holds the save of step "
+                               "4; --resume continues from it")
+    assert torch.load(tmp_path / "out" / "resume.pt", weights_only=True)["step"] == 4
+    assert [r["step"] for r in read_metrics(tmp_path / "out") if r.get("phase") == "dpo"] == [1, 2, 3, 4]
+
+
+# -----------------------------------------------------------------------------
+# Resume, torchrun, and the options
+
+
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, quick_sft, monkeypatch):
+    """--save-every 3, stopped by Ctrl-C during step 5, then --resume: the same policy, optimizer
+    state, reference log-probs and metrics (but the timings) as a run never stopped, compared
+    with torch.equal. With a warmup and a linear decay, so that the schedule must resume too,
+    and held-out evaluations every 2 steps."""
+    options = ["--model", "tiny", "--epochs", "4", "--save-every", "3", "--eval-every", "2", "--warmup-steps", "2",
+               "--lr-decay", "linear"]
+    run_toy(tmp_path / "whole", *options)
+    real, steps = dpo.dpo_step, []
+
+    def stop_at_5(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "dpo_step", stop_at_5)
+    with pytest.raises(SystemExit, match="holds the save of step 3"):
+        run_toy(tmp_path / "cut", *options)
+    monkeypatch.setattr(dpo, "dpo_step", real)
+    run_toy(tmp_path / "cut", *options, "--resume")
+    whole, cut = (torch.load(tmp_path / name / "resume.pt", weights_only=True) for name in ("whole", "cut"))
+    assert whole["step"] == cut["step"] == 8
+    whole_weights, cut_weights = (load_safetensors(tmp_path / name / "model.safetensors") for name in ("whole", "cut"))
+    assert whole_weights.keys() == cut_weights.keys()
+    assert all(torch.equal(whole_weights[k], cut_weights[k]) for k in whole_weights)
+    state_a, state_b = whole["optimizer"]["state"], cut["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys() and all(
+        torch.equal(state_a[i][k], state_b[i][k]) for i in state_a for k in state_a[i])
+    assert all(torch.equal(a, b) for a, b in zip(whole["reference_logps"], cut["reference_logps"]))
+    # the summary's token counts are of the steps each process took: 8, and 5 after resuming
+    tokens = ("train_tokens", "train_positions")
+    assert without_times(read_metrics(tmp_path / "cut"), tokens) == without_times(read_metrics(tmp_path / "whole"), tokens)
+    per_epoch = read_metrics(tmp_path / "whole")[-1]["train_tokens"] / 4  # the 2 steps of an epoch: all 4 pairs
+    assert read_metrics(tmp_path / "cut")[-1]["train_tokens"] < 3 * per_epoch
+    start = load_safetensors(tmp_path / "whole" / "reference.safetensors")
+    assert not all(torch.equal(start[k], whole_weights[k]) for k in start)  # it did train
+
+
+def test_resume_refuses_options_or_pairs_that_would_change_the_numbers(tmp_path, quick_sft):
+    """--resume with another --beta (say), or other pairs, is refused, naming what changed, and
+    so is resuming a finished run; the checkpoint in --out is left as it was."""
+    out = tmp_path / "out"
+    run_toy(out, "--model", "tiny", "--epochs", "1", "--save-every", "1")
+    before = folder_bytes(out)
+    data = write_pairs(tmp_path / "pairs.jsonl", train_toy.TOY_PAIRS[:3])
+    for change, message in [(["--beta", "0.2"], "--beta 0.1 -> 0.2"),
+                            (["--batch-size", "4", "--seed", "1"], "--batch-size 2 -> 4, --seed 0 -> 1"),
+                            (["--data", str(data)], "these are not the pairs of the run"),
+                            ([], f"the run in {out} has finished (step 2)")]:
+        with pytest.raises(SystemExit) as stop:
+            run_toy(out, "--model", "tiny", "--epochs", "1", "--save-every", "1", "--resume", *change)
+        assert message in str(stop.value)
+    assert folder_bytes(out) == before
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import dpo, train_toy
+train_toy.SFT_STEPS = 1
+train_toy.greedy_completions = lambda model, enc, pairs: [""] * len(pairs)  # not what is compared here
+real = dpo.train_dpo
+def train_and_keep(model, *args, **kwargs):
+    history = real(model, *args, **kwargs)
+    torch.save(model.module.state_dict(), {out!r} + f"/rank{{torch.distributed.get_rank()}}.pt")
+    return history
+dpo.train_dpo = train_and_keep
+train_toy.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_with_two_processes_trains_what_one_process_trains(tmp_path, monkeypatch, command_line_run):
+    """`torchrun --standalone --nproc_per_node=2` on the CPU (gloo), batches of 3 pairs in 2
+    micro-batches per process, against one process (this one) with the same 4 micro-batches
+    per step: both processes end with identical parameters, equal to the one process's to
+    float rounding (far below how far training moved them), with the same step numbers and
+    held-out evaluations. The last step of each epoch holds a single pair, so one process has
+    none of it and must still join the gradient sync."""
+    script = tmp_path / "keep_weights.py"
+    script.write_text(TORCHRUN_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
+    common = ["--model", "tiny", "--epochs", "2", "--batch-size", "3", "--eval-every", "2", "--save-every", "100"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *common, "--grad-accum", "2", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    kept = {}
+    real = dpo.train_dpo
+
+    def train_and_keep(model, *args, **kwargs):
+        history = real(model, *args, **kwargs)
+        kept.update({k: v.clone() for k, v in model.state_dict().items()})
+        return history
+
+    monkeypatch.setattr(dpo, "train_dpo", train_and_keep)
+    monkeypatch.setattr(train_toy, "SFT_STEPS", 1)
+    run_toy(tmp_path / "one", *common, "--grad-accum", "4")
+    start = GPT.from_pretrained(tmp_path / "one" / "reference.safetensors").state_dict()  # where DPO began
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    difference = max((ranks[0][k] - kept[k]).abs().max().item() for k in kept)
+    moved = max((kept[k] - start[k]).abs().max().item() for k in kept)
+    assert difference < 1e-4 and moved > 100 * difference, (difference, moved)
+    records = {name: read_metrics(tmp_path / name) for name in ("one", "two")}
+    assert [r["processes"] for r in (records["one"][-1], records["two"][-1])] == [1, 2]
+    steps, evals = ([[r for r in rs if r.get("phase") == phase] for rs in records.values()] for phase in ("dpo", "eval"))
+    assert [r["step"] for r in steps[0]] == [r["step"] for r in steps[1]] == [1, 2, 3, 4]
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [0, 2, 4]
+    for a, b in [*zip(*steps), *zip(*evals)]:
+        assert a.keys() == b.keys() and all(a[k] == (b[k] if isinstance(b[k], str) else
+                                                     pytest.approx(b[k], rel=1e-4, abs=1e-6)) for k in a)
+
+
+@pytest.fixture(scope="module")
+def command_line_run(tiny_dpo_run, tmp_path_factory):
+    """`python train_toy.py --model tiny` in a new process, as a user types it, started at once
+    and collected by the test that needs it: the torchrun test asks for it first, so that the
+    two run side by side. OMP_WAIT_POLICY=PASSIVE keeps their idle threads from spinning; it
+    changes no number."""
+    out = tmp_path_factory.mktemp("cli") / "toy-dpo"
+    args = ["--model", "tiny", "--loss", "dpo", "--device", tiny_dpo_run[1]["device"], "--out", str(out)]
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_toy.py"), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    yield out, process
+    process.kill()
+
+
+def test_toy_script_runs_from_the_command_line_with_the_numbers_of_this_process(tiny_dpo_run, command_line_run):
+    """`python train_toy.py --model tiny` in a new process that does its own SFT: exit 0, the
+    headline and the last line printed, and the same numbers as the same run inside this test
+    process: every metrics.jsonl line but the timings, and the trained weights to the byte.
+    (Same seed, same device, same numbers: see train_toy.py on MKL_CBWR.)"""
+    out, _ = tiny_dpo_run
+    cli, process = command_line_run
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "chosen preferred: training pairs 0/4 -> 4/4, held-out pairs 0/4 -> " in stdout
+    assert re.search(r"\ntraining: [\d.]+ s, [\d,]+ tokens/s, \d+% padding; peak memory [\d,]+ MiB", stdout)
+    assert without_times(read_metrics(cli)) == without_times(read_metrics(out))
+    assert_same_checkpoint(cli / "model.safetensors", out / "model.safetensors")
+
+
+def test_default_run_without_network_or_cache_says_how_to_get_weights(tmp_path, monkeypatch):
+    """Offline with nothing cached, `python train_toy.py` stops with a short message that says
+    where the weights go and the alternatives (--weights, --model tiny), not a traceback."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as stop:
+        run_toy(tmp_path / "out")
+    message = str(stop.value)
+    assert message.startswith("error: ") and "--weights" in message and "--model tiny" in message
+    assert str(tmp_path / "hf" / "hub" / "models--openai-community--gpt2") in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_that_cannot_load_says_what_is_missing_and_how_to_provide_it(tmp_path, monkeypatch):
+    """Offline without tiktoken's cached files: two short lines, what is missing and
+    TIKTOKEN_CACHE_DIR, instead of the HTTP library's message."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): ...")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(SystemExit) as stop:
+        train_toy.main(["--model", "tiny", "--out", str(tmp_path / "out")])
+    lines = str(stop.value).splitlines()
+    assert len(lines) == 2 and "vocab.bpe and encoder.json, about 1.5 MB" in lines[0]
+    assert "TIKTOKEN_CACHE_DIR" in lines[1] and "openaipublic" not in str(stop.value)
+
+
+def test_weights_option_trains_a_local_checkpoint(tiny_dpo_run, tmp_path):
+    """--weights loads a local checkpoint (here the tiny run's output, config.json beside it) and trains it."""
+    out, _ = tiny_dpo_run
+    summary = run_toy(tmp_path / "again", "--model", "gpt2", "--weights", str(out), "--epochs", "1")
+    assert summary["preferred_before"] == 4  # it was trained to prefer the chosen completions already
+    assert (tmp_path / "again" / "model.safetensors").is_file()
+
+
+def test_plot_without_matplotlib_is_refused_before_training(tmp_path, monkeypatch):
+    """--plot needs matplotlib; without it the run stops at once with the pip command."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        run_toy(tmp_path / "out", "--model", "tiny", "--plot", str(tmp_path / "curves.png"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--epochs", "0"], "argument --epochs: must be a finite number > 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be a finite number > 0"),
+    (["--beta", "-0.1"], "argument --beta: must be a finite number > 0"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0"),
+    (["--eval-fraction", "1.5"], "argument --eval-fraction: must be between 0 and 1"),
+    (["--eval-fraction", "0.1"], "--eval-fraction holds out part of --data"),
+    (["--eval-fraction", "0.1", "--eval-data", "x.jsonl"], "not allowed with argument"),
+    (["--data", "x.jsonl", "--eval-every", "2"], "--eval-every evaluates held-out pairs"),
+    (["--label-smoothing", "0.7"], "--label-smoothing must be in [0, 0.5), got 0.7"),
+    (["--loss", "ipo", "--label-smoothing", "0.1"], "--label-smoothing is for --loss dpo"),
+    (["--init", "random"], "--model tiny is always built here"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be 0 or more"),
+    (["--out", __file__], "is a file; --out must be a folder"),
+    (["--out", __file__ + "/sub"], "is a file; --out must be a folder"),
+    (["--plot", "OUT/curves.png"], "--plot must be outside --out"),
+    pytest.param(["--device", "cuda"], "this torch sees no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_bad_options_are_refused_with_a_message(options, message, tmp_path, capsys):
+    """Nonsensical options stop the script at once (argparse's exit code 2) with what was wrong."""
+    options = [str(tmp_path / "out" / "curves.png") if x == "OUT/curves.png" else x for x in options]
+    with pytest.raises(SystemExit) as stop:
+        train_toy.main(["--model", "tiny", "--out", str(tmp_path / "out"), *options])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 # =============================================================================
 # 5. Bradley-Terry: the preference model under DPO, fitted on its own
 # =============================================================================
@@ -2498,432 +2708,7 @@ def test_python_bt_py_prints_the_fit_of_its_example():
 
 
 # =============================================================================
-# 6. End to end: train_toy.py --model tiny flips 0/4 to 4/4, and --data at real sizes
-# =============================================================================
-
-
-
-
-def run_toy(out, *args):
-    """train_toy.py's main() in this process (no second torch import), output captured by pytest."""
-    gpt2_tokenizer()
-    return train_toy.main(["--out", str(out), *args])
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def folder_bytes(folder):
-    """{relative path: bytes} of every file under folder: to compare a folder before and after."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
-def assert_same_checkpoint(path, expected_path):
-    """The two safetensors files are equal to the byte. If not, the message names the tensors
-    that differ and by how much (a plain `==` on the bytes would have pytest diff megabytes)."""
-    if Path(path).read_bytes() == Path(expected_path).read_bytes():
-        return
-    got, expected = load_safetensors(path), load_safetensors(expected_path)
-    differ = {name: float((got[name].double() - expected[name].double()).abs().max())
-              for name in expected if name in got and not torch.equal(got[name], expected[name])}
-    pytest.fail(f"{path} differs from {expected_path}: tensors only in one: "
-                f"{sorted(set(got) ^ set(expected))}; largest |difference| per tensor: {differ}")
-
-
-def write_pairs(path, pairs):
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    return path
-
-
-def numbered_pairs(n):
-    """n pairs of varied lengths, all different, for --data runs."""
-    words = "red green blue cold warm small large quick slow bright".split()
-    return [{"prompt": f"Item {i}: " + " ".join(words[: 1 + i % 7]),
-             "chosen": " yes" + " indeed" * (i % 5) + ".", "rejected": " no" + " never" * (i % 3) + "."}
-            for i in range(n)]
-
-
-@pytest.fixture
-def quick_sft(monkeypatch):
-    """For tests of the plumbing (data, errors, saving), which need a trained model, not a good
-    one: 5 steps of the tiny model's SFT warm-up instead of 60."""
-    monkeypatch.setattr(train_toy, "SFT_STEPS", 5)
-
-
-@pytest.fixture(scope="module")
-def tiny_dpo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy-dpo")
-    return out, run_toy(out, "--model", "tiny", "--loss", "dpo")
-
-
-@pytest.mark.parametrize("loss", ["dpo", "ipo"])
-def test_toy_experiment_flips_every_preference(loss, tiny_dpo_run, tmp_path):
-    """The whole story of train_toy.py --model tiny: after SFT on the intuitive completions the
-    model prefers none of the chosen (counter-intuitive) ones; after DPO / IPO it prefers all four,
-    and every pair of the last step is ranked right by the implicit reward."""
-    out, summary = tiny_dpo_run if loss == "dpo" else (tmp_path, run_toy(tmp_path, "--model", "tiny", "--loss", "ipo"))
-    assert summary["preferred_before"] == 0 and summary["preferred_after"] == 4 == summary["n_pairs"]
-    assert summary["final_reward_accuracy"] == 1.0
-    # the headline counts agree with the logged log-probs themselves
-    before, after = summary["logps_before"], summary["logps_after"]
-    assert sum(c > r for c, r in zip(before["chosen"], before["rejected"])) == 0
-    assert sum(c > r for c, r in zip(after["chosen"], after["rejected"])) == 4
-
-
-def test_toy_run_reports_the_held_out_pairs_it_never_trained_on(tiny_dpo_run):
-    """Four held-out pairs: measured before and after, evaluated at step 0 and at the end, and
-    counted in the summary from their own log-probs. At step 0 the policy is the reference on
-    the same batches: loss log 2, margin 0 and KL 0 exactly."""
-    out, summary = tiny_dpo_run
-    assert summary["n_eval_pairs"] == 4
-    for key, logps in (("eval_preferred_before", "eval_logps_before"), ("eval_preferred_after", "eval_logps_after")):
-        assert summary[key] == sum(c > r for c, r in zip(summary[logps]["chosen"], summary[logps]["rejected"]))
-    assert summary["eval_preferred_before"] == 0
-    evals = [r for r in read_metrics(out) if r.get("phase") == "eval"]
-    assert [r["step"] for r in evals] == [0, 12]
-    assert evals[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
-    assert evals[0]["margin"] == 0.0 and evals[0]["kl"] == 0.0
-    assert evals[-1]["kl"] > 0 and summary["final_eval_reward_accuracy"] == evals[-1]["reward_accuracy"]
-    # the held-out numbers are the held-out pairs', scored again here by the saved policy
-    model = GPT.from_pretrained(out, device=summary["device"])
-    chosen, rejected = dpo.pair_logps(model, dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_EVAL_PAIRS),
-                                      batch_size=summary["batch_size"])
-    assert summary["eval_logps_after"] == {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
-    # evaluate()'s reward accuracy at the end, against the margins of measure()'s log-probs
-    assert summary["final_eval_reward_accuracy"] == train_toy.reward_accuracy(
-        summary["eval_logps_before"], summary["eval_logps_after"], summary["beta"])
-    held_out_prompts = {p["prompt"] for p in train_toy.TOY_EVAL_PAIRS}
-    assert not held_out_prompts & {p["prompt"] for p in train_toy.TOY_PAIRS}  # disjoint from the training pairs
-
-
-def test_toy_metrics_file_has_every_step_and_a_summary(tiny_dpo_run):
-    """metrics.jsonl: the SFT lines, one line per DPO step (6 epochs x 2 batches), the first DPO loss
-    log 2 (policy == reference, DPO paper Eq. 7 at h = 0), and a summary line last."""
-    out, summary = tiny_dpo_run
-    records = read_metrics(out)
-    steps = [r for r in records if r.get("phase") == "dpo"]
-    assert len(steps) == 6 * 2 and [r["step"] for r in steps] == list(range(1, 13))
-    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert any(r.get("phase") == "sft" for r in records)
-    last = records[-1]
-    assert last["summary"] is True and last == json.loads(json.dumps(summary))
-    for key in ("load_s", "reference_s", "train_s", "eval_s", "tokens_per_s", "peak_memory_bytes", "preferred_before",
-                "preferred_after", "n_eval_pairs", "eval_preferred_before", "eval_preferred_after",
-                "final_eval_reward_accuracy"):
-        assert key in last
-
-
-def test_train_seconds_leave_out_the_evaluations_and_tokens_are_the_real_tokens(tmp_path, monkeypatch, quick_sft):
-    """train_s is the time of the training steps alone: every held-out evaluation (at step 0,
-    every --eval-every steps, at the end) is made to take 0.5 s longer here, and train_s stays
-    below the wall time of dpo.train_dpo minus the two evaluations inside it, while eval_s
-    holds all four. tokens: the real (not padding) tokens of every step, counted here from the
-    toy pairs themselves: each epoch sees every pair once, the prompt twice (chosen and rejected
-    rows). tokens_per_s is the one over the other."""
-    import time
-    real_evaluate, real_train = train_toy.dpo.evaluate, train_toy.dpo.train_dpo
-    walls = []
-
-    def slow_evaluate(*args, **kwargs):
-        time.sleep(0.5)
-        return real_evaluate(*args, **kwargs)
-
-    def timed_train(*args, **kwargs):
-        start = time.perf_counter()
-        history = real_train(*args, **kwargs)
-        walls.append(time.perf_counter() - start)
-        return history
-
-    monkeypatch.setattr(train_toy.dpo, "evaluate", slow_evaluate)
-    monkeypatch.setattr(train_toy.dpo, "train_dpo", timed_train)
-    summary = run_toy(tmp_path, "--model", "tiny", "--epochs", "3", "--eval-every", "2")
-    assert [r["step"] for r in read_metrics(tmp_path) if r.get("phase") == "eval"] == [0, 2, 4, 6]
-    assert 0 < summary["train_s"] <= walls[0] - 2 * 0.5 and summary["eval_s"] >= 4 * 0.5
-    per_epoch = sum(2 * len(p) + len(c) + len(r) for p, c, r in dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_PAIRS))
-    assert summary["train_tokens"] == 3 * per_epoch
-    assert summary["train_positions"] > summary["train_tokens"]  # the toy pairs differ in length: some padding
-    assert summary["tokens_per_s"] == pytest.approx(summary["train_tokens"] / summary["train_s"], rel=1e-12)
-
-
-def test_toy_checkpoint_reloads_with_the_trained_log_probs(tiny_dpo_run):
-    """The saved policy, opened with from_pretrained, scores every completion exactly as the
-    trained policy did in the run (logps_after in the summary): bit for bit through the same
-    function, and to float32 rounding through the plain definition."""
-    out, summary = tiny_dpo_run
-    device = summary["device"]  # the same kernels as in the run: cuda where it ran on cuda
-    model = GPT.from_pretrained(out, device=device)
-    pairs = dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_PAIRS)
-    chosen, rejected = dpo.pair_logps(model, pairs, batch_size=summary["batch_size"])
-    assert chosen.tolist() == summary["logps_after"]["chosen"] and rejected.tolist() == summary["logps_after"]["rejected"]
-    batch = dpo.collate(pairs)
-    with torch.no_grad():
-        plain = dpo.sequence_logps(model(batch["input_ids"].to(device)), batch["input_ids"].to(device),
-                                   batch["loss_mask"].to(device))
-    assert plain.tolist() == pytest.approx(summary["logps_after"]["chosen"] + summary["logps_after"]["rejected"],
-                                           abs=1e-4)
-    assert json.loads((out / "config.json").read_text())["n_layer"] == 2
-
-
-def test_toy_run_is_reproducible_with_the_same_seed(tiny_dpo_run, tmp_path):
-    """Same seed, same device: every logged number but the timings is identical."""
-    out, _ = tiny_dpo_run
-    run_toy(tmp_path, "--model", "tiny", "--loss", "dpo")
-    timing = {"load_s", "sft_s", "reference_s", "train_s", "eval_s", "tokens_per_s", "peak_memory_bytes"}
-    strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]
-    assert strip(read_metrics(tmp_path)) == strip(read_metrics(out))
-    assert_same_checkpoint(tmp_path / "model.safetensors", out / "model.safetensors")
-
-
-@needs_cuda
-def test_toy_run_on_cuda_is_deterministic_inside_and_leaves_the_settings_as_they_were(tmp_path, monkeypatch):
-    """train_toy.py asks PyTorch for deterministic CUDA kernels during its run only: inside the
-    run they are on; after it, on success or on an error, the settings are as before."""
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    before = torch.are_deterministic_algorithms_enabled()
-    seen, real_run = [], train_toy.run
-
-    def run_and_record_the_settings(args, device):
-        seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
-        return real_run(args, device)
-
-    monkeypatch.setattr(train_toy, "run", run_and_record_the_settings)
-    run_toy(tmp_path / "ok", "--model", "tiny", "--epochs", "1", "--device", "cuda")
-    (tmp_path / "bad.jsonl").write_text("not json\n")
-    with pytest.raises(SystemExit):
-        run_toy(tmp_path / "bad", "--model", "tiny", "--device", "cuda", "--data", str(tmp_path / "bad.jsonl"))
-    assert seen == [(True, ":4096:8")] * 2
-    assert torch.are_deterministic_algorithms_enabled() == before
-    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_asking_for_cuda_without_it_is_a_clear_error():
-    """--device cuda on a CPU-only torch: a sentence, not torch's assertion deep in .to()."""
-    from train_toy import resolve_device
-    with pytest.raises(RuntimeError, match="no CUDA GPU"):
-        resolve_device("cuda")
-
-
-def test_toy_script_runs_from_the_command_line_with_the_numbers_of_this_process(tiny_dpo_run, tmp_path):
-    """`python train_toy.py --model tiny` as a user types it: exit 0, the headline and timing
-    printed, and the same trained weights, to the byte, as the same run inside this test
-    process (tiny_dpo_run), whose memory holds whatever the tests before it left. (Same seed,
-    same device, same numbers across processes: see train_toy.py on MKL_CBWR.)"""
-    out, summary = tiny_dpo_run
-    args = ["--model", "tiny", "--loss", "dpo", "--device", summary["device"], "--out", str(tmp_path / "cli")]
-    result = subprocess.run([sys.executable, str(ROOT / "train_toy.py"), *args],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "chosen preferred: training pairs 0/4 -> 4/4, held-out pairs 0/4 -> " in result.stdout
-    assert "peak memory" in result.stdout and "tokens/s" in result.stdout
-    assert_same_checkpoint(tmp_path / "cli" / "model.safetensors", out / "model.safetensors")
-
-
-MKL_MODE = """
-import ctypes, os, torch
-import {module}
-torch.ones(2, 2) @ torch.ones(2, 2)
-lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-print(hex(lib.mkl_serv_cbwr_get(-1)))  # -1: all of MKL's reproducibility settings
-"""
-
-
-def mkl_mode_after_importing(module, **env):
-    """MKL's reproducibility mode as MKL itself reports it after a matrix product, in a new
-    process that imports `module` first; None where torch is not linked with Intel's MKL."""
-    env = {**{k: v for k, v in os.environ.items() if k != "MKL_CBWR"}, **env}
-    result = subprocess.run([sys.executable, "-c", MKL_MODE.format(module=module)],
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-def test_the_scripts_put_mkl_in_its_strict_reproducible_mode_and_the_library_does_not():
-    """train_toy.py (and bench.py, which imports it) own their processes and set
-    MKL_CBWR=AUTO,STRICT before torch loads MKL, which reads it only at its first matrix
-    product; so MKL itself is asked, after a product, whether the mode took. 0x10002 is
-    MKL_CBWR_AUTO | MKL_CBWR_STRICT; 0x3, MKL_CBWR_COMPATIBLE, a user's own choice, is kept.
-    Importing the library (dpo, and model through it) leaves MKL as it is."""
-    library = mkl_mode_after_importing("dpo")
-    if library is None:
-        pytest.skip("this torch is not linked with Intel's MKL (or cannot be asked for its mode)")
-    assert library != "0x10002"  # the library sets nothing, so the script's check below can fail
-    assert mkl_mode_after_importing("train_toy") == "0x10002"
-    assert mkl_mode_after_importing("train_toy", MKL_CBWR="COMPATIBLE") == "0x3"
-
-
-# -----------------------------------------------------------------------------
-# Your own pairs: --data, held-out evaluation, long pairs
-
-
-def test_eval_fraction_holds_out_a_seeded_disjoint_part_of_the_data():
-    """split_off_eval: round(fraction * N) pairs held out, the rest trained on, no pair in both,
-    none lost, each part in the file's order; the same seed gives the same split."""
-    from train_toy import split_off_eval
-    pairs = numbered_pairs(50)
-    train, held_out = split_off_eval(pairs, 0.2, seed=0)
-    assert len(held_out) == 10 and len(train) == 40
-    prompts = lambda ps: [p["prompt"] for p in ps]
-    assert not set(prompts(train)) & set(prompts(held_out))
-    assert sorted(prompts(train) + prompts(held_out)) == sorted(prompts(pairs))
-    order = prompts(pairs)
-    assert prompts(train) == sorted(prompts(train), key=order.index)
-    assert split_off_eval(pairs, 0.2, seed=0) == (train, held_out)
-    assert split_off_eval(pairs, 0.2, seed=1)[1] != held_out
-    with pytest.raises(ValueError, match="at least one pair for training and one for evaluation"):
-        split_off_eval(pairs[:3], 0.1, seed=0)
-
-
-def test_data_run_trains_on_the_training_part_only_and_pads_little(tmp_path, quick_sft):
-    """--data with --eval-fraction: the held-out pairs are evaluated, never trained on (the
-    steps' real tokens add up to the training pairs alone), and batches of similar lengths
-    keep padding well under a third of the positions the policy processes."""
-    pairs = numbered_pairs(40)
-    data = write_pairs(tmp_path / "pairs.jsonl", pairs)
-    summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--eval-fraction", "0.25",
-                      "--epochs", "1", "--batch-size", "4")
-    assert summary["n_pairs"] == 30 and summary["n_eval_pairs"] == 10
-    train, _ = train_toy.split_off_eval([dict(p, line=i + 1) for i, p in enumerate(pairs)], 0.25, seed=0)
-    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in dpo.encode_pairs(gpt2_tokenizer(), train))
-    assert summary["train_tokens"] == tokens
-    assert 1 - summary["train_tokens"] / summary["train_positions"] < 1 / 3
-    assert [r["step"] for r in read_metrics(tmp_path / "out") if r.get("phase") == "eval"] == [0, 8]
-
-
-def test_eval_data_and_eval_every(tmp_path, quick_sft):
-    """--eval-data PATH: those pairs are the held-out ones; --eval-every N adds evaluations."""
-    data = write_pairs(tmp_path / "train.jsonl", numbered_pairs(6))
-    held_out = write_pairs(tmp_path / "eval.jsonl", numbered_pairs(9)[6:])
-    summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--eval-data", str(held_out),
-                      "--epochs", "2", "--eval-every", "2")
-    assert summary["n_pairs"] == 6 and summary["n_eval_pairs"] == 3
-    assert [r["step"] for r in read_metrics(tmp_path / "out") if r.get("phase") == "eval"] == [0, 2, 4, 6]
-
-
-@pytest.mark.parametrize("content, message", [
-    ("", "no preference pairs"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n', "line 2: field 'rejected'"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n', "line 2: not valid JSON"),
-    ('["a", "b", "c"]\n', "line 1: expected a JSON object"),
-    ('{"prompt": "", "chosen": "b", "rejected": "c"}\n', "line 1: field 'prompt' must be a non-empty string"),
-])
-def test_bad_data_file_is_refused_before_any_training(content, message, tmp_path):
-    """A malformed --data file stops the run with the line number and the problem, and nothing
-    is trained or written."""
-    data = tmp_path / "pairs.jsonl"
-    data.write_text(content)
-    with pytest.raises(SystemExit) as stop:
-        run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data))
-    assert message in str(stop.value) and str(data) in str(stop.value)
-    assert not (tmp_path / "out").exists()
-
-
-def test_pair_longer_than_the_context_is_refused_and_max_length_leaves_it_out(tmp_path, quick_sft):
-    """A pair that does not fit the model's context (1024 tokens) is an error naming its line and
-    the way through; with --max-length N the pairs with a row over N tokens are left out, and
-    the run says how many."""
-    pairs = numbered_pairs(5)
-    pairs[3]["prompt"] = "word " * 1100
-    data = write_pairs(tmp_path / "long.jsonl", pairs)
-    with pytest.raises(SystemExit, match="line 4: .* longer than the model.s context of 1024 .* --max-length"):
-        run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data))
-    assert not (tmp_path / "out").exists()
-    summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--max-length", "1024", "--epochs", "1")
-    assert summary["n_pairs"] == 4
-    with pytest.raises(SystemExit, match="--max-length 2000 is longer than the model's context of 1024"):
-        run_toy(tmp_path / "out2", "--model", "tiny", "--data", str(data), "--max-length", "2000")
-
-
-def test_a_diverging_run_stops_names_the_step_and_keeps_the_earlier_out(tiny_dpo_run, tmp_path, quick_sft):
-    """--lr 1e30: the loss stops being finite at step 2; the run exits with an error naming the
-    step and a smaller --lr, and an --out from an earlier run is left byte for byte as it was."""
-    out = tmp_path / "out"
-    import shutil
-    shutil.copytree(tiny_dpo_run[0], out)
-    before = folder_bytes(out)
-    with pytest.raises(SystemExit) as stop:
-        run_toy(out, "--model", "tiny", "--lr", "1e30")
-    assert "diverged at step 2" in str(stop.value) and "--lr" in str(stop.value)
-    assert folder_bytes(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written beside it
-
-
-def test_a_failure_while_saving_leaves_the_earlier_out_and_no_temporary_folder(tiny_dpo_run, tmp_path, quick_sft, monkeypatch):
-    """--out is written as one unit: if saving fails half-way (here after the weights, before
-    metrics.jsonl), the earlier --out is untouched and no temporary folder is left beside it."""
-    import shutil
-    out = tmp_path / "out"
-    shutil.copytree(tiny_dpo_run[0], out)
-    before = folder_bytes(out)
-    real_save = GPT.save_pretrained
-
-    def save_then_fail(model, directory):
-        real_save(model, directory)
-        assert (Path(directory) / "model.safetensors").is_file()  # half of the folder is written
-        raise OSError("disk full (simulated)")
-
-    monkeypatch.setattr(train_toy.GPT, "save_pretrained", save_then_fail)
-    with pytest.raises(OSError, match="simulated"):
-        run_toy(out, "--model", "tiny", "--epochs", "1")
-    assert folder_bytes(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_default_run_without_network_or_cache_says_how_to_get_weights(tmp_path, monkeypatch):
-    """Offline with nothing cached, `python train_toy.py` stops with a short message that says
-    where the weights go and the alternatives (--weights, --model tiny), not a traceback."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit) as stop:
-        run_toy(tmp_path / "out")
-    message = str(stop.value)
-    assert message.startswith("error: ") and "--weights" in message and "--model tiny" in message
-    assert str(tmp_path / "hf" / "hub" / "models--openai-community--gpt2") in message
-    assert not (tmp_path / "out").exists()
-
-
-def test_weights_option_trains_a_local_checkpoint(tiny_dpo_run, tmp_path):
-    """--weights loads a local checkpoint (here the tiny run's output, config.json beside it) and trains it."""
-    out, _ = tiny_dpo_run
-    summary = run_toy(tmp_path / "again", "--model", "gpt2", "--weights", str(out), "--epochs", "1")
-    assert summary["preferred_before"] == 4  # it was trained to prefer the chosen completions already
-    assert (tmp_path / "again" / "model.safetensors").is_file()
-
-
-def test_plot_without_matplotlib_is_refused_before_training(tmp_path, monkeypatch):
-    """--plot needs matplotlib; without it the run stops at once with the pip command."""
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    with pytest.raises(SystemExit, match="pip install matplotlib"):
-        run_toy(tmp_path / "out", "--model", "tiny", "--plot", str(tmp_path / "curves.png"))
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("options, message", [
-    (["--epochs", "0"], "argument --epochs: must be a finite number > 0"),
-    (["--batch-size", "0"], "argument --batch-size: must be a finite number > 0"),
-    (["--beta", "-0.1"], "argument --beta: must be a finite number > 0"),
-    (["--lr", "nan"], "argument --lr: must be a finite number > 0"),
-    (["--eval-fraction", "1.5"], "argument --eval-fraction: must be between 0 and 1"),
-    (["--eval-fraction", "0.1"], "--eval-fraction holds out part of --data"),
-    (["--eval-fraction", "0.1", "--eval-data", "x.jsonl"], "not allowed with argument"),
-    (["--data", "x.jsonl", "--eval-every", "2"], "--eval-every evaluates held-out pairs"),
-    (["--label-smoothing", "0.7"], "label_smoothing must be in [0, 0.5)"),
-    (["--loss", "ipo", "--label-smoothing", "0.1"], "label_smoothing is for loss_type='dpo'"),
-    (["--init", "random"], "--model tiny is always built here"),
-    (["--out", __file__], "is a file; --out must be a folder"),
-    (["--out", __file__ + "/sub"], "is a file; --out must be a folder"),
-])
-def test_bad_options_are_refused_with_a_message(options, message, tmp_path, capsys):
-    """Nonsensical options stop the script at once (argparse's exit code 2) with what was wrong."""
-    with pytest.raises(SystemExit) as stop:
-        train_toy.main(["--model", "tiny", "--out", str(tmp_path / "out"), *options])
-    assert stop.value.code == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
-# =============================================================================
-# 7. bench.py: the three steps it times compute what they say (no timing is asserted),
+# 6. bench.py: the three steps it times compute what they say (no timing is asserted),
 #    and the pairs it writes for timing --data are the lengths it says
 # =============================================================================
 #
@@ -3037,7 +2822,7 @@ def test_cpu_peak_is_in_bytes():
 
 
 def test_written_pairs_load_as_data_with_the_token_counts_the_docstring_gives(tmp_path):
-    """bench.py --write-pairs makes a --data file: train_toy.load_pairs reads every pair; with
+    """bench.py --write-pairs makes a --data file: train_toy.read_pairs reads every pair; with
     GPT-2's tokenizer prompts are 14 to 146 tokens and completions 4 to 150 (+ <|endoftext|>),
     spread over that range; with --same-length every pair is 80 + 78 tokens per row. The same
     seed writes the same bytes, another seed other pairs."""
@@ -3048,14 +2833,1081 @@ def test_written_pairs_load_as_data_with_the_token_counts_the_docstring_gives(tm
     bench.write_pairs(tmp_path / "other.jsonl", 300, seed=1)
     assert (tmp_path / "pairs.jsonl").read_bytes() == (tmp_path / "again.jsonl").read_bytes()
     assert (tmp_path / "pairs.jsonl").read_bytes() != (tmp_path / "other.jsonl").read_bytes()
-    encoded = dpo.encode_pairs(enc, train_toy.load_pairs(tmp_path / "pairs.jsonl"))
+    encoded = train_toy.read_pairs(tmp_path / "pairs.jsonl", enc).tokens
     assert len(encoded) == 300
     prompts = [len(p) for p, _, _ in encoded]
     completions = [len(c) for _, c, _ in encoded] + [len(r) for _, _, r in encoded]
     assert 14 <= min(prompts) < 30 and 130 < max(prompts) <= 146
     assert 5 <= min(completions) < 20 and 135 < max(completions) <= 151
     bench.main(["--write-pairs", "20", str(tmp_path / "same.jsonl"), "--same-length"])
-    same = dpo.encode_pairs(enc, train_toy.load_pairs(tmp_path / "same.jsonl"))
+    same = train_toy.read_pairs(tmp_path / "same.jsonl", enc).tokens
     assert {(len(p), len(c), len(r)) for p, c, r in same} == {(80, 78, 78)}
     assert len({tuple(c) for _, c, _ in same}) == 20  # one length, not one text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.jsonl", "other.jsonl", "pairs.jsonl", "same.jsonl"]
+# =============================================================================
+# 7. Checkpoints, safetensors and the hub: both real layouts, files written by hand here,
+#    folders compared to the byte, a fake hub on 127.0.0.1
+# =============================================================================
+# Tests for checkpoint.py and for model.py's loading and saving. Besides section 3's numpy
+# GPT-2, what they are checked against is written here:
+# - `write_safetensors` / `read_safetensors`, a tiny safetensors writer and reader
+#   (format: 8-byte little-endian header length N, N bytes of JSON, then raw data);
+# - `write_checkpoint`, GPT-2 checkpoints in the hub's layout and in transformers' (model.py
+#   states both);
+# - `tree`, a whole folder read back from the disk, to compare before and after to the byte;
+# - `FakeHub`, an HTTP server that answers like huggingface.co (a 302 to a CDN for
+#   model.safetensors, with the sha256 only in X-Linked-Etag; a 200 with a git-sha1 ETag
+#   for config.json), as checkpoint.py, section 3, says the real one does.
+
+
+# ---------------------------------------------------------------------------
+# A test-side safetensors writer and reader (struct + json only).
+
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+NP_TO_ST = {np.dtype(v): k for k, v in ST_DTYPES.items()}
+
+
+def safetensors_bytes(header, data, align=False):
+    """A safetensors file: 8-byte little-endian length N, N bytes of JSON header, then data."""
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if align:  # what transformers' writer does: pad with spaces so the data is 8-byte aligned
+        text += b" " * (-len(text) % 8)
+    elif len(text) % 8 == 0:  # like the hub's gpt2 file, whose data starts at byte 14,291
+        text += b" "
+    assert (len(text) % 8 == 0) == align
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def write_safetensors(path, arrays, align=False):
+    """Write numpy arrays back to back, in dict order, with {"format": "pt"} metadata."""
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, a in arrays.items():
+        raw = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": NP_TO_ST[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    Path(path).write_bytes(safetensors_bytes(header, b"".join(chunks), align))
+
+
+def bf16_to_float32(raw):
+    """BF16 is the top half of a float32's bits."""
+    return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def read_safetensors(path):
+    """Return (header, {name: np.ndarray}); BF16 is widened to float32."""
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    arrays = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            begin, end = info["data_offsets"]
+            a = (bf16_to_float32(data[begin:end]) if info["dtype"] == "BF16"
+                 else np.frombuffer(data[begin:end], ST_DTYPES[info["dtype"]]))
+            arrays[name] = a.reshape(info["shape"])
+    return header, arrays
+
+
+# ---------------------------------------------------------------------------
+# Test-side GPT-2 checkpoints in the two real layouts.
+
+def write_checkpoint(directory, params, config, layout="hub", lm_head=False):
+    """Write config.json + model.safetensors the way the hub ("hub") or transformers'
+    save_pretrained ("transformers") does (model.py states both layouts)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if layout == "hub":  # no prefix, causal-mask buffers, data not 8-byte aligned
+        mask = np.tril(np.ones((config["n_positions"],) * 2, np.float32))[None, None]  # (1, 1, P, P)
+        tensors = {**params, **{f"h.{i}.attn.bias": mask for i in range(config["n_layer"])}}
+    else:  # "transformer." prefix, no masks, header padded to a multiple of 8
+        tensors = {"transformer." + k: v for k, v in params.items()}
+    if lm_head:
+        tensors["lm_head.weight"] = params["wte.weight"]
+    write_safetensors(directory / "model.safetensors", tensors, align=(layout == "transformers"))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny):
+    """A directory holding the tiny checkpoint in the hub's layout."""
+    config, params = tiny
+    return write_checkpoint(tmp_path / "ckpt", params, config)
+
+
+# ---------------------------------------------------------------------------
+# from_pretrained against the numpy GPT-2.
+
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_from_pretrained_directory_matches_numpy_gpt2(tmp_path, tiny, layout, lm_head):
+    """Both real layouts load: hub (no prefix, mask buffers, unaligned data) and
+    transformers (prefix, padded header), with or without a redundant lm_head.weight."""
+    config, params = tiny
+    write_checkpoint(tmp_path / "ckpt", params, config, layout, lm_head)
+    model = GPT.from_pretrained(str(tmp_path / "ckpt"))
+    assert not model.training  # dropout off: logits must be deterministic
+    assert model.lm_head.weight is model.transformer.wte.weight  # still one tensor, for training
+    assert_matches_numpy(model, params)
+
+
+def test_from_pretrained_float64_matches_numpy_gpt2_to_1e_9(tiny, tiny_dir):
+    """dtype=torch.float64 loads every tensor in float64, still tied. In float64 rounding is
+    gone, so even small slips (eps 1e-6, a GELU variant) would show far above 1e-9."""
+    _, params = tiny
+    model = GPT.from_pretrained(str(tiny_dir), dtype=torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model.lm_head.weight is model.transformer.wte.weight  # .to(dtype) kept the tie
+    assert_matches_numpy(model, params, atol=1e-9)
+
+
+def test_from_pretrained_bare_safetensors_file_uses_config_json_beside_it(tmp_path):
+    """n_head=2 cannot come from shapes (16 / 64 is not whole); config.json must supply it."""
+    config = hub_config(**TINY)
+    params = random_gpt2_params(config, seed=1)
+    write_checkpoint(tmp_path, params, config)
+    model = GPT.from_pretrained(str(tmp_path / "model.safetensors"))
+    assert_matches_numpy(model, params)
+
+
+def test_from_pretrained_bare_file_without_config_infers_config_from_shapes(tmp_path):
+    """n_layer, n_embd, vocab_size and block_size are in the shapes; with GPT-2's n_embd=768,
+    n_head=12 is GPT-2's (head size 64)."""
+    config = hub_config(n_layer=1, n_head=12, n_embd=768, vocab_size=61, n_positions=8)
+    params = random_gpt2_params(config)
+    write_checkpoint(tmp_path, params, config)
+    (tmp_path / "config.json").unlink()
+    model = GPT.from_pretrained(str(tmp_path / "model.safetensors"))
+    assert_matches_numpy(model, params, n_head=12, idx=random_tokens(T=8))
+
+
+def test_from_pretrained_bare_file_of_a_width_gpt2_never_had_asks_for_config_json(tiny_dir):
+    """With n_embd=16 the head count is anybody's guess; guessing wrong would load a model
+    that runs and is wrong, so without config.json the file is refused."""
+    (tiny_dir / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json"):
+        GPT.from_pretrained(str(tiny_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("spelling", [dict(activation_function="gelu_pytorch_tanh"), dict(n_inner=None),
+                                      dict(n_inner=4 * 16)], ids=["gelu_pytorch_tanh", "n_inner null", "n_inner 4C"])
+def test_config_json_may_spell_gpt2s_choices_as_transformers_does(tmp_path, tiny, spelling):
+    """transformers calls the tanh GELU "gelu_new" or "gelu_pytorch_tanh", and writes GPT-2's
+    MLP width as n_inner null or 4 x n_embd: the same GPT-2, so it loads, with its logits."""
+    config, params = tiny
+    write_checkpoint(tmp_path, params, {**config, **spelling})
+    assert_matches_numpy(GPT.from_pretrained(str(tmp_path)), params)
+
+
+# ---------------------------------------------------------------------------
+# from_pretrained refuses a checkpoint it would compute wrongly: a model that runs and is
+# wrong is worse than an error. Each edit is to the tiny hub checkpoint's tensors or its
+# config.json; each message names the file and the problem.
+
+REFUSED = {  # what is wrong: (edit(tensors, config), what the message must say)
+    "a tensor missing": (lambda p, c: p.pop("h.1.mlp.c_fc.bias"),
+                         r"missing tensor\(s\) transformer\.h\.1\.mlp\.c_fc\.bias"),
+    "a tensor GPT-2 does not have": (lambda p, c: p.update({"h.0.mlp.c_gate.weight": np.zeros((16, 64), np.float32)}),
+                                     r"unexpected tensor\(s\) transformer\.h\.0\.mlp\.c_gate\.weight"),
+    "a shape config.json does not give": (lambda p, c: p.update({"wpe.weight": p["wpe.weight"][:31]}),
+                                          r"wpe\.weight.*\(31, 16\) in the file.*expects \(32, 16\)"),
+    "an output head not tied to wte": (lambda p, c: p.update({"lm_head.weight": p["wte.weight"] + 1.0}),
+                                       r"lm_head\.weight differs from wte\.weight"),
+    "the erf GELU": (lambda p, c: c.update(activation_function="gelu"),
+                     r"activation_function 'gelu' is not GPT-2's tanh GELU"),
+    "layer norm eps 1e-6": (lambda p, c: c.update(layer_norm_epsilon=1e-6), r"layer_norm_epsilon 1e-06"),
+    "an MLP of 2 x n_embd": (lambda p, c: c.update(n_inner=32), r"n_inner 32"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_from_pretrained_refuses_a_checkpoint_it_would_compute_wrongly_naming_the_problem(tmp_path, tiny, case):
+    """A ValueError naming the folder and what does not fit, instead of a model that runs:
+    a missing tensor would stay random, an unknown one would be dropped, an untied head or a
+    config.json asking for another activation, eps or MLP width would be silently ignored."""
+    edit, message = REFUSED[case]
+    config, params = tiny
+    edit(params, config)
+    write_checkpoint(tmp_path / "ckpt", params, config)
+    with pytest.raises(ValueError, match=message) as err:
+        GPT.from_pretrained(str(tmp_path / "ckpt"))
+    assert str(tmp_path / "ckpt") in str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# safetensors: round trip, independent parsing, malformed files.
+
+def test_save_safetensors_round_trip_and_header_parsed_independently(tmp_path):
+    """dtype strings, shapes and contiguous offsets are what the format spec says; values,
+    dtypes and metadata survive; a transposed view is written by value, not by storage."""
+    path = tmp_path / "t.safetensors"
+    w = torch.randn(3, 5)
+    tensors = {"f32": torch.randn(2, 3), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2).bfloat16(),
+               "transposed": w.t(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    save_safetensors(tensors, path, metadata={"format": "pt", "note": "hello"})
+
+    header, arrays = read_safetensors(path)
+    assert header["__metadata__"] == {"format": "pt", "note": "hello"}
+    assert {k: v["dtype"] for k, v in header.items() if k != "__metadata__"} == {
+        "f32": "F32", "f16": "F16", "bf16": "BF16", "transposed": "F32", "scalar": "F32", "empty": "F32"}
+    assert {k: v["shape"] for k, v in header.items() if k != "__metadata__"} == {
+        k: list(t.shape) for k, t in tensors.items()}
+    spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no gaps
+    n_header = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert 8 + n_header + spans[-1][1] == path.stat().st_size
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(arrays[name], t.float().numpy())
+
+    loaded = load_safetensors(path)
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+
+
+EVERY_DTYPE = {  # name in the file: values that each dtype must keep exactly, extremes included
+    "F64": ([1 / 3, -0.0, -1e308, 5e-324, np.inf], np.float64, torch.float64),
+    "F32": ([1 / 3, -0.0, -3.4e38, 1e-45, -np.inf], np.float32, torch.float32),
+    "F16": ([1 / 3, -0.0, 65504.0, -6e-8, np.inf], np.float16, torch.float16),
+    "BF16": ([1.5, -2.0, 2.0**127, -np.inf, -(2.0**-133)], None, torch.bfloat16),  # exact in BF16
+    "I64": ([-(2**63), 2**63 - 1, -1, 0, 50256], np.int64, torch.int64),
+    "I32": ([-(2**31), 2**31 - 1, -1, 0, 7], np.int32, torch.int32),
+    "I16": ([-(2**15), 2**15 - 1, -1, 0, 7], np.int16, torch.int16),
+    "I8": ([-128, 127, -1, 0, -7], np.int8, torch.int8),  # signed: the negatives must come back negative
+    "U8": ([0, 255, 1, 128, 7], np.uint8, torch.uint8),
+    "BOOL": ([True, False, True, True, False], np.bool_, torch.bool),
+}
+
+
+def test_every_dtype_checkpoint_py_knows_is_tested_here():
+    """The round trip below covers the whole of checkpoint.py's dtype table, no more, no less."""
+    assert set(SAFETENSORS_DTYPES) == set(EVERY_DTYPE)
+
+
+@pytest.mark.parametrize("name", EVERY_DTYPE)
+def test_every_dtype_round_trips_exactly_through_files_read_and_written_independently(tmp_path, name):
+    """save_safetensors writes each dtype under its spec name with the values a plain
+    little-endian reader decodes (I8 as signed two's complement, BOOL as 0/1 bytes), and
+    load_safetensors decodes a file the test-side writer made to the same values and dtype."""
+    values, np_dtype, torch_dtype = EVERY_DTYPE[name]
+    t = torch.tensor(values, dtype=torch_dtype).reshape(5, 1)
+    save_safetensors({"t": t}, tmp_path / "ours.safetensors")
+    header, arrays = read_safetensors(tmp_path / "ours.safetensors")
+    assert header["t"]["dtype"] == name and header["t"]["shape"] == [5, 1]
+    expected = np.array(values, np.float32 if name == "BF16" else np_dtype).reshape(5, 1)
+    np.testing.assert_array_equal(arrays["t"], expected)
+    if expected.dtype.kind == "f":
+        np.testing.assert_array_equal(np.signbit(arrays["t"]), np.signbit(expected))  # -0.0 too
+
+    if name == "BF16":  # the test-side writer has no BF16: its bits are a float32's top half
+        data = (expected.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        entry = {"dtype": "BF16", "shape": [5, 1], "data_offsets": [0, len(data)]}
+        (tmp_path / "theirs.safetensors").write_bytes(safetensors_bytes({"t": entry}, data))
+    else:
+        write_safetensors(tmp_path / "theirs.safetensors", {"t": expected})
+    for path in ("ours.safetensors", "theirs.safetensors"):
+        loaded = load_safetensors(tmp_path / path)["t"]
+        assert loaded.dtype == torch_dtype and loaded.shape == (5, 1), path
+        assert loaded.view(torch.uint8).tolist() == t.view(torch.uint8).tolist(), path  # bit for bit
+
+
+def test_load_safetensors_reads_hand_written_f16_and_bf16_at_unaligned_offsets(tmp_path):
+    """A 6-byte F16 tensor first pushes the F32 and BF16 data off any alignment."""
+    f16 = np.array([1.5, -2.0, 65504.0], np.float16)
+    f32 = np.array([[0.1, -3e38], [1e-45, 7.0]], np.float32)
+    bf16_bits = np.array([0x3FC0, 0xC000, 0x7F80], np.uint16)  # 1.5, -2.0, +inf
+    data = f16.tobytes() + f32.tobytes() + bf16_bits.tobytes()
+    header = {"__metadata__": {"format": "pt"},
+              "half": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+              "single": {"dtype": "F32", "shape": [2, 2], "data_offsets": [6, 22]},
+              "brain": {"dtype": "BF16", "shape": [3], "data_offsets": [22, 28]}}
+    (tmp_path / "t.safetensors").write_bytes(safetensors_bytes(header, data))
+    loaded = load_safetensors(tmp_path / "t.safetensors")
+    assert loaded["half"].dtype == torch.float16 and loaded["brain"].dtype == torch.bfloat16
+    np.testing.assert_array_equal(loaded["half"].numpy(), f16)
+    np.testing.assert_array_equal(loaded["single"].numpy(), f32)
+    np.testing.assert_array_equal(loaded["brain"].float().numpy(), [1.5, -2.0, np.inf])
+
+
+def one_tensor(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+EIGHT_BYTES = np.arange(2, dtype=np.float32).tobytes()
+MALFORMED = {  # name: (file bytes, what the message must say)
+    "shorter than the length prefix": (b"\x10\x00\x00", r"(?i)truncat|short|small|header"),
+    "truncated data": (safetensors_bytes({"a": one_tensor(shape=[4], offsets=[0, 16])}, EIGHT_BYTES * 2)[:-5],
+                       r"(?i)truncat|short|offset|range|beyond|exceed|end"),
+    "header length past the end": (struct.pack("<Q", 1000) + b'{"a":1}', r"(?i)header"),
+    "header length above 100 MB": (struct.pack("<Q", 2**62) + b"{}", r"(?i)header"),
+    "header not JSON": (struct.pack("<Q", 5) + b"{oops", r"(?i)json"),
+    "header a JSON list": (safetensors_bytes([1, 2], b""), r"(?i)object|dict|mapping"),
+    "offsets overlap": (safetensors_bytes({"a": one_tensor(offsets=[0, 8]), "b": one_tensor(offsets=[4, 12])},
+                                          EIGHT_BYTES + EIGHT_BYTES[:4]), r"(?i)overlap|contiguous|offset"),
+    "gap between tensors": (safetensors_bytes({"a": one_tensor(offsets=[0, 8]), "b": one_tensor(offsets=[12, 20])},
+                                              EIGHT_BYTES * 2 + EIGHT_BYTES[:4]), r"(?i)gap|contiguous|offset"),
+    "offsets past the data": (safetensors_bytes({"a": one_tensor(offsets=[8, 16])}, EIGHT_BYTES),
+                              r"(?i)offset|range|beyond|exceed|truncat|gap|contiguous"),
+    "end before begin": (safetensors_bytes({"a": one_tensor(offsets=[8, 0])}, EIGHT_BYTES),
+                         r"(?i)offset|range|order|byte|size"),
+    "byte count != numel * itemsize": (safetensors_bytes({"a": one_tensor(shape=[3], offsets=[0, 8])}, EIGHT_BYTES),
+                                       r"(?i)byte|size|numel|shape"),
+    "unknown dtype": (safetensors_bytes({"a": one_tensor(dtype="X3")}, EIGHT_BYTES), r"(?i)dtype|X3"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_load_safetensors_rejects_malformed_file_with_value_error_naming_path(tmp_path, case):
+    """A broken download must say what is wrong and where, not crash deep inside numpy/json."""
+    content, pattern = MALFORMED[case]
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=pattern) as err:
+        load_safetensors(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("extra", [b"\0", b"\0" * 8, EIGHT_BYTES * 3])
+def test_load_safetensors_refuses_bytes_after_the_last_tensor(tmp_path, extra):
+    """The spec (and its reference reader) wants the tensors to tile the data exactly: bytes
+    after the last tensor mean the header and the file disagree (a file appended to, or the
+    wrong header). The message names the problem, how many bytes, and the file."""
+    path = tmp_path / "trailing.safetensors"
+    path.write_bytes(safetensors_bytes({"a": one_tensor()}, EIGHT_BYTES + extra))
+    with pytest.raises(ValueError, match=rf"{len(extra)} trailing bytes after the last tensor") as err:
+        load_safetensors(path)
+    assert str(path) in str(err.value)
+    path.write_bytes(safetensors_bytes({"a": one_tensor()}, EIGHT_BYTES))  # the same file, without them,
+    assert load_safetensors(path)["a"].tolist() == [0.0, 1.0]  # loads
+
+
+def test_save_safetensors_replaces_the_file_atomically(tmp_path):
+    """Written to a temporary file, then os.replace'd: a reader that has the old file open
+    keeps reading the old bytes, and only the target file remains."""
+    path = tmp_path / "x.safetensors"
+    save_safetensors({"a": torch.ones(3)}, path)
+    old = path.read_bytes()
+    with open(path, "rb") as reader:
+        save_safetensors({"a": torch.zeros(300)}, path)
+        assert reader.read() == old
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_failed_save_safetensors_keeps_old_file_and_leaves_no_temp_files(tmp_path):
+    """A save that dies half-way must not destroy the previous checkpoint or leave debris.
+    A meta tensor has a dtype and a shape but no bytes, so writing it fails mid-file."""
+    path = tmp_path / "x.safetensors"
+    save_safetensors({"a": torch.ones(3)}, path)
+    for bad in ("not a tensor", torch.empty(3, device="meta")):
+        for target in (path, tmp_path / "new.safetensors"):
+            with pytest.raises(Exception):  # any error, as long as it is raised
+                save_safetensors({"a": torch.zeros(3), "b": bad}, target)
+            assert os.listdir(tmp_path) == ["x.safetensors"]
+            assert torch.equal(load_safetensors(path)["a"], torch.ones(3))
+
+
+# ---------------------------------------------------------------------------
+# save_pretrained writes what the hub serves.
+
+def test_save_pretrained_writes_hub_layout_that_numpy_gpt2_reproduces(tmp_path):
+    """No prefix, no lm_head, Conv1D (in, out) weights: the numpy GPT-2, which reads
+    the hub layout, must reproduce the model's own logits from the saved file alone."""
+    torch.manual_seed(0)
+    model = GPT(TINY_CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial layer norms and biases too
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "gpt2"
+    assert {k: config[k] for k in TINY} == TINY
+
+    header, arrays = read_safetensors(tmp_path / "model.safetensors")
+    assert header["__metadata__"]["format"] == "pt"
+    expected = {k: v.shape for k, v in random_gpt2_params(hub_config(**TINY)).items()}
+    masks = {k for k in arrays if re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", k)}  # optional buffers
+    assert {k: a.shape for k, a in arrays.items() if k not in masks} == expected
+    assert arrays["h.0.attn.c_attn.weight"].shape == (16, 48)  # (in, out), not nn.Linear's (out, in)
+    params = {k: a for k, a in arrays.items() if k not in masks}
+    assert_matches_numpy(model, params)
+
+
+def test_save_pretrained_then_from_pretrained_round_trips_exactly(tmp_path, tiny, tiny_dir):
+    """Loading a hub checkpoint and saving it gives back the same tensors bit for bit,
+    and reloading the saved directory gives identical logits."""
+    _, params = tiny
+    model = GPT.from_pretrained(str(tiny_dir))
+    model.save_pretrained(tmp_path / "out")
+    _, arrays = read_safetensors(tmp_path / "out" / "model.safetensors")
+    for name, a in params.items():
+        np.testing.assert_array_equal(arrays[name], a, err_msg=name)
+    again = GPT.from_pretrained(str(tmp_path / "out"))
+    assert np.array_equal(model_logits(again, random_tokens()), model_logits(model, random_tokens()))
+
+
+def current_umask():
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes must not leave owner-only files (as mkstemp makes them): the result is
+    as open() makes it under the umask."""
+    GPT(TINY_CONFIG).save_pretrained(tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~current_umask(), name
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes (checkpoint.py, section 1): a file with write_atomically, a folder with
+# replace_folder, and what a replace_folder killed half-way leaves, with clean_leftovers.
+# Each test reads the whole folder around the target from the disk, before and after.
+
+def tree(root):
+    """{path below root: the file's bytes, "folder", or "link to TARGET"}, hidden names
+    included and links not followed: a folder's whole state, to compare to the byte."""
+    entries = {}
+    for folder, subfolders, files in os.walk(root):
+        for name in subfolders + files:
+            p = Path(folder, name)
+            entries[str(p.relative_to(root))] = (f"link to {os.readlink(p)}" if p.is_symlink()
+                                                 else "folder" if p.is_dir() else p.read_bytes())
+    return entries
+
+
+def make_folder(folder, files):
+    """Write {relative path: bytes} into folder, making the folders on the way."""
+    for name, data in files.items():
+        (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
+        (Path(folder) / name).write_bytes(data)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)
+
+
+def inside(folder, files):
+    """What tree() shows of {relative path: bytes} written into `folder`, folders included."""
+    entries = {folder: "folder"}
+    for name, data in files.items():
+        for parent in reversed(Path(name).parents[:-1]):  # data/pairs.jsonl: the folder data
+            entries[f"{folder}/{parent}"] = "folder"
+        entries[f"{folder}/{name}"] = data
+    return entries
+
+
+OURS = ("config.json", "model.safetensors", "metrics.jsonl")  # what replace_folder may delete
+OLD = {"config.json": b'{"run": "old"}', "model.safetensors": b"old weights", "metrics.jsonl": b'{"step": 1}\n'}
+NEW = {"config.json": b'{"run": "new"}', "model.safetensors": b"new weights"}
+FAILURES = {  # what can interrupt a write
+    "a bug": lambda: RuntimeError("a bug"),
+    "Ctrl-C": KeyboardInterrupt,
+    "a full disk": lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+}
+
+
+@pytest.mark.parametrize("before", [None, b"old bytes"], ids=["no file", "a file"])
+def test_write_atomically_puts_the_new_bytes_in_place_and_nothing_beside_them(tmp_path, before):
+    """write(tmp) gets a fresh name .NAME.XXXXXXXX.tmp beside path and makes the file there;
+    then path holds exactly the new bytes, with the permissions open() gives under the umask
+    (not mkstemp's 0600), and nothing else is in the folder. A reader that had the old file
+    open goes on reading the old bytes: path was renamed over, not written into."""
+    path = tmp_path / "out.bin"
+    if before is not None:
+        path.write_bytes(before)
+    given = []
+
+    def write(tmp):
+        given.append(tmp)
+        assert tmp.parent == tmp_path and not os.path.lexists(tmp), tmp
+        tmp.write_bytes(b"new bytes")
+    if before is None:
+        write_atomically(path, write)
+    else:
+        with open(path, "rb") as reader:  # opened before the write, read after it
+            write_atomically(path, write)
+            assert reader.read() == before
+    assert len(given) == 1 and re.fullmatch(r"\.out\.bin\.[0-9a-f]{8}\.tmp", given[0].name)
+    assert tree(tmp_path) == {"out.bin": b"new bytes"}
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("before", [None, b"old bytes"], ids=["no file", "a file"])
+def test_write_atomically_that_fails_leaves_the_old_file_and_nothing_beside_it(tmp_path, before, failure):
+    """An exception inside write, even Ctrl-C, goes on as it was, and the folder is byte for
+    byte what it was: the old file (or none), and no half-written temporary."""
+    path = tmp_path / "out.bin"
+    if before is not None:
+        path.write_bytes(before)
+    exception = FAILURES[failure]()
+
+    def write_half(tmp):
+        tmp.write_bytes(b"new by")
+        raise exception
+    with pytest.raises(type(exception)) as err:
+        write_atomically(path, write_half)
+    assert err.value is exception
+    assert tree(tmp_path) == ({} if before is None else {"out.bin": before})
+
+
+@pytest.mark.parametrize("before", ["nothing", "an empty folder", "an earlier run"])
+def test_replace_folder_puts_the_new_files_in_place_of_the_old_and_nothing_beside_them(tmp_path, capsys, before):
+    """write(tmp) gets a new, empty folder .NAME.XXXXXXXX.tmp beside path; afterwards path
+    holds exactly what it wrote. The earlier run's files (and a temporary write_atomically
+    left among them) are all among `names`, so they are deleted and no warning is printed."""
+    out = tmp_path / "out"
+    if before == "an empty folder":
+        out.mkdir()
+    elif before == "an earlier run":
+        make_folder(out, {**OLD, ".model.safetensors.0123abcd.tmp": b"half of an old save"})
+    given = []
+
+    def write(tmp):
+        given.append(tmp)
+        assert tmp.parent == tmp_path and list(tmp.iterdir()) == [], tmp
+        make_folder(tmp, NEW)
+    checkpoint.replace_folder(out, write, OURS)
+    assert len(given) == 1 and re.fullmatch(r"\.out\.[0-9a-f]{8}\.tmp", given[0].name)
+    assert tree(tmp_path) == inside("out", NEW)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("foreign", [
+    {"thesis.txt": b"two years of work"},
+    {"data/pairs.jsonl": b'{"prompt": "mine"}\n'},  # a folder of the user's
+    {"model.safetensors.bak": b"a copy kept by hand"},
+    {".model.safetensors.edit.tmp": b"not write_atomically's: no 8 hex digits"},
+    {".notes.txt.0123abcd.tmp": b"a temporary of a file not in names"},
+], ids=["a file", "a folder", "a backup", "a look-alike temporary", "a temporary of another file"])
+def test_replace_folder_never_deletes_a_file_it_was_not_given_the_name_of(tmp_path, capsys, foreign):
+    """A file that is not one of `names` (nor write_atomically's temporary for one) is never
+    deleted: the old folder, renamed aside, is emptied of this project's files only and stays
+    with the user's, byte for byte, and a warning on stderr says where they are."""
+    out = make_folder(tmp_path / "out", {**OLD, **foreign})
+    checkpoint.replace_folder(out, lambda tmp: make_folder(tmp, NEW), OURS)
+    after = tree(tmp_path)
+    (old,) = [name for name in after if "/" not in name and name != "out"]
+    assert re.fullmatch(r"\.out\.[0-9a-f]{8}\.old", old)
+    assert after == {**inside("out", NEW), **inside(old, foreign)}
+    warning = capsys.readouterr().err
+    assert str(tmp_path / old) in warning and Path(next(iter(foreign))).parts[0] in warning
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("before", ["nothing", "an earlier run"])
+def test_replace_folder_that_fails_inside_write_leaves_the_folder_as_it_was(tmp_path, capsys, before, failure):
+    """An exception inside write (a bug, Ctrl-C, a full disk) after it wrote a file and half
+    of another goes on as it was; the folder around path is byte for byte what it was, with
+    nothing beside path: the new files, write_atomically's temporary among them, are gone."""
+    if before == "an earlier run":
+        make_folder(tmp_path / "out", {**OLD, "thesis.txt": b"the user's"})
+    expected = tree(tmp_path)
+    exception = FAILURES[failure]()
+
+    def write_then_fail(tmp):
+        make_folder(tmp, {"model.safetensors": b"new weights", ".config.json.89abcdef.tmp": b'{"ru'})
+        raise exception
+    with pytest.raises(type(exception)) as err:
+        checkpoint.replace_folder(tmp_path / "out", write_then_fail, OURS)
+    assert err.value is exception
+    assert tree(tmp_path) == expected
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_replace_folder_failing_between_its_two_renames_puts_the_old_folder_back(tmp_path, monkeypatch, failure):
+    """The one moment path is missing: the old folder has been renamed aside and the new
+    one not yet into place. An exception there (here from the second os.replace) puts the
+    old folder back: the folder around path is byte for byte what it was."""
+    make_folder(tmp_path / "out", {**OLD, "thesis.txt": b"the user's"})
+    expected = tree(tmp_path)
+    exception, real_replace, renames = FAILURES[failure](), os.replace, []
+
+    def replace_failing_the_second_time(source, target):
+        renames.append((Path(source).name, Path(target).name))
+        if len(renames) == 2:
+            raise exception
+        real_replace(source, target)
+    monkeypatch.setattr(checkpoint.os, "replace", replace_failing_the_second_time)
+    with pytest.raises(type(exception)) as err:
+        checkpoint.replace_folder(tmp_path / "out", lambda tmp: make_folder(tmp, NEW), OURS)
+    assert err.value is exception
+    assert renames[0][0] == "out" and renames[1][1] == "out"  # it did fail between the two
+    assert tree(tmp_path) == expected
+
+
+def test_replace_folder_through_a_symlink_replaces_the_folder_it_points_to(tmp_path):
+    """--out may be a link to a folder elsewhere (a bigger disk): the folder is replaced and
+    the link, still pointing at it, is left as it was."""
+    make_folder(tmp_path / "disk" / "run", OLD)
+    (tmp_path / "out").symlink_to(Path("disk") / "run")
+    checkpoint.replace_folder(tmp_path / "out", lambda tmp: make_folder(tmp, NEW), OURS)
+    assert tree(tmp_path) == {"out": "link to disk/run", "disk": "folder", **inside("disk/run", NEW)}
+
+
+def leave_leftovers(folder, old_files):
+    """Beside folder/out: its earlier files in .out.abcd1234.old, where replace_folder's
+    first rename put them, and a .out.0123abcd.tmp folder of a save killed while writing, with
+    a whole file and half of another (write_atomically's temporary)."""
+    make_folder(folder / ".out.abcd1234.old", old_files)
+    make_folder(folder / ".out.0123abcd.tmp", {"model.safetensors": b"new weights",
+                                               ".config.json.89abcdef.tmp": b'{"ru'})
+
+
+def test_clean_leftovers_after_a_kill_between_the_two_renames_puts_the_old_folder_back(tmp_path):
+    """A SIGKILL or a power cut between replace_folder's two renames leaves out missing and
+    its files waiting in .out.abcd1234.old. clean_leftovers renames that folder back, whole
+    (the user's file in it too), and empties and removes the half-written .tmp folder."""
+    earlier = {**OLD, "notes.txt": b"the user's"}
+    leave_leftovers(tmp_path, earlier)
+    checkpoint.clean_leftovers(tmp_path / "out", OURS)
+    assert tree(tmp_path) == inside("out", earlier)
+
+
+def test_clean_leftovers_beside_a_present_folder_removes_them_and_leaves_the_folder(tmp_path):
+    """With out in place, a leftover .old folder holds files already replaced (a kill after
+    the second rename), and a .tmp folder a save that never finished: both go, and out is
+    left byte for byte."""
+    make_folder(tmp_path / "out", NEW)
+    leave_leftovers(tmp_path, OLD)
+    checkpoint.clean_leftovers(tmp_path / "out", OURS)
+    assert tree(tmp_path) == inside("out", NEW)
+
+
+@pytest.mark.parametrize("leftover", [".out.abcd1234.old", ".out.0123abcd.tmp"])
+def test_clean_leftovers_keeps_a_file_it_was_not_given_the_name_of(tmp_path, capsys, leftover):
+    """A leftover holding a file of the user's is emptied of this project's files only, and
+    stays, with that file byte for byte, named in a warning on stderr."""
+    make_folder(tmp_path / "out", NEW)
+    make_folder(tmp_path / leftover, {**OLD, "thesis.txt": b"two years of work"})
+    checkpoint.clean_leftovers(tmp_path / "out", OURS)
+    assert tree(tmp_path) == {**inside("out", NEW), **inside(leftover, {"thesis.txt": b"two years of work"})}
+    warning = capsys.readouterr().err
+    assert str(tmp_path / leftover) in warning and "thesis.txt" in warning
+
+
+@pytest.mark.parametrize("out_present", [True, False], ids=["out present", "out missing"])
+def test_clean_leftovers_leaves_alone_what_only_looks_like_a_leftover(tmp_path, out_present):
+    """Only a folder named exactly .out.XXXXXXXX.old or .tmp (8 lower-case hex digits) is
+    replace_folder's: another pattern, a plain file of that name, another target's leftover,
+    or a link (which must not be followed to delete what it points to) are left as they are,
+    and none of them is renamed into out's place."""
+    if out_present:
+        make_folder(tmp_path / "out", NEW)
+    for name in (".out.xyz.old", ".out.ABCD1234.old", ".out.abcd12345.old", "out.abcd1234.old",
+                 ".out.abcd1234.old.bak", ".other.abcd1234.old", ".out.abcd1234.tmp.d"):
+        make_folder(tmp_path / name, OLD)
+    (tmp_path / ".out.abcd1234.old").write_bytes(b"a file, not a folder")
+    make_folder(tmp_path / "elsewhere", OLD)
+    (tmp_path / ".out.0123abcd.tmp").symlink_to("elsewhere")
+    expected = tree(tmp_path)
+    checkpoint.clean_leftovers(tmp_path / "out", OURS)
+    assert tree(tmp_path) == expected
+    checkpoint.clean_leftovers(tmp_path / "missing" / "out", OURS)  # a folder that is not there: no error
+    assert tree(tmp_path) == expected
+
+
+# ---------------------------------------------------------------------------
+# Downloading from the hub, against a fake hub on 127.0.0.1 (checkpoint.py, section 3,
+# states how the real one answers).
+
+COMMIT = "607a30d783dfa663caf39e06633721c8d4cfcd7e"  # the gpt2 commit many caches hold
+REPO_DIR = "models--openai-community--gpt2"  # its folder in the hub cache
+
+
+def git_blob_sha1(data):
+    """The ETag the hub gives files stored in git (config.json): git's object id."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class FakeHub:
+    files: dict  # filename -> bytes
+    repo: str = "openai-community/gpt2"  # where the files live; another name = a renamed repo
+    truncate: bool = False  # the CDN promises the whole file, sends half, hangs up
+    linked_etag: str = ""  # override X-Linked-Etag (a wrong sha256)
+    no_linked_etag: bool = False  # a hub that states no sha256: only the size can catch a cut
+    direct: bool = False  # a mirror that serves large files itself, 200 with a sha256 ETag
+    config_etag: str = ""  # override config.json's ETag (a wrong git blob sha1)
+    requests: list = field(default_factory=list)
+
+
+class FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    """Answers like huggingface.co; HTTP/1.0, so every connection closes after one answer."""
+
+    def do_HEAD(self):
+        self.answer(send_body=False)
+
+    def do_GET(self):
+        self.answer(send_body=True)
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def send(self, status, headers, body=b"", send_body=True):
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": headers.get("Content-Length", len(body))}.items():
+            self.send_header(key, str(value))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def answer(self, send_body):
+        hub = self.server.hub
+        hub.requests.append((self.command, self.path))
+        path = urllib.parse.urlsplit(self.path).path
+        m = re.fullmatch(r"/(.+)/resolve/main/([^/]+)", path)
+        if path.startswith("/cdn/") and path[5:] in hub.files:  # the CDN: its own, different ETag
+            data = hub.files[path[5:]]
+            headers = {"ETag": f'"{hashlib.sha256(b"cdn" + data).hexdigest()}"', "Content-Length": len(data)}
+            self.send(200, headers, data[: len(data) // 2] if hub.truncate else data, send_body)
+        elif m and m[1] != hub.repo:  # renamed repo: a relative redirect to the new hub path
+            self.send(307, {"Location": f"/{hub.repo}/resolve/main/{m[2]}"})
+        elif m and m[2] == "config.json":  # small file in git: 200 directly
+            data = hub.files["config.json"]
+            etag = hub.config_etag or git_blob_sha1(data)
+            self.send(200, {"ETag": f'"{etag}"', "X-Repo-Commit": COMMIT}, data, send_body)
+        elif m and m[2] in hub.files and hub.direct:  # a mirror: the bytes at once, sha256 as ETag
+            data = hub.files[m[2]]
+            etag = hub.linked_etag or hashlib.sha256(data).hexdigest()
+            self.send(200, {"ETag": f'"{etag}"', "X-Repo-Commit": COMMIT}, data, send_body)
+        elif m and m[2] in hub.files:  # LFS file: 302 to the CDN; the hub's facts only here
+            data, port = hub.files[m[2]], self.server.server_address[1]
+            cdn = f"http://localhost:{port}/cdn/{m[2]}?X-Amz-Signature=f00d"  # same server, another host name
+            headers = {"Location": cdn, "X-Linked-Size": len(data), "X-Repo-Commit": COMMIT,
+                       "X-Linked-Etag": f'"{hub.linked_etag or hashlib.sha256(data).hexdigest()}"'}
+            if hub.no_linked_etag:
+                del headers["X-Linked-Etag"]
+            self.send(302, headers)
+        else:
+            self.send(404, {"X-Error-Code": "EntryNotFound"})
+
+
+@contextlib.contextmanager
+def serving(hub, monkeypatch):
+    """Run the fake hub in a daemon thread with HF_ENDPOINT pointing at it; always shut it down."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
+    server.hub = hub
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def closed_port_url():
+    """A URL where nothing listens: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def files_under(root):
+    """Every file and symlink below root, relative to it, sorted."""
+    return sorted(str(Path(d, f).relative_to(root)) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache at $HF_HOME/hub under tmp_path; no other hub setting leaks in."""
+    for var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME", "HF_ENDPOINT",
+                "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    return tmp_path / "hf" / "hub"
+
+
+@pytest.fixture
+def no_network(hub_cache, monkeypatch):
+    """HF_ENDPOINT at a port where nothing listens: any download attempt fails at once."""
+    url = closed_port_url()
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    return url
+
+
+@pytest.fixture
+def tiny_repo(tiny, tiny_dir):
+    """(params, config, files) of the tiny checkpoint in the hub layout, as the hub would serve it."""
+    config, params = tiny
+    files = {name: (tiny_dir / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    return params, config, files
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"HF_HUB_CACHE": "/a", "HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/a"),
+    ({"HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/b/hub"),
+    ({"XDG_CACHE_HOME": "/c"}, "/c/huggingface/hub"),
+    ({"HOME": "/home/u"}, "/home/u/.cache/huggingface/hub"),
+])
+def test_hub_cache_dir_follows_huggingface_hub_precedence(monkeypatch, env, expected):
+    """The same order huggingface_hub uses, so an existing cache is found and reused."""
+    for var in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert Path(hub_cache_dir()) == Path(expected)
+
+
+def test_from_pretrained_gpt2_downloads_into_hub_cache_then_reuses_it_offline(hub_cache, tiny_repo, monkeypatch):
+    """The cache after a download looks like huggingface_hub's (blob named by sha256,
+    relative symlink, refs/main, files readable as open() makes them), and a second call
+    needs no network at all."""
+    params, config, files = tiny_repo
+    with serving(FakeHub(files), monkeypatch) as hub:
+        assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+        assert any("/cdn/model.safetensors" in path for _, path in hub.requests)
+        n_requests = len(hub.requests)
+        GPT.from_pretrained("gpt2")
+        assert len(hub.requests) == n_requests  # answered from the cache
+
+    sha256, sha1 = hashlib.sha256(files["model.safetensors"]).hexdigest(), git_blob_sha1(files["config.json"])
+    assert files_under(hub_cache) == sorted([
+        f"{REPO_DIR}/blobs/{sha256}", f"{REPO_DIR}/blobs/{sha1}", f"{REPO_DIR}/refs/main",
+        f"{REPO_DIR}/snapshots/{COMMIT}/config.json", f"{REPO_DIR}/snapshots/{COMMIT}/model.safetensors"])
+    repo = hub_cache / REPO_DIR
+    assert (repo / "refs" / "main").read_text().strip() == COMMIT
+    assert (repo / "blobs" / sha256).read_bytes() == files["model.safetensors"]
+    for name, blob in [("model.safetensors", sha256), ("config.json", sha1)]:
+        assert os.readlink(repo / "snapshots" / COMMIT / name) == f"../../blobs/{blob}"
+    for blob in (sha256, sha1):
+        assert (repo / "blobs" / blob).stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)  # server gone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+
+
+WRONG_SHA256 = hashlib.sha256(b"some other file").hexdigest()
+CORRUPT = "the file is corrupt: its sha256 is {sha256} but the hub says " + WRONG_SHA256
+CUT = "it stopped after {half} of {whole} bytes"
+DOWNLOAD_FAULTS = {  # what goes wrong: (how the fake hub answers, None: nothing listens; what the error says)
+    "nothing listening": (None, "Connection refused"),
+    "cut short, sha256 stated": (dict(truncate=True), CUT),
+    "cut short, only the size stated": (dict(truncate=True, no_linked_etag=True), CUT),
+    "a sha256 that is not the file's": (dict(linked_etag=WRONG_SHA256), CORRUPT),
+    "a mirror's sha256 ETag that is not the file's": (dict(direct=True, linked_etag=WRONG_SHA256), CORRUPT),
+}
+
+
+@pytest.mark.parametrize("fault", DOWNLOAD_FAULTS)
+def test_failed_download_raises_connection_error_saying_what_and_keeps_nothing(hub_cache, tiny_repo, monkeypatch,
+                                                                                fault):
+    """A download that fails, or brings bytes that are not the file the hub describes, is a
+    ConnectionError (an OSError, as a network failure is) naming the URL and what went wrong,
+    and nothing is cached: a half or corrupt file must never look like a cached model.
+    Without a stated sha256 only X-Linked-Size can tell a cut download from a whole one."""
+    _, _, files = tiny_repo
+    hub_options, problem = DOWNLOAD_FAULTS[fault]
+    weights = files["model.safetensors"]
+    problem = problem.format(half=len(weights) // 2, whole=len(weights), sha256=hashlib.sha256(weights).hexdigest())
+    with contextlib.ExitStack() as stack:
+        if hub_options is None:
+            monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+        else:
+            stack.enter_context(serving(FakeHub(files, **hub_options), monkeypatch))
+        with pytest.raises(ConnectionError) as err:
+            GPT.from_pretrained("gpt2")
+    url = f"{os.environ['HF_ENDPOINT']}/openai-community/gpt2/resolve/main/model.safetensors"
+    assert str(err.value).startswith(f"could not download {url}: ") and problem in str(err.value)
+    assert files_under(hub_cache.parent) == []
+
+
+def test_config_json_not_matching_its_git_blob_sha1_is_not_kept(hub_cache, tiny_repo, monkeypatch, capsys):
+    """config.json's ETag is git's blob id of its bytes: a mismatch is reported and the file
+    is not kept. The weights, already verified, stay; the known gpt2 config then stands in,
+    which these tiny weights do not fit, so loading them fails."""
+    _, _, files = tiny_repo
+    with serving(FakeHub(files, config_etag=git_blob_sha1(b"another config")), monkeypatch), \
+            pytest.raises(ValueError, match="missing tensor.*of the configured size"):
+        GPT.from_pretrained("gpt2")
+    assert "corrupt: its git blob sha1" in capsys.readouterr().err
+    sha256 = hashlib.sha256(files["model.safetensors"]).hexdigest()
+    assert files_under(hub_cache) == sorted([f"{REPO_DIR}/blobs/{sha256}", f"{REPO_DIR}/refs/main",
+                                             f"{REPO_DIR}/snapshots/{COMMIT}/model.safetensors"])
+
+
+def test_a_whole_download_without_a_stated_sha256_goes_straight_into_the_snapshot(hub_cache, tiny_repo,
+                                                                                   monkeypatch):
+    """With no hash from the hub there is no blob name, and the CDN's own ETag must not be
+    taken for one: the checked-by-size file is kept as a plain file in the snapshot."""
+    params, _, files = tiny_repo
+    with serving(FakeHub(files, no_linked_etag=True), monkeypatch):
+        assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+    weights = hub_cache / REPO_DIR / "snapshots" / COMMIT / "model.safetensors"
+    assert not weights.is_symlink() and weights.read_bytes() == files["model.safetensors"]
+    assert files_under(hub_cache / REPO_DIR / "blobs") == [git_blob_sha1(files["config.json"])]
+
+
+def test_a_mirror_serving_files_directly_is_checked_by_its_sha256_etag(hub_cache, tiny_repo, monkeypatch):
+    """HF_ENDPOINT may be a mirror that answers 200 with the bytes and a 64-hex ETag: that ETag
+    is the sha256 to check (a wrong one is refused, above), and names the blob, while a 40-hex
+    one is git's blob id."""
+    params, _, files = tiny_repo
+    with serving(FakeHub(files, direct=True), monkeypatch):
+        assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+    assert files_under(hub_cache / REPO_DIR / "blobs") == sorted([
+        hashlib.sha256(files["model.safetensors"]).hexdigest(), git_blob_sha1(files["config.json"])])
+
+
+@pytest.mark.parametrize("where", ["a file where the cache should be", "a full disk during the download"])
+def test_a_cache_that_cannot_be_written_is_an_os_error_saying_where_and_what_to_set(tmp_path, hub_cache, tiny_repo,
+                                                                                     monkeypatch, where):
+    """Not the network's fault, so not a ConnectionError: an OSError naming the cache folder,
+    the system's reason, and the variables that move the cache. A download cut by a full
+    disk keeps nothing of what it had written."""
+    _, _, files = tiny_repo
+    with contextlib.ExitStack() as stack:
+        if where == "a file where the cache should be":
+            (tmp_path / "not-a-folder").write_text("")
+            monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "not-a-folder" / "hub"))
+            monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+            cache, reason = tmp_path / "not-a-folder" / "hub", os.strerror(errno.ENOTDIR)
+        else:
+            def disk_fills(response, f, url, expected_size):  # the disk is full after 100 bytes
+                f.write(response.read(100))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            monkeypatch.setattr(checkpoint, "stream_to_file", disk_fills)
+            stack.enter_context(serving(FakeHub(files), monkeypatch))
+            cache, reason = hub_cache, os.strerror(errno.ENOSPC)
+        with pytest.raises(OSError) as err:
+            GPT.from_pretrained("gpt2")
+    assert not isinstance(err.value, ConnectionError)
+    assert str(err.value).startswith(f"cannot write to the Hugging Face cache at {cache / REPO_DIR} ({reason}); ")
+    assert "HF_HUB_CACHE or HF_HOME" in str(err.value)
+    assert files_under(hub_cache.parent) == []
+
+
+def test_from_pretrained_follows_relative_redirect_of_renamed_repo(hub_cache, tiny_repo, monkeypatch):
+    """A renamed repo answers 307 with a relative Location on the hub itself."""
+    params, _, files = tiny_repo
+    with serving(FakeHub(files, repo="openai-community/gpt2-renamed"), monkeypatch) as hub:
+        model = GPT.from_pretrained("gpt2")
+    assert any(path.startswith("/openai-community/gpt2-renamed/") for _, path in hub.requests)
+    assert_matches_numpy(model, params)
+
+
+@pytest.mark.parametrize("value", ["1", "on", "Yes", "TRUE"])
+def test_offline_and_not_cached_raises_file_not_found_saying_where_to_put_it(hub_cache, no_network, monkeypatch,
+                                                                             value):
+    """Offline means no network, whichever way HF_HUB_OFFLINE says yes; the message says
+    where in the cache the file should be."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    with pytest.raises(FileNotFoundError) as err:
+        GPT.from_pretrained("gpt2")
+    assert str(hub_cache / REPO_DIR / "snapshots" / "<commit>" / "model.safetensors") in str(err.value)
+
+
+def test_existing_hub_cache_is_used_without_network_preferring_refs_main(tmp_path, hub_cache, no_network,
+                                                                          tiny_repo):
+    """A cache made by huggingface_hub is reused as is; of several snapshots, refs/main's wins."""
+    params, config, files = tiny_repo
+    stale = write_checkpoint(tmp_path / "stale", random_gpt2_params(config, seed=7), config)
+    repo = hub_cache / REPO_DIR
+    for commit, model_bytes in [("1" * 40, (stale / "model.safetensors").read_bytes()),
+                                ("5" * 40, files["model.safetensors"]),
+                                ("9" * 40, (stale / "model.safetensors").read_bytes())]:
+        sha256 = hashlib.sha256(model_bytes).hexdigest()
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / sha256).write_bytes(model_bytes)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "model.safetensors").symlink_to(f"../../blobs/{sha256}")
+        (repo / "snapshots" / commit / "config.json").write_bytes(files["config.json"])
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("5" * 40)
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+
+
+def test_cache_under_the_old_gpt2_repo_name_is_reused(hub_cache, no_network, tiny_repo):
+    """transformers' from_pretrained("gpt2") cached it as models--gpt2 (before the rename to
+    openai-community/gpt2); that copy is found too, with no network."""
+    params, _, files = tiny_repo
+    snapshot = hub_cache / "models--gpt2" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)  # copies, as on systems without symlinks
+    assert_matches_numpy(GPT.from_pretrained("gpt2"), params)
+
+
+@needs_cuda
+def test_model_on_cuda_matches_numpy_gpt2_and_decodes_the_same_tokens(tiny, tiny_dir):
+    """The GPU path loads onto the GPU and computes the same GPT-2 as the numpy forward pass,
+    to float32 rounding (PyTorch keeps TF32 off for float32 matmuls unless asked)."""
+    config, params = tiny
+    model = GPT.from_pretrained(str(tiny_dir), device="cuda")
+    assert all(p.is_cuda for p in model.parameters())
+    assert model.lm_head.weight is model.transformer.wte.weight  # .to("cuda") kept the tie
+    idx = random_tokens()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(idx, device="cuda")).double().cpu().numpy()
+    np.testing.assert_allclose(logits, numpy_logits(params, config["n_head"], idx), rtol=0, atol=1e-4)
+    prompt = random_tokens(B=2, T=5)
+    out = model.generate(torch.as_tensor(prompt, device="cuda"), max_new_tokens=10, temperature=0)
+    for row, p in zip(out.tolist(), prompt):
+        assert row == numpy_greedy(params, config["n_head"], p, 10)
+
+
+# ---------------------------------------------------------------------------
+# Cross-checks with Hugging Face's own libraries. The project never needs them and CI does
+# not install them; where they are installed, these check the hand-written safetensors code
+# and the weight mapping against the implementations everyone else uses.
+
+def test_safetensors_library_reads_our_files_and_we_read_its_files(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch", reason="cross-check needs the safetensors package")
+    tensors = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3).bfloat16(),
+               "f64": torch.randn(2, dtype=torch.float64), "i64": torch.tensor([1, -2, 2**40]),
+               "i8": torch.tensor([-128, 127, -1], dtype=torch.int8), "bool": torch.tensor([True, False])}
+    save_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt", "note": "x"})
+    theirs = safetensors_torch.load_file(str(tmp_path / "ours.safetensors"))
+    assert set(theirs) == set(tensors)
+    assert all(theirs[k].dtype == t.dtype and torch.equal(theirs[k], t) for k, t in tensors.items())
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+
+    safetensors_torch.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+    ours = load_safetensors(tmp_path / "theirs.safetensors")
+    assert set(ours) == set(tensors)
+    assert all(ours[k].dtype == t.dtype and torch.equal(ours[k], t) for k, t in tensors.items())
+
+
+def transformers_gpt2():
+    """A GPT2LMHeadModel of TINY's shape with weights far from their initialisation."""
+    transformers = pytest.importorskip("transformers", reason="cross-check needs the transformers package")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # non-trivial layer norms and biases too
+            p.normal_(0.0, 0.3)
+    return transformers, hf
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(torch.as_tensor(idx)).logits.double().numpy()
+
+
+def test_transformers_gpt2_checkpoint_loads_with_the_same_logits(tmp_path):
+    """transformers' own save_pretrained output (its real layout, not our imitation of it)
+    loads here, and this GPT-2 computes transformers' GPT-2 logits."""
+    _, hf = transformers_gpt2()
+    hf.save_pretrained(tmp_path / "hf")
+    model = GPT.from_pretrained(str(tmp_path / "hf"))
+    idx = random_tokens()
+    np.testing.assert_allclose(model_logits(model, idx), hf_logits(hf, idx), rtol=0, atol=1e-4)
+
+
+def test_transformers_gpt2_loads_what_save_pretrained_writes(tmp_path):
+    """The other way: transformers reads save_pretrained's hub-layout files as GPT-2."""
+    transformers, hf = transformers_gpt2()
+    hf.save_pretrained(tmp_path / "hf")
+    GPT.from_pretrained(str(tmp_path / "hf")).save_pretrained(tmp_path / "ours")
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    idx = random_tokens()
+    np.testing.assert_array_equal(hf_logits(again, idx), hf_logits(hf, idx))

@@ -10,15 +10,16 @@ than it must. Four more pairs in the same flipped style are held out, never trai
 to ask whether the model learned a preference or memorised four pairs.
 
     python train_toy.py                  # GPT-2 124M (downloads ~548 MB once)
-    python train_toy.py --model tiny     # offline, seconds on a CPU
+    python train_toy.py --model tiny     # a small stand-in, seconds on a CPU
     python train_toy.py --data pairs.jsonl --eval-fraction 0.1    # your own pairs
+    torchrun --standalone --nproc_per_node=4 train_toy.py --data pairs.jsonl ...   # 4 GPUs
 
 `--model tiny` stands in for pretrained GPT-2 the way the real pipeline does it: a
 small GPT with the GPT-2 tokenizer first gets a short supervised warm-up (SFT) on each
 prompt + its *rejected* (intuitive) completion, held-out prompts included, which becomes
-the reference; DPO then flips it on the training pairs only. The run goes: measure which
-completion the model prefers, train, measure again with the same function, report, save
-(save_pretrained and metrics.jsonl, whose last line is a summary, to --out).
+the reference; DPO then flips it on the training pairs only. run() at the end of this
+file is the experiment: prepare, measure which completion the model prefers, train,
+measure again with the same function, report, save.
 
 Read first: model.py, dpo.py. Read next: test_dpo.py.
 """
@@ -26,22 +27,31 @@ Read first: model.py, dpo.py. Read next: test_dpo.py.
 import os
 
 # Same seed, same numbers, in every process: on x86 CPUs PyTorch's matrix products go through
-# MKL, which now and then takes another code path in a new process unless told to be strict.
+# MKL, which now and then takes another code path in a new process unless told to be strict;
+# on CUDA, cuBLAS needs a fixed workspace for deterministic products (main() asks PyTorch for
+# deterministic kernels there). Both are read when the libraries start, hence here.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import resource
+import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
+import checkpoint
 import dpo
-from model import GPT, GPT2_MODELS, GPTConfig, write_atomically
+from model import GPT, GPT2_MODELS, GPTConfig, hf_state_dict
 
 TOY_PAIRS = [
     {"prompt": "The cat sat on the", "chosen": " bed and barked for a long time.", "rejected": " mat and purred."},
@@ -72,279 +82,18 @@ DEFAULTS = {
 }
 SFT_STEPS, SFT_LR, SFT_BATCH = 60, 3e-3, 8  # the tiny model's warm-up: steps of 8 sequences
 SHOWN = 4  # pairs shown in each table and with greedy completions; every pair is counted
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# What a run writes into --out. A save writes them all at once (checkpoint.replace_folder);
+# the last two only with --save-every, so that --resume can continue from there.
+OUT_FILES = ("config.json", "model.safetensors", "metrics.jsonl", "reference.safetensors", "resume.pt")
+# What --resume refuses to change: the numbers a run computes depend on them.
+RESUME_MUST_MATCH = ("model", "loss", "beta", "label_smoothing", "average_logps", "lr", "epochs", "batch_size",
+                     "seed", "dtype", "warmup_steps", "lr_decay")
 
 
 # -----------------------------------------------------------------------------
-# Inputs: data, tokenizer, device, model
-
-def load_pairs(path, option="--data"):
-    """Preference pairs from a .jsonl file: one {"prompt", "chosen", "rejected"} object per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{option} {path}: not a file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    pairs = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            pair = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-        if not isinstance(pair, dict):
-            raise ValueError(f"{path} line {number}: expected a JSON object with prompt, chosen, rejected")
-        for field in ("prompt", "chosen", "rejected"):
-            if not isinstance(pair.get(field), str) or not pair[field]:
-                raise ValueError(f"{path} line {number}: field {field!r} must be a non-empty string, "
-                                 f"got {pair.get(field)!r}")
-        pairs.append({"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"],
-                      "line": number})
-    if not pairs:
-        raise ValueError(f"{path}: no preference pairs in the file (it is empty)")
-    return pairs
-
-
-def split_off_eval(pairs, fraction, seed):
-    """(training pairs, held-out pairs): a seeded random fraction of the pairs is held out.
-    The two are disjoint, and each keeps the file's order."""
-    n_eval = round(fraction * len(pairs))
-    if not 1 <= n_eval < len(pairs):
-        raise ValueError(f"--eval-fraction {fraction} of {len(pairs)} pairs holds out {n_eval}; it must leave "
-                         "at least one pair for training and one for evaluation")
-    held_out = set(torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:n_eval].tolist())
-    return ([p for i, p in enumerate(pairs) if i not in held_out],
-            [p for i, p in enumerate(pairs) if i in held_out])
-
-
-def load_tokenizer():
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken raises several kinds when its files cannot be fetched
-        raise RuntimeError(
-            f"could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). Offline, point "
-            "TIKTOKEN_CACHE_DIR at a folder that holds tiktoken's gpt2 files") from None
-
-
-def pairs_that_fit(enc, pairs, source, context, max_length):
-    """The pairs that fit the model's context, and their tokens (dpo.encode_pairs). A pair
-    longer than the context is an error, unless --max-length N is given: then every pair whose
-    longer row (prompt + completion) has more than N tokens is left out, and the caller says
-    how many."""
-    if max_length is not None and max_length > context:
-        raise ValueError(f"--max-length {max_length} is longer than the model's context of {context} tokens")
-    encoded = dpo.encode_pairs(enc, pairs)
-    too_long = {i for i, e in enumerate(encoded) if dpo.longest_row(e) > (max_length or context)}
-    if too_long and max_length is None:
-        i = min(too_long)
-        where = f"line {pairs[i]['line']}" if "line" in pairs[i] else f"pair {i + 1}"
-        raise ValueError(
-            f"{source} {where}: prompt + completion is {dpo.longest_row(encoded[i])} tokens, longer than the "
-            f"model's context of {context} ({len(too_long)} of {len(pairs)} pairs are); shorten them, or pass "
-            f"--max-length {context} to leave such pairs out")
-    if len(too_long) == len(pairs):
-        raise ValueError(f"{source}: all {len(pairs)} pairs are longer than --max-length {max_length}")
-    kept = [i for i in range(len(pairs)) if i not in too_long]
-    return [pairs[i] for i in kept], [encoded[i] for i in kept]
-
-
-def mps_is_available():
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def resolve_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu; a device asked for by name must exist."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' asked for, but this torch sees no CUDA GPU (a CPU-only build, or no driver)")
-    if name == "mps" and not mps_is_available():
-        raise RuntimeError("device 'mps' asked for, but MPS (Apple GPU) is not available here")
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if mps_is_available() else "cpu")
-
-
-def load_policy(args, device):
-    if args.model == "tiny":
-        return GPT(GPTConfig(**TINY_CONFIG)).to(device)
-    if args.init == "random":
-        return GPT(GPTConfig(**GPT2_MODELS[args.model])).to(device)
-    if args.weights:
-        return GPT.from_pretrained(args.weights, device=device)
-    try:
-        return GPT.from_pretrained(args.model, device=device)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise type(e)(f"{e}\nTo run without the download: --weights path/to/model.safetensors, "
-                      "--init random (random weights), or --model tiny (offline, seconds).") from None
-
-
-def sft_warmup(model, encoded, steps, lr, seed, log):
-    """Next-token training on prompt + rejected completion: the tiny model's 'pretraining',
-    after which, like GPT-2, it finds the intuitive completions likely. Batches of SFT_BATCH
-    sequences, each padded to its own longest row by dpo.pad_rows; the whole sequence is the
-    'completion' there, so every token after the first is a target."""
-    sequences = [([], prompt_ids + rejected_ids) for prompt_ids, _, rejected_ids in encoded]
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    while len(batches) < steps:  # shuffled passes over the sequences
-        order = torch.randperm(len(sequences), generator=generator).tolist()
-        batches += [order[i:i + SFT_BATCH] for i in range(0, len(order), SFT_BATCH)]
-    device = next(model.parameters()).device
-    optimizer = dpo.make_optimizer(model, lr)
-    model.train()
-    for step, index in enumerate(batches[:steps], start=1):
-        ids, mask = (x.to(device) for x in dpo.pad_rows([sequences[i] for i in index]))
-        loss = -dpo.completion_logps(model, ids, mask).sum() / mask[:, 1:].sum()  # mean next-token NLL
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 20 == 0 or step == 1:
-            record = {"phase": "sft", "step": step, "loss": loss.item()}
-            log(record, f"sft step {step:3d} | loss {record['loss']:.4f}")
-    model.eval()
-
-
-# -----------------------------------------------------------------------------
-# Measuring the model
-
-def progress_printer(label, every_s=10.0):
-    """A progress(done, total) callback for long phases: a line at most every every_s seconds."""
-    start = last = time.perf_counter()
-
-    def progress(done, total):
-        nonlocal last
-        now = time.perf_counter()
-        if now - last >= every_s:
-            print(f"  {label}: {done:,}/{total:,} pairs, {now - start:.0f} s", flush=True)
-            last = now
-    return progress
-
-
-def measure(model, encoded, args, label):
-    """log pi(chosen|x) and log pi(rejected|x) of every pair, (N,) each: before training (where
-    the policy is the reference) and after, the same function both times."""
-    return dpo.pair_logps(model, encoded, args.batch_size, args.average_logps, progress=progress_printer(label))
-
-
-def as_lists(logps):
-    """measure's two tensors as {"chosen": [...], "rejected": [...]}, for the report and metrics.jsonl."""
-    chosen, rejected = logps
-    return {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
-
-
-def count_preferred(logps):
-    """How many pairs' chosen completion is more likely than the rejected one."""
-    return sum(c > r for c, r in zip(logps["chosen"], logps["rejected"]))
-
-
-@torch.no_grad()
-def greedy_completion(model, enc, prompt, max_new_tokens=12):
-    device = next(model.parameters()).device
-    ids = torch.tensor([enc.encode(prompt)], device=device)
-    out = model.generate(ids, max_new_tokens, temperature=0)[0, ids.size(1):].tolist()
-    if enc.eot_token in out:
-        out = out[:out.index(enc.eot_token)]
-    return enc.decode(out)
-
-
-@contextlib.contextmanager
-def repeatable(device):
-    """Same seed, same device: same numbers, on a GPU too. The CPU kernels used here are
-    deterministic; on CUDA, some backward kernels (memory-efficient attention, the index_put
-    behind logits_at) add up with atomics in whatever order threads finish, so the last bits
-    can differ between runs unless PyTorch is told to use its deterministic kernels. The
-    cuBLAS setting is the one PyTorch's reproducibility notes ask for."""
-    if device.type != "cuda":
-        yield
-        return
-    was_on = torch.are_deterministic_algorithms_enabled()
-    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    was_workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:  # as it was: main() can run inside a longer program (the tests)
-        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
-        if was_workspace is None:
-            del os.environ["CUBLAS_WORKSPACE_CONFIG"]
-
-
-def peak_memory_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-# -----------------------------------------------------------------------------
-# Printing
-
-def print_table(title, pairs, before, after, beta, averaged):
-    """The first SHOWN pairs: log-probs before -> after, which completion each prefers, and the
-    implicit rewards (DPO paper, Eq. 5; `before` is also the reference's log-probs)."""
-    per = " / token" if averaged else ""  # --average-logps: means over the tokens, and so are the rewards
-    print(f"{title:<46} {'log pi(chosen)' + per:>22} {'log pi(rejected)' + per:>22} {'prefers':>17} "
-          f"{'reward c / r':>15}")
-    print(f"{'':<46} {'before -> after':>22} {'before -> after':>22} {'before -> after':>17}")
-    for i, pair in enumerate(pairs[:SHOWN]):
-        c0, c1, r0, r1 = before["chosen"][i], after["chosen"][i], before["rejected"][i], after["rejected"][i]
-        prefers = lambda c, r: "chosen" if c > r else "rejected"
-        print(f"{pair['prompt'][:45]:<46} {c0:>9.2f} -> {c1:>9.2f} {r0:>9.2f} -> {r1:>9.2f} "
-              f"{prefers(c0, r0):>8} -> {prefers(c1, r1):<8}{beta * (c1 - c0):>+7.2f} / {beta * (r1 - r0):+.2f}")
-    if len(pairs) > SHOWN:
-        print(f"  ... and {len(pairs) - SHOWN:,} more pairs, not shown (all are counted below)")
-
-
-def format_numbers(m):
-    return (f"loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.2f} | margin {m['margin']:+.3f} | "
-            f"chosen {m['chosen_reward']:+.3f} | rejected {m['rejected_reward']:+.3f}")
-
-
-def format_step(m, n_steps):
-    return f"step {m['step']:3d}/{n_steps} (epoch {m['epoch']}) | " + format_numbers(m)
-
-
-def format_eval(m):
-    # the exact KL is >= 0, but rounding can give -1e-9
-    return f"eval at step {m['step']:3d} (held out) | " + format_numbers(m) + f" | kl {max(m['kl'], 0.0):.4f}"
-
-
-def import_pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
-    return plt
-
-
-def save_plot(history, evals, path, loss_type):
-    """The loss (training steps and held-out evaluations) and the implicit rewards of the training steps."""
-    plt = import_pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot([m["step"] for m in history], [m["loss"] for m in history], label="training batch")
-    if evals:
-        ax1.plot([m["step"] for m in evals], [m["loss"] for m in evals], "o--", label="held-out pairs")
-    ax1.set(xlabel="step", ylabel="loss", title=f"{loss_type.upper()} loss")
-    ax1.legend()
-    ax2.plot([m["step"] for m in history], [m["chosen_reward"] for m in history], label="chosen")
-    ax2.plot([m["step"] for m in history], [m["rejected_reward"] for m in history], label="rejected")
-    ax2.axhline(0.0, color="gray", linewidth=0.5)
-    ax2.set(xlabel="step", ylabel="beta * log(pi / pi_ref)", title="implicit rewards (training batch)")
-    ax2.legend()
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
-# The experiment
+# Options
 
 def positive(kind):
     """An argparse type: a finite number > 0 of this kind."""
@@ -370,72 +119,490 @@ def parse_args(argv=None):
             f"{k}: lr {v['lr']}, {v['epochs']} epochs, beta {v['beta']['dpo']} (dpo) / {v['beta']['ipo']} (ipo)"
             for k, v in DEFAULTS.items())
         + f" (gpt2-medium/large/xl as gpt2); tiny first runs {SFT_STEPS} SFT steps at lr {SFT_LR}.")
-    parser.add_argument("--model", default="gpt2", choices=[*GPT2_MODELS, "tiny"],
-                        help="GPT-2 size to load, or 'tiny' for the offline stand-in (default gpt2)")
-    parser.add_argument("--weights", help="a local model.safetensors (or a folder with one) to load instead of downloading")
-    parser.add_argument("--init", default="pretrained", choices=["pretrained", "random"],
-                        help="'random': the --model's shapes with random weights (times the real sizes offline)")
-    parser.add_argument("--loss", default="dpo", choices=["dpo", "ipo"], help="DPO (Eq. 7) or IPO (Eq. 17)")
-    parser.add_argument("--beta", type=positive(float), help="strength of the pull towards the reference (see below)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's eps (0)")
-    parser.add_argument("--average-logps", action="store_true",
-                        help="log pi(y|x) as the mean over the completion's tokens, not the sum (the paper's)")
-    parser.add_argument("--lr", type=positive(float), help="AdamW learning rate (see below)")
-    parser.add_argument("--epochs", type=positive(int), help="passes over the training pairs (see below)")
-    parser.add_argument("--batch-size", type=positive(int), default=2,
-                        help="pairs per step, and per batch when measuring and evaluating (2)")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same device: same numbers (0)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--data", help="a .jsonl of {prompt, chosen, rejected} objects (default: the four toy pairs)")
+    add = parser.add_argument
+    add("--model", default="gpt2", choices=[*GPT2_MODELS, "tiny"],
+        help="GPT-2 size to load, or 'tiny' for the small stand-in (default gpt2)")
+    add("--weights", help="a local model.safetensors (or a folder with one) to load instead of downloading")
+    add("--init", default="pretrained", choices=["pretrained", "random"],
+        help="'random': the --model's shapes with random weights (times the real sizes offline)")
+    add("--loss", default="dpo", choices=["dpo", "ipo"], help="DPO (Eq. 7) or IPO (Eq. 17)")
+    add("--beta", type=positive(float), help="strength of the pull towards the reference (see below)")
+    add("--label-smoothing", type=float, default=0.0, help="conservative DPO's eps, in [0, 0.5) (0)")
+    add("--average-logps", action="store_true",
+        help="log pi(y|x) as the mean over the completion's tokens, not the sum (the paper's)")
+    add("--lr", type=positive(float), help="AdamW's peak learning rate (see below)")
+    add("--warmup-steps", type=int, default=0, help="steps of linear warmup from 0 to --lr (0)")
+    add("--lr-decay", default="none", choices=["none", "linear"], help="after the warmup: constant, or linear to 0")
+    add("--epochs", type=positive(int), help="passes over the training pairs (see below)")
+    add("--batch-size", type=positive(int), default=2,
+        help="pairs per optimizer step, over all micro-batches and processes; per batch when measuring (2)")
+    add("--grad-accum", type=positive(int), default=1, help="micro-batches per step and process (1)")
+    add("--seed", type=int, default=0, help="same seed, same device: same numbers (0)")
+    add("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if there is one, else mps, else cpu")
+    add("--dtype", choices=list(DTYPES), help="the forward passes' precision under autocast; weights, optimizer "
+        "and log-prob sums stay float32 (default: bfloat16 on a GPU that has it, else float32)")
+    add("--data", help="a .jsonl of {prompt, chosen, rejected} objects, or HH-RLHF's {chosen, rejected} "
+        "dialogues (default: the four toy pairs)")
     held_out = parser.add_mutually_exclusive_group()
     held_out.add_argument("--eval-data", help="held-out pairs, a .jsonl like --data (default with the toy "
-                                              "pairs: four held-out toy pairs)")
+                          "pairs: four held-out toy pairs)")
     held_out.add_argument("--eval-fraction", type=fraction, help="hold out this seeded fraction of --data")
-    parser.add_argument("--eval-every", type=positive(int), help="evaluate every N steps (default: at the start "
-                                                                 "and the end only)")
-    parser.add_argument("--max-length", type=positive(int),
-                        help="leave out pairs with a row (prompt + completion) longer than this many tokens")
-    parser.add_argument("--out", default="out/toy-dpo", help="where the trained policy and metrics.jsonl go")
-    parser.add_argument("--plot", help="save loss and reward curves to this .png (needs matplotlib)")
+    add("--eval-every", type=positive(int), help="evaluate every N steps (default: at the start and the end only)")
+    add("--max-length", type=positive(int),
+        help="leave out pairs with a row (prompt + completion) longer than this many tokens")
+    add("--out", default="out/toy-dpo", help="the run's folder (default out/toy-dpo): the trained policy "
+        "(config.json, model.safetensors) and metrics.jsonl, plus reference.safetensors and resume.pt with "
+        "--save-every. It must be missing, empty, or an earlier run's, whose files are replaced; nothing else "
+        "in it is ever touched, and a folder holding other files is refused. Each save replaces all its files "
+        "at once: a run stopped at any moment leaves the last save whole")
+    add("--save-every", type=positive(int), help="save a checkpoint that --resume continues from every N steps "
+        "(and at the end)")
+    add("--resume", action="store_true", help="continue the run whose checkpoint is in --out, with its options")
+    add("--plot", help="save loss and reward curves to this .png (needs matplotlib)")
     args = parser.parse_args(argv)
+
     defaults = DEFAULTS["tiny" if args.model == "tiny" else "gpt2"]
     args.lr = defaults["lr"] if args.lr is None else args.lr
     args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
     args.beta = defaults["beta"][args.loss] if args.beta is None else args.beta
-    try:  # dpo_loss's own checks of beta, --loss and --label-smoothing, on dummy log-probs, before anything loads
-        dpo.dpo_loss(*torch.zeros(4, 1), beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.model == "tiny" and (args.weights or args.init == "random"):
-        parser.error("--model tiny is always built here; --weights and --init are for the GPT-2 sizes")
-    if args.weights and args.init == "random":
-        parser.error("--weights loads weights and --init random makes new ones: pick one")
-    if args.eval_every and args.data and not (args.eval_data or args.eval_fraction):
-        parser.error("--eval-every evaluates held-out pairs: with --data, give --eval-data or --eval-fraction too")
-    if args.eval_fraction and not args.data:
-        parser.error("--eval-fraction holds out part of --data; the toy pairs come with held-out pairs of their own")
-    existing = next(p for p in [Path(args.out).absolute(), *Path(args.out).absolute().parents] if p.exists())
-    if not existing.is_dir():
-        parser.error(f"--out {args.out}: {existing} is a file; --out must be a folder (created if missing)")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else
+                                  "mps" if torch.backends.mps.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    out = Path(args.out).absolute()
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    for wrong, message in [
+        (args.model == "tiny" and (args.weights or args.init == "random"),
+         "--model tiny is always built here; --weights and --init are for the GPT-2 sizes"),
+        (args.weights and args.init == "random", "--weights loads weights and --init random makes new ones: pick one"),
+        (not 0 <= args.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}"),
+        (args.loss == "ipo" and args.label_smoothing, "--label-smoothing is for --loss dpo; IPO is already robust "
+                                                      "to noisy labels"),
+        (args.eval_every and args.data and not (args.eval_data or args.eval_fraction),
+         "--eval-every evaluates held-out pairs: with --data, give --eval-data or --eval-fraction too"),
+        (args.eval_fraction and not args.data,
+         "--eval-fraction holds out part of --data; the toy pairs come with held-out pairs of their own"),
+        (args.warmup_steps < 0, "--warmup-steps must be 0 or more"),
+        (args.device == "cuda" and not torch.cuda.is_available(),
+         "--device cuda: this torch sees no CUDA GPU (a CPU-only build, or no driver)"),
+        (args.device == "mps" and not torch.backends.mps.is_available(), "--device mps: MPS is not available here"),
+        (not existing.is_dir(), f"--out {args.out}: {existing} is a file; --out must be a folder (created if missing)"),
+        (Path.cwd().resolve().is_relative_to(out.resolve()), f"--out {args.out} is the folder you are in, or holds "
+                                                             "it; give a folder of its own, such as out/run1"),
+        (args.plot and Path(args.plot).absolute().is_relative_to(out), "--plot must be outside --out, "
+                                                                      "which holds the run's own files only"),
+    ]:
+        if wrong:
+            parser.error(message)
     return args
 
 
-def describe_model(args, policy, device):
-    if args.model == "tiny":
-        origin = "random init, then SFT"
-    elif args.init == "random":
-        origin = "random init"
+# -----------------------------------------------------------------------------
+# Data: every line checked, tokenised included, before any model is built
+
+@dataclass
+class Pairs:
+    """Preference pairs as read (dicts holding the texts) and as token ids, in one order."""
+    texts: list
+    tokens: list
+    source: str  # where they come from, for messages
+
+
+def load_tokenizer():
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises several kinds when its files cannot be fetched
+        raise OSError(f"could not load GPT-2's tokenizer ({type(e).__name__}): tiktoken fetches its two files "
+                      "(vocab.bpe and encoder.json, about 1.5 MB) once, from the network.\n"
+                      "Offline, copy them into a folder and set TIKTOKEN_CACHE_DIR to it (README.md, Offline).") from None
+
+
+def read_pairs(path, enc, option="--data"):
+    """Pairs from a .jsonl file, one JSON object a line: {"prompt", "chosen", "rejected"}, or
+    HH-RLHF's {"chosen", "rejected"}, two whole dialogues whose shared beginning is the
+    prompt (dpo.split_prompt). An error names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path}: " + ("not a file" if path.exists() else "no such file"))
+    texts, tokens = [], []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8").removeprefix("\ufeff" if number == 1 else "")  # a Windows editor's BOM
+                if not text.strip():
+                    continue
+                pair = json.loads(text)
+                if not isinstance(pair, dict):
+                    raise ValueError("expected a JSON object with prompt, chosen, rejected")
+                if "prompt" not in pair:  # HH-RLHF
+                    pair = dict(zip(("prompt", "chosen", "rejected"), dpo.split_prompt(
+                        dpo.text_field(pair, "chosen"), dpo.text_field(pair, "rejected"))))
+                tokens.append(dpo.encode_pair(enc, pair))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+            except ValueError as e:
+                raise ValueError(f"{path} line {number}: {e}") from None
+            texts.append({"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"],
+                          "line": number})
+    if not texts:
+        raise ValueError(f"{path}: no preference pairs in the file (it is empty)")
+    return Pairs(texts, tokens, str(path))
+
+
+def split_off_eval(pairs, fraction, seed):
+    """(training pairs, held-out pairs): a seeded random fraction held out. The two parts are
+    disjoint, and each keeps the file's order."""
+    n_eval = round(fraction * len(pairs.texts))
+    if not 1 <= n_eval < len(pairs.texts):
+        raise ValueError(f"--eval-fraction {fraction} of {len(pairs.texts)} pairs holds out {n_eval}; it must "
+                         "leave at least one pair for training and one for evaluation")
+    held_out = set(torch.randperm(len(pairs.texts), generator=torch.Generator().manual_seed(seed))[:n_eval].tolist())
+    return tuple(Pairs(*([x for i, x in enumerate(column) if (i in held_out) == part]
+                         for column in (pairs.texts, pairs.tokens)), pairs.source) for part in (False, True))
+
+
+def read_data(args, enc):
+    """(training pairs, held-out pairs) from --data, --eval-data, --eval-fraction, or the toy pairs."""
+    if args.data:
+        train = read_pairs(args.data, enc)
+        if args.eval_fraction:
+            return split_off_eval(train, args.eval_fraction, args.seed)
     else:
-        origin = args.weights or "pretrained"
-    n_params = sum(p.numel() for p in policy.parameters())
-    return (f"model {args.model} ({origin}): {policy.config.n_layer} layers, {policy.config.n_embd} wide, "
-            f"{n_params:,} parameters, on {device}")
+        train = Pairs(TOY_PAIRS, dpo.encode_pairs(enc, TOY_PAIRS), "the toy pairs")
+    if args.eval_data:
+        return train, read_pairs(args.eval_data, enc, "--eval-data")
+    held_out = TOY_EVAL_PAIRS if not args.data else []
+    return train, Pairs(held_out, [dpo.encode_pair(enc, p) for p in held_out], "the held-out toy pairs")
 
 
-def describe_training(args, n_pairs, n_eval):
-    line = (f"{args.loss.upper()} on {n_pairs:,} pairs, {n_eval:,} held out (beta {args.beta}, lr {args.lr}, "
-            f"batch {args.batch_size}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, seed {args.seed}"
-            + (", log-probs averaged over tokens)" if args.average_logps else ")"))
+def pairs_that_fit(pairs, args, context):
+    """The pairs that fit the model's context. A longer pair is an error, unless --max-length N
+    is given: then every pair whose longer row has more than N tokens is left out."""
+    if args.max_length is not None and args.max_length > context:
+        raise ValueError(f"--max-length {args.max_length} is longer than the model's context of {context} tokens")
+    fits = [dpo.longest_row(t) <= (args.max_length or context) for t in pairs.tokens]
+    if not all(fits) and args.max_length is None:
+        i = fits.index(False)
+        where = f"line {pairs.texts[i]['line']}" if "line" in pairs.texts[i] else "a pair"
+        raise ValueError(
+            f"{pairs.source} {where}: prompt + completion is {dpo.longest_row(pairs.tokens[i])} tokens, longer than "
+            f"the model's context of {context} ({fits.count(False)} of {len(fits)} pairs are); shorten them, or pass "
+            f"--max-length {context} to leave such pairs out")
+    if fits and not any(fits):
+        raise ValueError(f"{pairs.source}: all {len(fits)} pairs are longer than --max-length {args.max_length}")
+    return Pairs([x for x, fit in zip(pairs.texts, fits) if fit], [x for x, fit in zip(pairs.tokens, fits) if fit],
+                 pairs.source)
+
+
+# -----------------------------------------------------------------------------
+# The model, the device and the processes
+
+def load_policy(args, device):
+    if args.model == "tiny":
+        return GPT(GPTConfig(**TINY_CONFIG)).to(device)
+    if args.init == "random":
+        return GPT(GPTConfig(**GPT2_MODELS[args.model])).to(device)
+    try:
+        return GPT.from_pretrained(args.weights or args.model, device=device)
+    except OSError as e:
+        raise type(e)(f"{e}\nTo run without the download: --weights path/to/model.safetensors, "
+                      "--init random (random weights), or --model tiny.") from None
+
+
+def sft_warmup(model, tokens, seed, log):
+    """Next-token training on prompt + rejected completion: the tiny model's 'pretraining',
+    after which, like GPT-2, it finds the intuitive completions likely; in float32 whatever
+    --dtype, as GPT-2's own pretraining is done before any of this. Batches of SFT_BATCH
+    sequences, each padded to its own longest row by dpo.pad_rows; the whole sequence is the
+    'completion' there, so every token after the first is a target."""
+    sequences = [([], prompt_ids + rejected_ids) for prompt_ids, _, rejected_ids in tokens]
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    while len(batches) < SFT_STEPS:  # shuffled passes over the sequences
+        order = torch.randperm(len(sequences), generator=generator).tolist()
+        batches += [order[i:i + SFT_BATCH] for i in range(0, len(order), SFT_BATCH)]
+    device = next(model.parameters()).device
+    optimizer = dpo.make_optimizer(model, SFT_LR)
+    model.train()
+    for step, indices in enumerate(batches[:SFT_STEPS], start=1):
+        ids, mask = (x.to(device) for x in dpo.pad_rows([sequences[i] for i in indices]))
+        loss = -dpo.completion_logps(model, ids, mask).sum() / mask[:, 1:].sum()  # mean next-token NLL
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 0 or step == 1:
+            log({"phase": "sft", "step": step, "loss": loss.item()}, f"sft step {step:3d} | loss {loss.item():.4f}")
+    model.eval()
+
+
+def start_processes(args):
+    """The device, and under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE) this
+    process's place among the others: nccl between GPUs, one GPU a process; gloo between
+    CPUs. Only process 0 prints: the others' stdout goes to os.devnull."""
+    device = torch.device(args.device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        if dist.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")
+    if device.type == "cuda":  # same seed, same numbers: some CUDA kernels add up in any order otherwise
+        torch.use_deterministic_algorithms(True)
+    return device
+
+
+def is_first_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def make_optimizer(args, policy, resumed):
+    """AdamW, and for float16 a gradient scaler; as they were, with --resume."""
+    optimizer = dpo.make_optimizer(policy, args.lr)
+    scaler = torch.amp.GradScaler(policy.lm_head.weight.device.type) if args.dtype == "float16" else None
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scaler is not None:
+            scaler.load_state_dict(resumed["scaler"])
+    return optimizer, scaler
+
+
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+# -----------------------------------------------------------------------------
+# --out: the run's files, saved as one unit, and read back by --resume
+
+def check_out(args):
+    """Before anything loads: finish what a killed save left beside --out, then refuse a folder
+    that is not ours to fill, and a --resume with nothing to resume."""
+    out = Path(args.out)
+    if is_first_process():
+        checkpoint.clean_leftovers(out, OUT_FILES)
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    others = [name for name in names if name not in OUT_FILES] or ([] if "metrics.jsonl" in names else names)
+    if others:
+        raise ValueError(f"--out {args.out} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which "
+                         "this script did not write. It only ever replaces its own output: give a new or empty folder")
+    if args.resume and "resume.pt" not in names:
+        raise FileNotFoundError(f"--resume: {args.out} holds no resume.pt, so there is nothing to resume "
+                                "(--save-every N writes one)")
+
+
+def save_run(args, step, policy, records, resume=None, reference=None):
+    """--out replaced by the policy and the records, and, with --save-every, by what --resume
+    needs besides: the reference and the rest of the run's state (resume)."""
+    def write(folder):
+        policy.save_pretrained(folder)
+        checkpoint.write_atomically(folder / "metrics.jsonl",
+                                    lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
+        if resume is not None:
+            checkpoint.save_safetensors(hf_state_dict(reference), folder / "reference.safetensors")
+            checkpoint.write_atomically(folder / "resume.pt", lambda tmp: torch.save(resume, tmp))
+
+    if not is_first_process():
+        return
+    try:
+        Path(args.out).absolute().parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.replace_folder(args.out, write, OUT_FILES)
+    except OSError as e:
+        raise OSError(f"could not save to {args.out} ({e.strerror or e}); it is as it was before this save") from None
+
+
+def resume_state(args, step, optimizer, scaler, reference_logps, train_pairs, eval_pairs):
+    """Everything --resume needs besides the two models: tensors and plain values only, so that
+    torch.load(weights_only=True) reads it back without unpickling anything else."""
+    return {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler and scaler.state_dict(),
+            "reference_logps": reference_logps, "options": {k: getattr(args, k) for k in RESUME_MUST_MATCH},
+            "pairs": fingerprint(train_pairs, eval_pairs)}
+
+
+def fingerprint(*pairs):
+    """sha256 of the pairs' texts, for --resume to check that it trains on the same pairs."""
+    texts = [[[p["prompt"], p["chosen"], p["rejected"]] for p in part.texts] for part in pairs]
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+
+
+def resume_from(args, device):
+    """The run saved in --out: its state (resume_state), policy, reference and records."""
+    out = Path(args.out)
+    state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
+    changed = [f"--{k.replace('_', '-')} {state['options'][k]} -> {getattr(args, k)}"
+               for k in RESUME_MUST_MATCH if state["options"][k] != getattr(args, k)]
+    if changed:
+        raise ValueError(f"--resume: these options differ from the run in {args.out}: {', '.join(changed)}. "
+                         "Resume with that run's options, or start a new run in another --out")
+    state["records"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    state["policy"] = GPT.from_pretrained(out, device=device)
+    state["reference"] = dpo.make_reference(GPT.from_pretrained(out / "reference.safetensors", device=device))
+    return state
+
+
+# -----------------------------------------------------------------------------
+# Measuring and printing
+
+def progress_printer(label, every_s=10.0):
+    """A progress(done, total) callback for long phases: a line at most every every_s seconds."""
+    start = last = time.perf_counter()
+
+    def progress(done, total):
+        nonlocal last
+        if time.perf_counter() - last >= every_s:
+            last = time.perf_counter()
+            print(f"  {label}: {done:,}/{total:,} pairs, {last - start:.0f} s", flush=True)
+    return progress
+
+
+def measure(model, pairs, args, autocast):
+    """(log pi(y_chosen|x), log pi(y_rejected|x)) of every pair, (N,) each, by the same function
+    before training (on the reference: where the policy started) and after."""
+    return dpo.pair_logps(model, pairs.tokens, args.batch_size, args.average_logps, autocast,
+                          progress_printer("log-probs"))
+
+
+def count_preferred(logps):
+    """Pairs whose chosen completion is strictly more likely than the rejected one (a tie is not)."""
+    chosen, rejected = logps
+    return int((chosen > rejected).sum())
+
+
+def as_lists(logps):
+    return {"chosen": logps[0].tolist(), "rejected": logps[1].tolist()}
+
+
+def shown(train_pairs, eval_pairs):
+    return train_pairs.texts[:SHOWN] + eval_pairs.texts[:SHOWN]
+
+
+@torch.no_grad()
+def greedy_completions(model, enc, pairs, max_new_tokens=12):
+    completions = []
+    for pair in pairs:
+        ids = torch.tensor([enc.encode(pair["prompt"])], device=next(model.parameters()).device)
+        out = model.generate(ids, max_new_tokens, temperature=0)[0, ids.size(1):].tolist()
+        completions.append(enc.decode(out[:out.index(enc.eot_token)] if enc.eot_token in out else out))
+    return completions
+
+
+def format_numbers(m):
+    return (f"loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.2f} | margin {m['margin']:+.3f} | "
+            f"chosen {m['chosen_reward']:+.3f} | rejected {m['rejected_reward']:+.3f}")
+
+
+def print_table(title, pairs, before, after, beta, averaged):
+    """The first SHOWN pairs: log-probs before -> after, which completion each prefers, and the
+    implicit rewards (DPO paper, Eq. 5; `before` is the reference's log-probs)."""
+    per = " / token" if averaged else ""  # --average-logps: means over the tokens, and so are the rewards
+    print(f"\n{title:<46} {'log pi(chosen)' + per:>22} {'log pi(rejected)' + per:>22} {'prefers':>17} "
+          f"{'reward c / r':>15}")
+    print(f"{'':<46} {'before -> after':>22} {'before -> after':>22} {'before -> after':>17}")
+    prefers = lambda c, r: "chosen" if c > r else "rejected"
+    for i, pair in enumerate(pairs.texts[:SHOWN]):
+        (c0, r0), (c1, r1) = before[:, i].tolist(), after[:, i].tolist()
+        print(f"{pair['prompt'][:45]:<46} {c0:>9.2f} -> {c1:>9.2f} {r0:>9.2f} -> {r1:>9.2f} "
+              f"{prefers(c0, r0):>8} -> {prefers(c1, r1):<8}{beta * (c1 - c0):>+7.2f} / {beta * (r1 - r0):+.2f}")
+    if len(pairs.texts) > SHOWN:
+        print(f"  ... and {len(pairs.texts) - SHOWN:,} more pairs, not shown (all are counted below)")
+
+
+def report(args, train_pairs, eval_pairs, before, after, completions):
+    """The tables, the headline and the greedy completions."""
+    headline = []
+    for title, kind, pairs in (("training pair", "train", train_pairs), ("held-out pair", "eval", eval_pairs)):
+        if pairs.texts:
+            print_table(title, pairs, torch.stack(before[kind]), torch.stack(after[kind]), args.beta,
+                        args.average_logps)
+            counts = " -> ".join(f"{count_preferred(x[kind])}/{len(pairs.texts)}" for x in (before, after))
+            headline.append(f"{title.replace('pair', 'pairs')} {counts}")
+    print(f"\nchosen preferred: {', '.join(headline)}\n")
+    n_not_shown = len(train_pairs.texts) + len(eval_pairs.texts) - len(shown(train_pairs, eval_pairs))
+    print("greedy completions (before -> after)" + (f", {n_not_shown:,} more pairs not shown:" if n_not_shown else ":"))
+    for i, (pair, b, a) in enumerate(zip(shown(train_pairs, eval_pairs), *completions)):
+        prompt = pair["prompt"] if len(pair["prompt"]) <= 60 else "..." + pair["prompt"][-57:]
+        held_out = " (held out)" if i >= min(SHOWN, len(train_pairs.texts)) else ""
+        print(f"  {prompt!r}{held_out}\n    before: {b!r}\n    after:  {a!r}")
+
+
+def import_pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    return plt
+
+
+def save_plot(records, path, loss_type):
+    """The loss (training steps and held-out evaluations) and the implicit rewards of the training steps."""
+    plt = import_pyplot()
+    steps, evals = ([r for r in records if r.get("phase") == phase] for phase in ("dpo", "eval"))
+    curve = lambda rs, key: ([r["step"] for r in rs], [r[key] for r in rs])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(*curve(steps, "loss"), label="training batch")
+    if evals:
+        ax1.plot(*curve(evals, "loss"), "o--", label="held-out pairs")
+    ax1.set(xlabel="step", ylabel="loss", title=f"{loss_type.upper()} loss")
+    ax1.legend()
+    ax2.plot(*curve(steps, "chosen_reward"), label="chosen")
+    ax2.plot(*curve(steps, "rejected_reward"), label="rejected")
+    ax2.axhline(0.0, color="gray", linewidth=0.5)
+    ax2.set(xlabel="step", ylabel="beta * log(pi / pi_ref)", title="implicit rewards (training batch)")
+    ax2.legend()
+    fig.tight_layout()
+    checkpoint.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The experiment
+
+def prepare(args, device, autocast, log):
+    """Every input checked before any model is built, then the models: the policy (the tiny
+    one after its SFT) and its frozen reference, or both from --out with --resume. Returns
+    (tokenizer, training pairs, held-out pairs, policy, reference, resumed state or None)."""
+    check_out(args)
+    if args.plot:
+        import_pyplot()  # now, not after training
+    enc = load_tokenizer()
+    train_pairs, eval_pairs = read_data(args, enc)
+    torch.manual_seed(args.seed)
+    resumed = resume_from(args, device) if args.resume else None
+    policy = resumed["policy"] if resumed else load_policy(args, device)
+    print(f"model {args.model}: {policy.config.n_layer} layers, {policy.config.n_embd} wide, "
+          f"{sum(p.numel() for p in policy.parameters()):,} parameters, on {device}, {args.dtype}")
+    n_given = len(train_pairs.texts) + len(eval_pairs.texts)
+    train_pairs, eval_pairs = (pairs_that_fit(p, args, policy.config.block_size) for p in (train_pairs, eval_pairs))
+    if len(train_pairs.texts) + len(eval_pairs.texts) < n_given:
+        print(f"left out {n_given - len(train_pairs.texts) - len(eval_pairs.texts):,} of {n_given:,} pairs longer "
+              f"than --max-length {args.max_length}")
+    if resumed:
+        if resumed["pairs"] != fingerprint(train_pairs, eval_pairs):
+            raise ValueError(f"--resume: these are not the pairs of the run in {args.out} (--data, --eval-data, "
+                             "--eval-fraction or --max-length differ, or the files changed)")
+        if resumed["step"] == len(dpo.training_steps(train_pairs.tokens, args.batch_size, args.epochs, args.seed)):
+            raise ValueError(f"--resume: the run in {args.out} has finished (step {resumed['step']}); there is "
+                             "nothing to continue")
+        return enc, train_pairs, eval_pairs, policy, resumed["reference"], resumed
+    if args.model == "tiny":
+        print(f"SFT warm-up on prompt + rejected completion ({SFT_STEPS} steps of {SFT_BATCH} sequences, lr {SFT_LR})")
+        sft_warmup(policy, train_pairs.tokens + eval_pairs.tokens, args.seed, log)
+    return enc, train_pairs, eval_pairs, policy, dpo.make_reference(policy), None
+
+
+def describe_training(args, train_pairs, eval_pairs):
+    _, processes = dpo.process_rank_and_count()
+    line = (f"{args.loss.upper()} on {len(train_pairs.texts):,} pairs, {len(eval_pairs.texts):,} held out (beta "
+            f"{args.beta}, lr {args.lr}, batch {args.batch_size}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, "
+            f"seed {args.seed}" + (", log-probs averaged over tokens" if args.average_logps else "")
+            + (f", {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
+            + (f", {processes} processes" if processes > 1 else "") + ")")
     if args.loss == "ipo":  # IPO paper, Eq. 17: the loss is zero at h = 1/(2 beta)
         unit = "nats per token" if args.average_logps else "nats"
         line += (f"; IPO's target h = 1/(2 beta) = {1 / (2 * args.beta):g} {unit}: log pi(chosen) - "
@@ -443,205 +610,155 @@ def describe_training(args, n_pairs, n_eval):
     return line
 
 
-def prepare(args, device, log):
-    """Data, tokenizer and model, checked before any training; the tiny model gets its SFT.
-    Returns (tokenizer, policy, (pairs, their tokens), (held-out pairs, their tokens), SFT seconds)."""
-    if args.data:
-        pairs = load_pairs(args.data)
-        eval_pairs = load_pairs(args.eval_data, "--eval-data") if args.eval_data else []
-        if args.eval_fraction:
-            pairs, eval_pairs = split_off_eval(pairs, args.eval_fraction, args.seed)
-    else:
-        pairs = TOY_PAIRS
-        eval_pairs = load_pairs(args.eval_data, "--eval-data") if args.eval_data else TOY_EVAL_PAIRS
-    if args.plot:
-        import_pyplot()
-    enc = load_tokenizer()
-    torch.manual_seed(args.seed)
-    policy = load_policy(args, device)
-    print(describe_model(args, policy, device))
-    context = policy.config.block_size
-    n_given = len(pairs) + len(eval_pairs)
-    pairs, encoded = pairs_that_fit(enc, pairs, args.data or "the toy pairs", context, args.max_length)
-    eval_source = args.eval_data or args.data or "the held-out toy pairs"
-    eval_pairs, eval_encoded = (pairs_that_fit(enc, eval_pairs, eval_source, context, args.max_length)
-                                if eval_pairs else ([], []))
-    if len(pairs) + len(eval_pairs) < n_given:
-        print(f"left out {n_given - len(pairs) - len(eval_pairs):,} of {n_given:,} pairs longer than "
-              f"--max-length {args.max_length}")
-    sft_s = 0.0
-    if args.model == "tiny":
-        print(f"SFT warm-up on prompt + rejected completion ({SFT_STEPS} steps of {SFT_BATCH} sequences, lr {SFT_LR})")
-        t0 = time.perf_counter()
-        sft_warmup(policy, encoded + eval_encoded, SFT_STEPS, SFT_LR, args.seed, log)
-        sft_s = time.perf_counter() - t0
-    return enc, policy, (pairs, encoded), (eval_pairs, eval_encoded), sft_s
-
-
-def train(args, policy, reference, encoded, reference_logps, evaluate, log):
-    """DPO (or IPO) on the training pairs; evaluate(policy, step), if given, every --eval-every
-    steps before the last. Returns the per-step metrics."""
-    n_steps = args.epochs * math.ceil(len(encoded) / args.batch_size)  # dpo.epoch_batches' batches
+def train(args, policy, optimizer, scaler, pairs, reference_logps, start_step, autocast, log, between_steps):
+    """DPO (or IPO) on the training pairs. between_steps(step, n_steps) runs after each step
+    (held-out evaluations, checkpoints) and is not timed as training. Returns the training
+    seconds and tokens for the run's last line."""
+    n_steps = len(dpo.training_steps(pairs.tokens, args.batch_size, args.epochs, args.seed))
     print_every = 1 if n_steps <= 30 else math.ceil(n_steps / 20)
+    _, processes = dpo.process_rank_and_count()
+    model = policy if processes == 1 else DistributedDataParallel(
+        policy, device_ids=[policy.lm_head.weight.device.index] if args.device == "cuda" else None)
+    counts = {"train_tokens": 0, "train_positions": 0, "other_s": 0.0}
 
-    def on_step(m):
+    def on_step(m, indices):
+        counts["train_tokens"] += sum(2 * len(p) + len(c) + len(r) for p, c, r in (pairs.tokens[i] for i in indices))
+        counts["train_positions"] += sum(2 * len(part) * max(dpo.longest_row(pairs.tokens[i]) for i in part)
+                                         for part in dpo.split_step(indices, processes * args.grad_accum) if part)
         shown = m["step"] % print_every == 0 or m["step"] in (1, n_steps)
-        log({"phase": "dpo", **m}, format_step(m, n_steps) if shown else None)
-        if evaluate and args.eval_every and m["step"] % args.eval_every == 0 and m["step"] < n_steps:
-            evaluate(policy, m["step"])
+        log({"phase": "dpo", **m}, f"step {m['step']:3d}/{n_steps} (epoch {m['epoch']}) | " + format_numbers(m)
+            if shown else None)
+        t0 = time.perf_counter()
+        between_steps(m["step"], n_steps)
+        counts["other_s"] += time.perf_counter() - t0
 
-    optimizer = dpo.make_optimizer(policy, lr=args.lr)
-    try:
-        history = dpo.train_dpo(policy, reference, encoded, optimizer, epochs=args.epochs, batch_size=args.batch_size,
-                                seed=args.seed, beta=args.beta, loss_type=args.loss,
-                                label_smoothing=args.label_smoothing, average_logps=args.average_logps,
-                                reference_logps=reference_logps, on_step=on_step)
-    except RuntimeError as e:
-        if str(e).startswith("training diverged"):  # say which option it means, and that nothing was saved
-            raise RuntimeError(f"{e} (--lr, now {args.lr}). Nothing was saved.") from None
-        raise
-    if next(policy.parameters()).device.type == "cuda":
+    start = time.perf_counter()
+    dpo.train_dpo(model, None, pairs.tokens, optimizer, epochs=args.epochs, batch_size=args.batch_size,
+                  seed=args.seed, beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
+                  average_logps=args.average_logps, reference_logps=reference_logps, grad_accum=args.grad_accum,
+                  lr_at=lambda step: dpo.learning_rate(step, args.lr, args.warmup_steps, args.lr_decay, n_steps),
+                  start_step=start_step, autocast=autocast, scaler=scaler, on_step=on_step)
+    if args.device == "cuda":
         torch.cuda.synchronize()  # the steps are done, not only queued, when the clock stops
-    return history
+    counts["train_s"] = time.perf_counter() - start - counts.pop("other_s")
+    return counts
 
 
-def reward_accuracy(before, after, beta):
-    """The fraction of pairs whose implicit-reward margin beta [(after_c - before_c) - (after_r - before_r)]
-    is > 0 (DPO paper, Eq. 5): relative to the reference, where "preferred" is absolute."""
-    margins = [beta * ((ac - bc) - (ar - br))
-               for bc, br, ac, ar in zip(before["chosen"], before["rejected"], after["chosen"], after["rejected"])]
-    return sum(m > 0 for m in margins) / len(margins)
-
-
-def report(args, pairs, eval_pairs, logps, completions, shown):
-    """The tables, the headline and the greedy completions. logps: {"train" or "eval":
-    (before, after)}; completions: (before, after) for the `shown` pairs."""
-    print()
-    print_table("training pair", pairs, *logps["train"], args.beta, args.average_logps)
-    headline = "chosen preferred: training pairs " + " -> ".join(
-        f"{count_preferred(x)}/{len(pairs)}" for x in logps["train"])
-    if eval_pairs:
-        print()
-        print_table("held-out pair", eval_pairs, *logps["eval"], args.beta, args.average_logps)
-        headline += ", held-out pairs " + " -> ".join(f"{count_preferred(x)}/{len(eval_pairs)}" for x in logps["eval"])
-    print(f"\n{headline}\n")
-    n_not_shown = len(pairs) + len(eval_pairs) - len(shown)
-    print("greedy completions (before -> after)" + (f", {n_not_shown:,} more pairs not shown:" if n_not_shown else ":"))
-    for i, (pair, b, a) in enumerate(zip(shown, *completions)):
-        prompt = pair["prompt"] if len(pair["prompt"]) <= 60 else "..." + pair["prompt"][-57:]
-        held_out = " (held out)" if i >= min(SHOWN, len(pairs)) else ""
-        print(f"  {prompt!r}{held_out}\n    before: {b!r}\n    after:  {a!r}")
-
-
-def save(out, policy, records, plot, history, evals, loss_type):
-    """--out as one unit: written into a temporary folder beside it, which takes its place only
-    when complete, so a run that fails leaves an earlier --out as it was."""
-    def write(folder):
-        policy.save_pretrained(folder)
-        (Path(folder) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-
-    Path(out).absolute().parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, write)
-    if plot:
-        save_plot(history, evals, plot, loss_type)
-
-
-def run(args, device):
-    """The whole experiment on `device`; returns the summary that ends metrics.jsonl."""
-    records, seconds, evals = [], {}, []
+def run(args, status):
+    """The whole experiment; returns the summary that ends metrics.jsonl. status["step"] and
+    status["saved"] say how far it got, for main's message if it is stopped."""
+    device = start_processes(args)
+    autocast = contextlib.nullcontext() if args.dtype == "float32" else torch.autocast(device.type, DTYPES[args.dtype])
+    records = []
 
     def log(record, line=None):
         records.append(record)
         if line:
             print("  " + line, flush=True)
 
-    @contextlib.contextmanager
-    def timed(phase):  # adds the block's seconds to seconds[phase]
-        t0 = time.perf_counter()
-        yield
-        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t0
+    def evaluate(step):
+        numbers = dpo.evaluate(policy, reference, eval_pairs.tokens, args.batch_size, args.beta, args.loss,
+                               args.label_smoothing, args.average_logps, autocast, progress_printer("evaluating"))
+        log({"phase": "eval", "step": step, **numbers}, f"eval at step {step:3d} (held out) | "
+            + format_numbers(numbers) + f" | kl {max(numbers['kl'], 0.0):.4f}")  # >= 0, but rounding gives -1e-9
 
-    # 1. inputs: everything that can be wrong with them is checked before any training
-    with timed("load_s"):
-        enc, policy, (pairs, encoded), (eval_pairs, eval_encoded), seconds["sft_s"] = prepare(args, device, log)
-    seconds["load_s"] -= seconds["sft_s"]  # the tiny model's SFT is timed on its own
-    print(describe_training(args, len(pairs), len(eval_pairs)))
+    # 1. prepare: every input is checked before any model is built
+    enc, train_pairs, eval_pairs, policy, reference, resumed = prepare(args, device, autocast, log)
+    records[:0] = resumed["records"] if resumed else []
+    print(describe_training(args, train_pairs, eval_pairs))
 
-    # 2. measure: the reference's log-probs are where the untouched policy stands, and all DPO needs of it
-    with timed("reference_s"):
-        reference = dpo.make_reference(policy)
-        reference_logps = measure(reference, encoded, args, "reference log-probs")  # what DPO needs, once
-        before = as_lists(reference_logps)
-
-    def evaluate(model, step):
-        """dpo.evaluate on the held-out pairs, logged as an "eval" record; returns the model's log-probs."""
-        with timed("eval_s"):
-            numbers, logps = dpo.evaluate(model, reference, eval_encoded, args.batch_size, args.beta, args.loss,
-                                          args.label_smoothing, args.average_logps,
-                                          progress=progress_printer("evaluating"))
-        evals.append({"phase": "eval", "step": step, **numbers})
-        log(evals[-1], format_eval(evals[-1]))
-        return as_lists(logps)
-
-    # at step 0 the policy is the reference (make_reference copied it), so one forward pass serves both
-    eval_before = evaluate(reference, 0) if eval_encoded else None
-    shown = pairs[:SHOWN] + eval_pairs[:SHOWN]
-    with timed("eval_s"):
-        completions_before = [greedy_completion(policy, enc, p["prompt"]) for p in shown]
+    # 2. measure: where the untouched model stands (the reference is that model, frozen)
+    before = {"train": resumed["reference_logps"] if resumed else measure(reference, train_pairs, args, autocast),
+              "eval": measure(reference, eval_pairs, args, autocast)}
+    completions_before = greedy_completions(reference, enc, shown(train_pairs, eval_pairs))
+    if eval_pairs.texts and not resumed:
+        evaluate(0)
 
     # 3. train: one forward pass of the policy per step, the reference's log-probs cached
-    eval_s = seconds["eval_s"]
-    with timed("train_s"):
-        history = train(args, policy, reference, encoded, reference_logps, evaluate if eval_encoded else None, log)
-    seconds["train_s"] -= seconds["eval_s"] - eval_s  # the evaluations during training are not training
+    optimizer, scaler = make_optimizer(args, policy, resumed)
+
+    def between_steps(step, n_steps):
+        status["step"] = step
+        if step < n_steps and eval_pairs.texts and args.eval_every and step % args.eval_every == 0:
+            evaluate(step)
+        if step < n_steps and args.save_every and step % args.save_every == 0:
+            save_run(args, step, policy, records, reference=reference, resume=resume_state(
+                args, step, optimizer, scaler, before["train"], train_pairs, eval_pairs))
+            status["saved"] = step
+
+    speed = train(args, policy, optimizer, scaler, train_pairs, before["train"], resumed["step"] if resumed else 0,
+                  autocast, log, between_steps)
 
     # 4. measure again, with the same functions
-    with timed("eval_s"):
-        after = as_lists(measure(policy, encoded, args, "trained log-probs"))
-        completions_after = [greedy_completion(policy, enc, p["prompt"]) for p in shown]
-    eval_after = evaluate(policy, len(history)) if eval_encoded else None
+    after = {"train": measure(policy, train_pairs, args, autocast), "eval": measure(policy, eval_pairs, args, autocast)}
+    completions_after = greedy_completions(policy, enc, shown(train_pairs, eval_pairs))
+    if eval_pairs.texts:
+        evaluate(status["step"])
 
     # 5. report
-    report(args, pairs, eval_pairs, {"train": (before, after), "eval": (eval_before, eval_after)},
-           (completions_before, completions_after), shown)
-    tokens = sum(m["tokens"] for m in history)
-    positions = sum(m["positions"] for m in history)
+    report(args, train_pairs, eval_pairs, before, after, (completions_before, completions_after))
     peak = peak_memory_bytes(device)
-    sft = f" | sft {seconds['sft_s']:.2f} s" if args.model == "tiny" else ""
-    print(f"\ntime: load {seconds['load_s']:.2f} s{sft} | reference {seconds['reference_s']:.2f} s | "
-          f"train {seconds['train_s']:.2f} s ({len(history)} steps, {tokens / seconds['train_s']:,.0f} tokens/s, "
-          f"{1 - tokens / positions:.0%} padding) | eval {seconds['eval_s']:.2f} s | peak memory "
-          f"{peak / 2**20:,.0f} MiB ({'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'})")
+    print(f"\ntraining: {speed['train_s']:.2f} s, {speed['train_tokens'] / speed['train_s']:,.0f} tokens/s, "
+          f"{1 - speed['train_tokens'] / speed['train_positions']:.0%} padding; peak memory {peak / 2**20:,.0f} MiB "
+          f"({'CUDA' if device.type == 'cuda' else 'process RSS'})")
 
     # 6. save: the trained policy, and the numbers for other tools to read without parsing text
-    summary = {
-        "summary": True, "model": args.model, "loss_type": args.loss, "beta": args.beta, "lr": args.lr,
-        "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "device": str(device),
-        "average_logps": args.average_logps, **seconds, "train_tokens": tokens, "train_positions": positions,
-        "tokens_per_s": tokens / seconds["train_s"], "peak_memory_bytes": peak,
-        "n_pairs": len(pairs), "preferred_before": count_preferred(before), "preferred_after": count_preferred(after),
-        "final_reward_accuracy": reward_accuracy(before, after, args.beta),
-        "n_eval_pairs": len(eval_pairs),
-        "eval_preferred_before": count_preferred(eval_before) if eval_encoded else None,
-        "eval_preferred_after": count_preferred(eval_after) if eval_encoded else None,
-        "final_eval_reward_accuracy": evals[-1]["reward_accuracy"] if evals else None,
-        "logps_before": before, "logps_after": after, "eval_logps_before": eval_before, "eval_logps_after": eval_after,
-        "completions_before": completions_before, "completions_after": completions_after,
-    }
-    save(args.out, policy, [*records, summary], args.plot, history, evals, args.loss)
-    print(f"saved the trained policy and metrics.jsonl to {args.out}/" +
-          (f", curves to {args.plot}" if args.plot else ""))
+    summary = make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, peak,
+                           (completions_before, completions_after))
+    save_run(args, status["step"], policy, [*records, summary], reference=reference, resume=resume_state(
+        args, status["step"], optimizer, scaler, before["train"], train_pairs, eval_pairs) if args.save_every else None)
+    status["saved"] = status["step"]
+    if args.plot and is_first_process():
+        save_plot(records, args.plot, args.loss)
+    print(f"saved the trained policy and metrics.jsonl to {args.out}/" + (f", curves to {args.plot}" if args.plot else ""))
     return summary
+
+
+def make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, peak, completions):
+    """The last line of metrics.jsonl: the run's options and outcome in one record."""
+    evals = [r for r in records if r.get("phase") == "eval"]
+    rewards = dpo.dpo_loss(*after["train"], *before["train"], beta=args.beta)[1:]
+    _, processes = dpo.process_rank_and_count()
+    return {
+        "summary": True, "model": args.model, "loss_type": args.loss, "beta": args.beta, "lr": args.lr,
+        "epochs": args.epochs, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "processes": processes,
+        "seed": args.seed, "device": str(device), "dtype": args.dtype, "average_logps": args.average_logps,
+        **speed, "tokens_per_s": speed["train_tokens"] / speed["train_s"], "peak_memory_bytes": peak,
+        "n_pairs": len(train_pairs.texts), "preferred_before": count_preferred(before["train"]),
+        "preferred_after": count_preferred(after["train"]),
+        "final_reward_accuracy": dpo.reward_accuracy(*rewards).mean().item(),
+        "n_eval_pairs": len(eval_pairs.texts),
+        "eval_preferred_before": count_preferred(before["eval"]) if eval_pairs.texts else None,
+        "eval_preferred_after": count_preferred(after["eval"]) if eval_pairs.texts else None,
+        "final_eval_reward_accuracy": evals[-1]["reward_accuracy"] if evals else None,
+        "logps_before": as_lists(before["train"]), "logps_after": as_lists(after["train"]),
+        "eval_logps_before": as_lists(before["eval"]) if eval_pairs.texts else None,
+        "eval_logps_after": as_lists(after["eval"]) if eval_pairs.texts else None,
+        "completions_before": completions[0], "completions_after": completions[1],
+    }
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # kill, or a cluster scheduler's stop: the same clean stop as Ctrl-C
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    status = {"step": 0, "saved": None}
     try:
-        device = resolve_device(args.device)
-        with repeatable(device):
-            return run(args, device)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")  # a message to act on, not a traceback
+        return run(args, status)
+    except KeyboardInterrupt:
+        where = f"after step {status['step']}" if status["step"] else "before training"
+        kept = (f"{args.out} holds the save of step {status['saved']}" if status["saved"] else
+                f"nothing was saved and {args.out} is as it was")
+        resumable = "; --resume continues from it" if status["saved"] and args.save_every else ""
+        sys.exit(f"stopped {where} (Ctrl-C or SIGTERM); {kept}{resumable}" if is_first_process() else 1)
+    except (OSError, ValueError, FloatingPointError) as e:  # bad input, disk, network: a message to act on
+        sys.exit(f"error: {e}" if is_first_process() else 1)
+    except torch.cuda.OutOfMemoryError:
+        sys.exit("error: out of GPU memory; try a larger --grad-accum (smaller micro-batches)")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
