@@ -102,7 +102,7 @@ def warn_left(folder, others):
           "project did not write", file=sys.stderr)
 
 
-def replace_folder(path, write, names):
+def replace_folder(path, write, names, replaced=lambda: None):
     """Make the folder `path` hold what write(tmp) writes into a new, empty folder tmp, as one unit.
 
     write(tmp) may create only the files that `names` lists. Guarantees, for a process
@@ -114,8 +114,10 @@ def replace_folder(path, write, names):
     - Nothing is deleted but files of `names` inside tmp or the old folder, and those two
       folders once empty. Anything else that was in path is never deleted: it stays in the
       old folder, and a warning says where.
-    On any exception (Ctrl-C, a full disk) tmp is removed, path is as it was, and the
-    exception goes on."""
+    On an exception before the new folder is in place (Ctrl-C, a full disk) tmp is removed,
+    path is as it was, and the exception goes on. replaced() is called the moment the new
+    folder is in place: an exception after it (while the old folder is emptied) goes on with
+    path holding the new files, and leaves the old folder for clean_leftovers."""
     path = Path(path).resolve()  # a symlink's target is replaced, not the link
     if os.path.lexists(path) and not path.is_dir():
         raise NotADirectoryError(f"{path} is a file, not a folder: refusing to replace it with one")
@@ -139,6 +141,7 @@ def replace_folder(path, write, names):
             if others:
                 warn_left(tmp, others)
         raise
+    replaced()
     fsync(path.parent)
     if old is not None:
         others = remove_ours(old, names)

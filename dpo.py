@@ -61,6 +61,7 @@ import contextlib
 import copy
 import math
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -146,9 +147,13 @@ def split_prompt(chosen, rejected):
     if end >= 0:
         end += len(ASSISTANT)
     else:
-        end = max((i for i, c in enumerate(shared) if c.isspace()), default=0)
+        last_whitespace = re.search(r"\s\S*\Z", shared)
+        end = last_whitespace.start() if last_whitespace else 0
     if end == 0:
         raise ValueError("chosen and rejected share no beginning to take as the prompt; give a \"prompt\" field")
+    for name, dialogue in (("chosen", chosen), ("rejected", rejected)):
+        if len(dialogue) == end:
+            raise ValueError(f"the {name} dialogue ends where the prompt does: it has no answer to score")
     return shared[:end], chosen[end:], rejected[end:]
 
 
@@ -336,10 +341,12 @@ def means(sums):
 # (all_reduce): adding zeros is exact, so the numbers are the ones one process would get.
 
 def process_rank_and_count():
+    """(this process's rank, the number of processes): (0, 1) without torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def my_share(batches):
+    """This process's batches: every count-th, from its rank on."""
     rank, count = process_rank_and_count()
     return batches[rank::count]
 
@@ -559,8 +566,8 @@ def evaluate(policy, reference, pairs, batch_size=8, beta=0.1, loss_type="dpo", 
              average_logps=False, autocast=contextlib.nullcontext(), progress=None):
     """The training step's numbers on encoded `pairs`, without a gradient, and the exact KL.
 
-    Returns a dict: NUMBERS, means over the pairs, and kl, which is the mean over the completion positions of both rows of every pair of
-    KL(pi || pi_ref) = sum over the vocabulary v of pi(v) log(pi(v) / pi_ref(v)), the exact
+    Returns a dict: NUMBERS, means over the pairs, and kl, the mean over the completion
+    positions of both rows of every pair of KL(pi || pi_ref) = sum over the vocabulary v of pi(v) log(pi(v) / pi_ref(v)), the exact
     divergence at that position (not a one-sample estimate). Both models run on the same
     batches (batches_by_length), so where they are equal every margin is exactly 0.
     Under torchrun the processes share the batches as in pair_logps. progress as there."""

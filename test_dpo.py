@@ -749,6 +749,7 @@ HH_REJECTED = "\n\nHuman: Is the sea salty?\n\nAssistant: Yes.\n\nHuman: Why?\n\
     ("The cat sat on the bat", "The cat sat on the bed", ("The cat sat on the", " bat", " bed")),  # not " b"+"at"
     ("Hi there", "Hi there friend", ("Hi", " there", " there friend")),  # one is a prefix of the other
     ("A\nB yes", "A\nB no", ("A\nB", " yes", " no")),
+    ("Q: colour?\nred", "Q: colour?\nblue", ("Q: colour?", "\nred", "\nblue")),  # any whitespace, a newline too
 ])
 def test_split_prompt_cuts_hh_dialogues_at_the_last_shared_assistant_turn_or_whitespace(chosen, rejected, expected):
     """dpo.split_prompt, against prompts and completions written out by hand. The completions
@@ -763,6 +764,7 @@ def test_split_prompt_cuts_hh_dialogues_at_the_last_shared_assistant_turn_or_whi
     ("Same text", "Same text", "the same text"),
     ("Apples", "Pears", "share no beginning"),
     ("Sunshine", "Sunset", "share no beginning"),  # shared "Suns", but no whitespace to cut at
+    ("\n\nHuman: Hi?\n\nAssistant:", "\n\nHuman: Hi?\n\nAssistant: Hello.", "the chosen dialogue ends where"),
 ])
 def test_split_prompt_refuses_pairs_it_cannot_split(chosen, rejected, message):
     with pytest.raises(ValueError, match=message):
@@ -1139,16 +1141,26 @@ def test_learning_rate_warms_up_linearly_then_stays_or_decays_linearly(decay):
     assert [dpo.learning_rate(s, lr) for s in (1, 50)] == [lr, lr]  # no warmup, no decay: constant
 
 
-def test_train_dpo_sets_each_step_s_learning_rate_and_resumes_where_it_was_told(policy, reference):
-    """lr_at(step) is the learning rate of that step's update; start_step skips the steps taken."""
-    seen = []
+def test_train_dpo_sets_each_step_s_learning_rate_and_resumes_where_it_was_told(policy, reference, monkeypatch):
+    """lr_at(step) is the learning rate the optimizer holds when that step's update is made
+    (read inside dpo_step, before the update); start_step=2 takes exactly the steps that an
+    uninterrupted run takes after its second."""
     optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-    dpo.train_dpo(policy, reference, encoded_pairs(), optimizer, epochs=2, batch_size=2,
-                  lr_at=lambda step: step / 100, start_step=2,
-                  on_step=lambda m, pairs: seen.append((m["step"], optimizer.param_groups[0]["lr"], pairs)))
-    steps = dpo.training_steps(encoded_pairs(), 2, 2, seed=0)
-    assert [(step, lr) for step, lr, _ in seen] == [(s, s / 100) for s in range(3, 7)]
-    assert [pairs for _, _, pairs in seen] == [indices for _, indices in steps[2:]]
+    real, seen_lr = dpo.dpo_step, []
+
+    def recording(*args, **kwargs):
+        seen_lr.append(optimizer.param_groups[0]["lr"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "dpo_step", recording)
+    runs = {}
+    for start in (0, 2):
+        runs[start] = []
+        dpo.train_dpo(policy, reference, encoded_pairs(), optimizer, epochs=2, batch_size=2,
+                      lr_at=lambda step: step / 100, start_step=start,
+                      on_step=lambda m, pairs, start=start: runs[start].append((m["step"], pairs)))
+    assert seen_lr == [s / 100 for s in range(1, 7)] + [s / 100 for s in range(3, 7)]
+    assert runs[2] == runs[0][2:] and [step for step, _ in runs[0]] == list(range(1, 7))
 
 
 # -----------------------------------------------------------------------------
@@ -1866,7 +1878,6 @@ def test_toy_metrics_file_has_every_step_and_a_summary(tiny_dpo_run):
     assert records[-1] == json.loads(json.dumps(summary)) and summary["summary"] is True
     per_epoch = sum(2 * len(p) + len(c) + len(r) for p, c, r in dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_PAIRS))
     assert summary["train_tokens"] == 6 * per_epoch < summary["train_positions"]  # the pairs differ: some padding
-    assert summary["tokens_per_s"] == pytest.approx(summary["train_tokens"] / summary["train_s"], rel=1e-12)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "model.safetensors"]
 
 
@@ -1952,9 +1963,9 @@ def test_data_run_trains_on_the_training_part_only_and_pads_little(tmp_path, qui
     summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--eval-fraction", "0.25",
                       "--epochs", "1", "--batch-size", "4")
     assert summary["n_pairs"] == 30 and summary["n_eval_pairs"] == 10
-    held_out = set(torch.randperm(40, generator=torch.Generator().manual_seed(0))[:10].tolist())
-    train = [p for i, p in enumerate(pairs) if i not in held_out]
-    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in dpo.encode_pairs(gpt2_tokenizer(), train))
+    enc = gpt2_tokenizer()  # the split itself is test_eval_fraction_holds_out_a_seeded_disjoint_part_of_the_data's
+    train, _ = train_toy.split_off_eval(train_toy.Pairs(pairs, dpo.encode_pairs(enc, pairs), "x"), 0.25, seed=0)
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in train.tokens)
     assert summary["train_tokens"] == tokens
     assert 1 - summary["train_tokens"] / summary["train_positions"] < 1 / 3
     assert [r["step"] for r in read_metrics(tmp_path / "out") if r.get("phase") == "eval"] == [0, 8]
@@ -1977,9 +1988,12 @@ def test_hh_rlhf_dialogues_without_a_prompt_are_split_and_trained_on(tmp_path, q
     lines = [{"chosen": f"\n\nHuman: Question {i}?\n\nAssistant: A kind answer {i}.",
               "rejected": f"\n\nHuman: Question {i}?\n\nAssistant: Go away."} for i in range(3)]
     data = write_pairs(tmp_path / "hh.jsonl", lines + numbered_pairs(1))  # both forms in one file
+    enc = gpt2_tokenizer()
+    assert train_toy.read_pairs(data, enc).texts[1:3] == [
+        {"prompt": f"\n\nHuman: Question {i}?\n\nAssistant:", "chosen": f" A kind answer {i}.",
+         "rejected": " Go away.", "line": i + 1} for i in (1, 2)]
     summary = run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--epochs", "1")
     assert summary["n_pairs"] == 4 and summary["n_eval_pairs"] == 0
-    enc = gpt2_tokenizer()
     expected = dpo.encode_pairs(enc, [{"prompt": f"\n\nHuman: Question {i}?\n\nAssistant:",
                                        "chosen": f" A kind answer {i}.", "rejected": " Go away."} for i in range(3)])
     assert summary["train_tokens"] == sum(2 * len(p) + len(c) + len(r) for p, c, r in
@@ -2008,7 +2022,7 @@ def test_bad_data_file_is_refused_before_any_model_is_built(content, message, tm
         data.mkdir()
     elif content is not None:
         data.write_bytes(content)
-    monkeypatch.setattr(train_toy, "GPT", None)  # a model built would be an AttributeError, not this message
+    monkeypatch.setattr(train_toy, "GPT", None)  # building a model now would be a TypeError, not this message
     with pytest.raises(SystemExit) as stop:
         run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data))
     assert message in str(stop.value) and str(data) in str(stop.value)
@@ -2030,15 +2044,23 @@ def test_pairs_of_exactly_the_context_or_max_length_are_kept_and_one_token_more_
     fit = lambda pairs, max_length=None: train_toy.pairs_that_fit(
         pairs, argparse.Namespace(max_length=max_length), context=1024)
     assert [dpo.longest_row(t) for t in pairs_of(1024, 12).tokens] == [1024, 12]
-    assert fit(pairs_of(1024, 12)) == pairs_of(1024, 12)
+    assert fit(pairs_of(1024, 12)) == pairs_of(1024, 12) == fit(pairs_of(1024, 12), max_length=1024)
     with pytest.raises(ValueError, match="long.jsonl line 2: .* 1025 tokens, longer than the model.s context of 1024 "
-                                         r"\(1 of 3 pairs are\); .* --max-length 1024"):
-        fit(pairs_of(12, 1025, 30))
+                                         r"\(2 of 4 pairs are\); .* --max-length 1024"):
+        fit(pairs_of(12, 1025, 30, 1030))  # the first of the two is named
     assert [p["line"] for p in fit(pairs_of(12, 1025, 30, 31), max_length=30).texts] == [1, 3]
     with pytest.raises(ValueError, match="all 2 pairs are longer than --max-length 11"):
         fit(pairs_of(12, 30), max_length=11)
     with pytest.raises(ValueError, match="--max-length 2000 is longer than the model's context of 1024"):
         fit(pairs_of(12), max_length=2000)
+
+
+def test_held_out_pairs_longer_than_the_context_are_an_error_naming_their_file(tmp_path, quick_sft):
+    """The held-out pairs must fit the context as the training pairs must."""
+    data = write_pairs(tmp_path / "train.jsonl", numbered_pairs(3))
+    held_out = write_pairs(tmp_path / "eval.jsonl", [{"prompt": "x", "chosen": " a" * 1100, "rejected": " b"}])
+    with pytest.raises(SystemExit, match=f"{re.escape(str(held_out))} line 1: prompt \\+ completion is 1102 tokens"):
+        run_toy(tmp_path / "out", "--model", "tiny", "--data", str(data), "--eval-data", str(held_out))
 
 
 def test_max_length_leaves_pairs_out_and_says_how_many(tmp_path, quick_sft, capsys):
@@ -2139,6 +2161,50 @@ def test_a_failure_while_saving_leaves_the_earlier_out_and_nothing_beside_it(fai
         assert str(stop.value) == (f"error: could not save to {earlier_out[0]} (No space left on device); it is as "
                                    "it was before this save")
     assert_left_as_it_was(earlier_out)
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """A save renames a new folder into place beside --out: if that cannot be done there (a
+    read-only disk; here mkdir fails as it would), the run stops at once, not after training."""
+    real = Path.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if path.parent == tmp_path / "runs":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(path, *args, **kwargs)
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    monkeypatch.setattr(train_toy, "load_tokenizer", None)  # loading anything would be a TypeError instead
+    with pytest.raises(SystemExit) as stop:
+        run_toy(tmp_path / "runs" / "out", "--model", "tiny")
+    assert str(stop.value) == f"error: --out {tmp_path / 'runs' / 'out'}: cannot write in {tmp_path / 'runs'} " \
+                              "(Read-only file system)"
+
+
+def test_ctrl_c_once_the_new_files_are_in_place_says_they_are(tmp_path, quick_sft, monkeypatch):
+    """A stop while the old folder is being emptied, after the new files took its place: the
+    message names the new save (which --out does hold), and the next run removes the old
+    folder left beside it."""
+    out = tmp_path / "out"
+    run_toy(out, "--model", "tiny", "--epochs", "1")
+    real = checkpoint.remove_ours
+
+    def interrupted(folder, names):
+        if folder.name.endswith(".old"):
+            raise KeyboardInterrupt
+        return real(folder, names)
+
+    monkeypatch.setattr(checkpoint, "remove_ours", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        run_toy(out, "--model", "tiny", "--epochs", "2", "--save-every", "1")
+    assert str(stop.value).startswith(f"stopped after step 1 (Ctrl-C or SIGTERM); {out} holds the save of step 1")
+    assert torch.load(out / "resume.pt", weights_only=True)["step"] == 1
+    assert len(list(tmp_path.glob(".out.*.old"))) == 1
+    monkeypatch.setattr(checkpoint, "remove_ours", real)
+    with pytest.raises(SystemExit, match="options differ"):  # the next run: cleans up, then refuses --epochs 3
+        run_toy(out, "--model", "tiny", "--epochs", "3", "--save-every", "1", "--resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_leftovers_of_a_save_killed_half_way_are_cleaned_up_by_the_next_run(earlier_out, quick_sft):
@@ -2269,12 +2335,13 @@ def test_ctrl_c_after_a_checkpoint_says_which_step_was_kept(tmp_path, quick_sft,
 
 
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, quick_sft, monkeypatch):
-    """--save-every 3, stopped by Ctrl-C during step 5, then --resume: the same policy, optimizer
-    state, reference log-probs and metrics (but the timings) as a run never stopped, compared
-    with torch.equal. With a warmup and a linear decay, so that the schedule must resume too,
-    and held-out evaluations every 2 steps."""
-    options = ["--model", "tiny", "--epochs", "4", "--save-every", "3", "--eval-every", "2", "--warmup-steps", "2",
-               "--lr-decay", "linear"]
+    """--save-every 2, stopped by Ctrl-C during step 5, then --resume: the same policy, optimizer
+    state, gradient scaler, reference log-probs and metrics (but the timings) as a run never
+    stopped, compared with torch.equal. In float16, so that the scaler must be saved and
+    restored (its growth tracker counts the steps), with a warmup and a linear decay, so that
+    the schedule must resume too, and a held-out evaluation at every save."""
+    options = ["--model", "tiny", "--epochs", "4", "--save-every", "2", "--eval-every", "2", "--warmup-steps", "2",
+               "--lr-decay", "linear", "--dtype", "float16"]
     run_toy(tmp_path / "whole", *options)
     real, steps = dpo.dpo_step, []
 
@@ -2285,12 +2352,13 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, quic
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dpo, "dpo_step", stop_at_5)
-    with pytest.raises(SystemExit, match="holds the save of step 3"):
+    with pytest.raises(SystemExit, match="holds the save of step 4"):
         run_toy(tmp_path / "cut", *options)
     monkeypatch.setattr(dpo, "dpo_step", real)
     run_toy(tmp_path / "cut", *options, "--resume")
     whole, cut = (torch.load(tmp_path / name / "resume.pt", weights_only=True) for name in ("whole", "cut"))
-    assert whole["step"] == cut["step"] == 8
+    assert whole["step"] == cut["step"] == 8 and whole["scaler"] == cut["scaler"]
+    assert whole["scaler"]["_growth_tracker"] == 8  # a fresh scaler after resuming would count 4
     whole_weights, cut_weights = (load_safetensors(tmp_path / name / "model.safetensors") for name in ("whole", "cut"))
     assert whole_weights.keys() == cut_weights.keys()
     assert all(torch.equal(whole_weights[k], cut_weights[k]) for k in whole_weights)
@@ -2298,30 +2366,49 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, quic
     assert state_a.keys() == state_b.keys() and all(
         torch.equal(state_a[i][k], state_b[i][k]) for i in state_a for k in state_a[i])
     assert all(torch.equal(a, b) for a, b in zip(whole["reference_logps"], cut["reference_logps"]))
-    # the summary's token counts are of the steps each process took: 8, and 5 after resuming
+    steps = [r for r in read_metrics(tmp_path / "whole") if r.get("phase") == "dpo"]
+    assert max(r["grad_norm"] for r in steps) < 100  # unscaled before clipping (scaled, they would be ~65536x)
+    # the summary's token counts are of the steps each process took: 8, and 4 after resuming
     tokens = ("train_tokens", "train_positions")
     assert without_times(read_metrics(tmp_path / "cut"), tokens) == without_times(read_metrics(tmp_path / "whole"), tokens)
     per_epoch = read_metrics(tmp_path / "whole")[-1]["train_tokens"] / 4  # the 2 steps of an epoch: all 4 pairs
-    assert read_metrics(tmp_path / "cut")[-1]["train_tokens"] < 3 * per_epoch
+    assert read_metrics(tmp_path / "cut")[-1]["train_tokens"] == 2 * per_epoch
     start = load_safetensors(tmp_path / "whole" / "reference.safetensors")
     assert not all(torch.equal(start[k], whole_weights[k]) for k in start)  # it did train
 
 
 def test_resume_refuses_options_or_pairs_that_would_change_the_numbers(tmp_path, quick_sft):
-    """--resume with another --beta (say), or other pairs, is refused, naming what changed, and
-    so is resuming a finished run; the checkpoint in --out is left as it was."""
+    """--resume with any of the options that change the numbers (each one of
+    RESUME_MUST_MATCH), or other training or held-out pairs, is refused, naming what changed,
+    and so are resuming a finished run and a resume.pt that cannot be read; the checkpoint in
+    --out is left as it was."""
     out = tmp_path / "out"
-    run_toy(out, "--model", "tiny", "--epochs", "1", "--save-every", "1")
+    base = ["--model", "tiny", "--epochs", "1", "--save-every", "1"]
+    run_toy(out, *base)
     before = folder_bytes(out)
-    data = write_pairs(tmp_path / "pairs.jsonl", train_toy.TOY_PAIRS[:3])
-    for change, message in [(["--beta", "0.2"], "--beta 0.1 -> 0.2"),
-                            (["--batch-size", "4", "--seed", "1"], "--batch-size 2 -> 4, --seed 0 -> 1"),
-                            (["--data", str(data)], "these are not the pairs of the run"),
-                            ([], f"the run in {out} has finished (step 2)")]:
+    other_pairs = write_pairs(tmp_path / "pairs.jsonl", train_toy.TOY_PAIRS[:3])
+    other_eval = write_pairs(tmp_path / "eval.jsonl", train_toy.TOY_EVAL_PAIRS[:3])
+    changes = {"model": (["--model", "gpt2", "--weights", str(out)], "--model tiny -> gpt2"),
+               "loss": (["--loss", "ipo"], "--loss dpo -> ipo"), "beta": (["--beta", "0.2"], "--beta 0.1 -> 0.2"),
+               "label_smoothing": (["--label-smoothing", "0.1"], "--label-smoothing 0.0 -> 0.1"),
+               "average_logps": (["--average-logps"], "--average-logps False -> True"),
+               "lr": (["--lr", "0.002"], "--lr 0.001 -> 0.002"), "epochs": (["--epochs", "2"], "--epochs 1 -> 2"),
+               "batch_size": (["--batch-size", "4"], "--batch-size 2 -> 4"), "seed": (["--seed", "1"], "--seed 0 -> 1"),
+               "dtype": (["--dtype", "bfloat16"], "--dtype float32 -> bfloat16"),
+               "warmup_steps": (["--warmup-steps", "1"], "--warmup-steps 0 -> 1"),
+               "lr_decay": (["--lr-decay", "linear"], "--lr-decay none -> linear")}
+    assert set(changes) == set(train_toy.RESUME_MUST_MATCH)
+    cases = [*changes.values(), (["--data", str(other_pairs)], "these are not the pairs of the run"),
+             (["--eval-data", str(other_eval)], "these are not the pairs of the run"),
+             ([], f"the run in {out} has finished (step 2)")]
+    for change, message in cases:
         with pytest.raises(SystemExit) as stop:
-            run_toy(out, "--model", "tiny", "--epochs", "1", "--save-every", "1", "--resume", *change)
-        assert message in str(stop.value)
+            run_toy(out, *base, "--resume", *change)
+        assert message in str(stop.value) and "\n" not in str(stop.value), change
     assert folder_bytes(out) == before
+    (out / "resume.pt").write_bytes(before["resume.pt"][:1000])  # cut short, as a disk can leave a copy
+    with pytest.raises(SystemExit, match="resume.pt cannot be read"):
+        run_toy(out, *base, "--resume")
 
 
 TORCHRUN_SCRIPT = """
@@ -2350,11 +2437,16 @@ def test_torchrun_with_two_processes_trains_what_one_process_trains(tmp_path, mo
     script = tmp_path / "keep_weights.py"
     script.write_text(TORCHRUN_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
     common = ["--model", "tiny", "--epochs", "2", "--batch-size", "3", "--eval-every", "2", "--save-every", "100"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), *common, "--grad-accum", "2", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(script), *common, "--grad-accum", "2", "--out", str(tmp_path / "two")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+                           start_new_session=True)  # a group of its own: a hang is killed, workers included
+    try:
+        _, stderr = two.communicate(timeout=300)
+    finally:
+        os.killpg(two.pid, signal.SIGKILL) if two.poll() is None else None
+    assert two.returncode == 0, stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     kept = {}
     real = dpo.train_dpo

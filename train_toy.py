@@ -157,7 +157,8 @@ def parse_args(argv=None):
         "at once: a run stopped at any moment leaves the last save whole")
     add("--save-every", type=positive(int), help="save a checkpoint that --resume continues from every N steps "
         "(and at the end)")
-    add("--resume", action="store_true", help="continue the run whose checkpoint is in --out, with its options")
+    add("--resume", action="store_true", help="continue the run whose checkpoint is in --out, with its options; "
+        "--grad-accum, the processes and --device may change, with the same numbers only if they do not")
     add("--plot", help="save loss and reward curves to this .png (needs matplotlib)")
     args = parser.parse_args(argv)
 
@@ -358,7 +359,7 @@ def is_first_process():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def make_optimizer(args, policy, resumed):
+def optimizer_and_scaler(args, policy, resumed):
     """AdamW, and for float16 a gradient scaler; as they were, with --resume."""
     optimizer = dpo.make_optimizer(policy, args.lr)
     scaler = torch.amp.GradScaler(policy.lm_head.weight.device.type) if args.dtype == "float16" else None
@@ -380,24 +381,41 @@ def peak_memory_bytes(device):
 # --out: the run's files, saved as one unit, and read back by --resume
 
 def check_out(args):
-    """Before anything loads: finish what a killed save left beside --out, then refuse a folder
-    that is not ours to fill, and a --resume with nothing to resume."""
-    out = Path(args.out)
+    """Before anything loads: finish what a killed save left beside --out; make sure a save can
+    be made there; then refuse a folder that is not ours to fill, and a --resume with nothing
+    to resume."""
+    out = Path(args.out).resolve()
     if is_first_process():
         checkpoint.clean_leftovers(out, OUT_FILES)
+        if os.path.ismount(out):
+            raise ValueError(f"--out {args.out} is a mount point, which a save cannot replace as a whole; "
+                             "give a folder inside it")
+        try:  # a save renames a new folder into place beside --out: try that now, not after training
+            out.parent.mkdir(parents=True, exist_ok=True)
+            probe = checkpoint.unused_sibling(out, "tmp")
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as e:
+            raise OSError(f"--out {args.out}: cannot write in {out.parent} ({e.strerror or e})") from None
+    if dist.is_initialized():
+        dist.barrier()  # the others look at --out once process 0 has put it in order
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    # ours: only names a run writes, metrics.jsonl among them (a model folder of someone else's
+    # may hold config.json and model.safetensors too)
     others = [name for name in names if name not in OUT_FILES] or ([] if "metrics.jsonl" in names else names)
     if others:
         raise ValueError(f"--out {args.out} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which "
                          "this script did not write. It only ever replaces its own output: give a new or empty folder")
-    if args.resume and "resume.pt" not in names:
-        raise FileNotFoundError(f"--resume: {args.out} holds no resume.pt, so there is nothing to resume "
-                                "(--save-every N writes one)")
+    missing = [name for name in ("resume.pt", "reference.safetensors", "model.safetensors") if name not in names]
+    if args.resume and missing:
+        raise FileNotFoundError(f"--resume: {args.out} holds no {missing[0]}, so there is nothing to resume "
+                                "(--save-every N saves what --resume needs)")
 
 
-def save_run(args, step, policy, records, resume=None, reference=None):
+def save_run(args, policy, records, resume=None, reference=None, replaced=lambda: None):
     """--out replaced by the policy and the records, and, with --save-every, by what --resume
-    needs besides: the reference and the rest of the run's state (resume)."""
+    needs besides: the reference and the rest of the run's state (resume). replaced() is
+    called once the new files are in place."""
     def write(folder):
         policy.save_pretrained(folder)
         checkpoint.write_atomically(folder / "metrics.jsonl",
@@ -410,7 +428,7 @@ def save_run(args, step, policy, records, resume=None, reference=None):
         return
     try:
         Path(args.out).absolute().parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.replace_folder(args.out, write, OUT_FILES)
+        checkpoint.replace_folder(args.out, write, OUT_FILES, replaced)
     except OSError as e:
         raise OSError(f"could not save to {args.out} ({e.strerror or e}); it is as it was before this save") from None
 
@@ -432,7 +450,10 @@ def fingerprint(*pairs):
 def resume_from(args, device):
     """The run saved in --out: its state (resume_state), policy, reference and records."""
     out = Path(args.out)
-    state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError) as e:  # a truncated or foreign file
+        raise ValueError(f"--resume: {out / 'resume.pt'} cannot be read ({str(e).splitlines()[0]})") from None
     changed = [f"--{k.replace('_', '-')} {state['options'][k]} -> {getattr(args, k)}"
                for k in RESUME_MUST_MATCH if state["options"][k] != getattr(args, k)]
     if changed:
@@ -441,6 +462,7 @@ def resume_from(args, device):
     state["records"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     state["policy"] = GPT.from_pretrained(out, device=device)
     state["reference"] = dpo.make_reference(GPT.from_pretrained(out / "reference.safetensors", device=device))
+    print(f"resuming the run in {args.out} after step {state['step']}")
     return state
 
 
@@ -505,7 +527,9 @@ def print_table(title, pairs, before, after, beta, averaged):
     prefers = lambda c, r: "chosen" if c > r else "rejected"
     for i, pair in enumerate(pairs.texts[:SHOWN]):
         (c0, r0), (c1, r1) = before[:, i].tolist(), after[:, i].tolist()
-        print(f"{pair['prompt'][:45]:<46} {c0:>9.2f} -> {c1:>9.2f} {r0:>9.2f} -> {r1:>9.2f} "
+        prompt = " ".join(pair["prompt"].split())  # a dialogue's lines on one line, its end if long
+        prompt = prompt if len(prompt) <= 45 else "..." + prompt[-42:]
+        print(f"{prompt:<46} {c0:>9.2f} -> {c1:>9.2f} {r0:>9.2f} -> {r1:>9.2f} "
               f"{prefers(c0, r0):>8} -> {prefers(c1, r1):<8}{beta * (c1 - c0):>+7.2f} / {beta * (r1 - r0):+.2f}")
     if len(pairs.texts) > SHOWN:
         print(f"  ... and {len(pairs.texts) - SHOWN:,} more pairs, not shown (all are counted below)")
@@ -556,6 +580,7 @@ def save_plot(records, path, loss_type):
     ax2.set(xlabel="step", ylabel="beta * log(pi / pi_ref)", title="implicit rewards (training batch)")
     ax2.legend()
     fig.tight_layout()
+    Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
 
@@ -644,6 +669,30 @@ def train(args, policy, optimizer, scaler, pairs, reference_logps, start_step, a
     return counts
 
 
+def make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, peak, completions):
+    """The last line of metrics.jsonl: the run's options and outcome in one record."""
+    evals = [r for r in records if r.get("phase") == "eval"]
+    rewards = dpo.dpo_loss(*after["train"], *before["train"], beta=args.beta)[1:]
+    _, processes = dpo.process_rank_and_count()
+    return {
+        "summary": True, "model": args.model, "loss_type": args.loss, "beta": args.beta, "lr": args.lr,
+        "epochs": args.epochs, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "processes": processes,
+        "seed": args.seed, "device": str(device), "dtype": args.dtype, "average_logps": args.average_logps,
+        **speed, "tokens_per_s": speed["train_tokens"] / speed["train_s"], "peak_memory_bytes": peak,
+        "n_pairs": len(train_pairs.texts), "preferred_before": count_preferred(before["train"]),
+        "preferred_after": count_preferred(after["train"]),
+        "final_reward_accuracy": dpo.reward_accuracy(*rewards).mean().item(),
+        "n_eval_pairs": len(eval_pairs.texts),
+        "eval_preferred_before": count_preferred(before["eval"]) if eval_pairs.texts else None,
+        "eval_preferred_after": count_preferred(after["eval"]) if eval_pairs.texts else None,
+        "final_eval_reward_accuracy": evals[-1]["reward_accuracy"] if evals else None,
+        "logps_before": as_lists(before["train"]), "logps_after": as_lists(after["train"]),
+        "eval_logps_before": as_lists(before["eval"]) if eval_pairs.texts else None,
+        "eval_logps_after": as_lists(after["eval"]) if eval_pairs.texts else None,
+        "completions_before": completions[0], "completions_after": completions[1],
+    }
+
+
 def run(args, status):
     """The whole experiment; returns the summary that ends metrics.jsonl. status["step"] and
     status["saved"] say how far it got, for main's message if it is stopped."""
@@ -675,16 +724,15 @@ def run(args, status):
         evaluate(0)
 
     # 3. train: one forward pass of the policy per step, the reference's log-probs cached
-    optimizer, scaler = make_optimizer(args, policy, resumed)
+    optimizer, scaler = optimizer_and_scaler(args, policy, resumed)
 
     def between_steps(step, n_steps):
         status["step"] = step
         if step < n_steps and eval_pairs.texts and args.eval_every and step % args.eval_every == 0:
             evaluate(step)
         if step < n_steps and args.save_every and step % args.save_every == 0:
-            save_run(args, step, policy, records, reference=reference, resume=resume_state(
-                args, step, optimizer, scaler, before["train"], train_pairs, eval_pairs))
-            status["saved"] = step
+            save_run(args, policy, records, reference=reference, replaced=lambda: status.update(saved=step),
+                     resume=resume_state(args, step, optimizer, scaler, before["train"], train_pairs, eval_pairs))
 
     speed = train(args, policy, optimizer, scaler, train_pairs, before["train"], resumed["step"] if resumed else 0,
                   autocast, log, between_steps)
@@ -705,37 +753,14 @@ def run(args, status):
     # 6. save: the trained policy, and the numbers for other tools to read without parsing text
     summary = make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, peak,
                            (completions_before, completions_after))
-    save_run(args, status["step"], policy, [*records, summary], reference=reference, resume=resume_state(
-        args, status["step"], optimizer, scaler, before["train"], train_pairs, eval_pairs) if args.save_every else None)
-    status["saved"] = status["step"]
+    last = status["step"]
+    save_run(args, policy, [*records, summary], reference=reference, replaced=lambda: status.update(saved=last),
+             resume=resume_state(args, last, optimizer, scaler, before["train"], train_pairs, eval_pairs)
+             if args.save_every else None)
     if args.plot and is_first_process():
         save_plot(records, args.plot, args.loss)
     print(f"saved the trained policy and metrics.jsonl to {args.out}/" + (f", curves to {args.plot}" if args.plot else ""))
     return summary
-
-
-def make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, peak, completions):
-    """The last line of metrics.jsonl: the run's options and outcome in one record."""
-    evals = [r for r in records if r.get("phase") == "eval"]
-    rewards = dpo.dpo_loss(*after["train"], *before["train"], beta=args.beta)[1:]
-    _, processes = dpo.process_rank_and_count()
-    return {
-        "summary": True, "model": args.model, "loss_type": args.loss, "beta": args.beta, "lr": args.lr,
-        "epochs": args.epochs, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "processes": processes,
-        "seed": args.seed, "device": str(device), "dtype": args.dtype, "average_logps": args.average_logps,
-        **speed, "tokens_per_s": speed["train_tokens"] / speed["train_s"], "peak_memory_bytes": peak,
-        "n_pairs": len(train_pairs.texts), "preferred_before": count_preferred(before["train"]),
-        "preferred_after": count_preferred(after["train"]),
-        "final_reward_accuracy": dpo.reward_accuracy(*rewards).mean().item(),
-        "n_eval_pairs": len(eval_pairs.texts),
-        "eval_preferred_before": count_preferred(before["eval"]) if eval_pairs.texts else None,
-        "eval_preferred_after": count_preferred(after["eval"]) if eval_pairs.texts else None,
-        "final_eval_reward_accuracy": evals[-1]["reward_accuracy"] if evals else None,
-        "logps_before": as_lists(before["train"]), "logps_after": as_lists(after["train"]),
-        "eval_logps_before": as_lists(before["eval"]) if eval_pairs.texts else None,
-        "eval_logps_after": as_lists(after["eval"]) if eval_pairs.texts else None,
-        "completions_before": completions[0], "completions_after": completions[1],
-    }
 
 
 def main(argv=None):
