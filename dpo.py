@@ -260,7 +260,8 @@ def training_steps(pairs, batch_size, epochs, seed):
     """Every step of a run as (epoch, pair indices), from the seed alone: a resumed run, and
     every process under torchrun, takes exactly these steps."""
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
-    return [(epoch, indices) for epoch in range(1, epochs + 1) for indices in epoch_batches(pairs, batch_size, generator)]
+    return [(epoch, indices) for epoch in range(1, epochs + 1)
+            for indices in epoch_batches(pairs, batch_size, generator)]
 
 
 # -----------------------------------------------------------------------------
@@ -525,7 +526,7 @@ def train_dpo(policy, reference, pairs, optimizer, epochs=3, batch_size=2, seed=
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-        micro_batches = [make_batch([pairs[i] for i in part], [logps[part] for logps in reference_logps], device, weight)
+        micro_batches = [make_batch([pairs[i] for i in part], [x[part] for x in reference_logps], device, weight)
                          for part, weight in my_micro_batches(indices, grad_accum)]
         numbers = dpo_step(policy, optimizer, micro_batches, len(indices), beta=beta, loss_type=loss_type,
                            label_smoothing=label_smoothing, max_grad_norm=max_grad_norm,
@@ -567,19 +568,20 @@ def evaluate(policy, reference, pairs, batch_size=8, beta=0.1, loss_type="dpo", 
     """The training step's numbers on encoded `pairs`, without a gradient, and the exact KL.
 
     Returns a dict: NUMBERS, means over the pairs, and kl, the mean over the completion
-    positions of both rows of every pair of KL(pi || pi_ref) = sum over the vocabulary v of pi(v) log(pi(v) / pi_ref(v)), the exact
-    divergence at that position (not a one-sample estimate). Both models run on the same
-    batches (batches_by_length), so where they are equal every margin is exactly 0.
-    Under torchrun the processes share the batches as in pair_logps. progress as there."""
+    positions of both rows of every pair of KL(pi || pi_ref) = sum over the vocabulary v of
+    pi(v) log(pi(v) / pi_ref(v)), the exact divergence at that position (not a one-sample
+    estimate). Both models run on the same batches (batches_by_length), so where they are
+    equal every margin is exactly 0. Under torchrun the processes share the batches as in
+    pair_logps. progress as there."""
     device = next(policy.parameters()).device
     dtype = torch.promote_types(next(policy.parameters()).dtype, torch.float32)
     logps = torch.zeros(4, len(pairs), dtype=dtype, device=device)  # policy c, r; reference c, r
     kl = torch.zeros(2, dtype=torch.float64, device=device)  # KL summed over positions, positions
     batches, done = my_share(batches_by_length(pairs, batch_size)), 0
     for indices in batches:
+        batch = collate([pairs[i] for i in indices])
         with autocast:
-            logps[:, indices], kl_sum, n_positions = logps_and_kl(policy, reference, collate([pairs[i] for i in indices]),
-                                                                  average_logps)
+            logps[:, indices], kl_sum, n_positions = logps_and_kl(policy, reference, batch, average_logps)
         kl += torch.stack([kl_sum.double(), torch.tensor(n_positions, dtype=torch.float64, device=device)])
         done += len(indices)
         if progress is not None:

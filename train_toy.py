@@ -35,6 +35,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -215,7 +216,8 @@ def load_tokenizer():
     except Exception as e:  # tiktoken raises several kinds when its files cannot be fetched
         raise OSError(f"could not load GPT-2's tokenizer ({type(e).__name__}): tiktoken fetches its two files "
                       "(vocab.bpe and encoder.json, about 1.5 MB) once, from the network.\n"
-                      "Offline, copy them into a folder and set TIKTOKEN_CACHE_DIR to it (README.md, Offline).") from None
+                      "Offline, copy them into a folder and set TIKTOKEN_CACHE_DIR to it (README.md, Offline).") \
+            from None
 
 
 def read_pairs(path, enc, option="--data"):
@@ -669,7 +671,7 @@ def train(args, policy, optimizer, scaler, pairs, reference_logps, start_step, a
     return counts
 
 
-def make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, peak, completions):
+def make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, completions):
     """The last line of metrics.jsonl: the run's options and outcome in one record."""
     evals = [r for r in records if r.get("phase") == "eval"]
     rewards = dpo.dpo_loss(*after["train"], *before["train"], beta=args.beta)[1:]
@@ -678,7 +680,8 @@ def make_summary(args, device, train_pairs, eval_pairs, before, after, records, 
         "summary": True, "model": args.model, "loss_type": args.loss, "beta": args.beta, "lr": args.lr,
         "epochs": args.epochs, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "processes": processes,
         "seed": args.seed, "device": str(device), "dtype": args.dtype, "average_logps": args.average_logps,
-        **speed, "tokens_per_s": speed["train_tokens"] / speed["train_s"], "peak_memory_bytes": peak,
+        **speed, "tokens_per_s": speed["train_tokens"] / speed["train_s"],
+        "peak_memory_bytes": peak_memory_bytes(device),
         "n_pairs": len(train_pairs.texts), "preferred_before": count_preferred(before["train"]),
         "preferred_after": count_preferred(after["train"]),
         "final_reward_accuracy": dpo.reward_accuracy(*rewards).mean().item(),
@@ -693,6 +696,15 @@ def make_summary(args, device, train_pairs, eval_pairs, before, after, records, 
     }
 
 
+def evaluate_held_out(args, policy, reference, pairs, autocast, log, step):
+    """dpo.evaluate on the held-out pairs, if there are any, logged as an "eval" record."""
+    if pairs.texts:
+        numbers = dpo.evaluate(policy, reference, pairs.tokens, args.batch_size, args.beta, args.loss,
+                               args.label_smoothing, args.average_logps, autocast, progress_printer("evaluating"))
+        log({"phase": "eval", "step": step, **numbers}, f"eval at step {step:3d} (held out) | "
+            + format_numbers(numbers) + f" | kl {max(numbers['kl'], 0.0):.4f}")  # >= 0, but rounding gives -1e-9
+
+
 def run(args, status):
     """The whole experiment; returns the summary that ends metrics.jsonl. status["step"] and
     status["saved"] say how far it got, for main's message if it is stopped."""
@@ -705,34 +717,33 @@ def run(args, status):
         if line:
             print("  " + line, flush=True)
 
-    def evaluate(step):
-        numbers = dpo.evaluate(policy, reference, eval_pairs.tokens, args.batch_size, args.beta, args.loss,
-                               args.label_smoothing, args.average_logps, autocast, progress_printer("evaluating"))
-        log({"phase": "eval", "step": step, **numbers}, f"eval at step {step:3d} (held out) | "
-            + format_numbers(numbers) + f" | kl {max(numbers['kl'], 0.0):.4f}")  # >= 0, but rounding gives -1e-9
-
     # 1. prepare: every input is checked before any model is built
     enc, train_pairs, eval_pairs, policy, reference, resumed = prepare(args, device, autocast, log)
     records[:0] = resumed["records"] if resumed else []
     print(describe_training(args, train_pairs, eval_pairs))
+    evaluate = functools.partial(evaluate_held_out, args, policy, reference, eval_pairs, autocast, log)
 
     # 2. measure: where the untouched model stands (the reference is that model, frozen)
     before = {"train": resumed["reference_logps"] if resumed else measure(reference, train_pairs, args, autocast),
               "eval": measure(reference, eval_pairs, args, autocast)}
     completions_before = greedy_completions(reference, enc, shown(train_pairs, eval_pairs))
-    if eval_pairs.texts and not resumed:
+    if not resumed:
         evaluate(0)
 
     # 3. train: one forward pass of the policy per step, the reference's log-probs cached
     optimizer, scaler = optimizer_and_scaler(args, policy, resumed)
 
+    def save(step, lines):
+        resume = (resume_state(args, step, optimizer, scaler, before["train"], train_pairs, eval_pairs)
+                  if args.save_every else None)
+        save_run(args, policy, lines, resume, reference, replaced=lambda: status.update(saved=step))
+
     def between_steps(step, n_steps):
         status["step"] = step
-        if step < n_steps and eval_pairs.texts and args.eval_every and step % args.eval_every == 0:
+        if step < n_steps and args.eval_every and step % args.eval_every == 0:
             evaluate(step)
         if step < n_steps and args.save_every and step % args.save_every == 0:
-            save_run(args, policy, records, reference=reference, replaced=lambda: status.update(saved=step),
-                     resume=resume_state(args, step, optimizer, scaler, before["train"], train_pairs, eval_pairs))
+            save(step, records)
 
     speed = train(args, policy, optimizer, scaler, train_pairs, before["train"], resumed["step"] if resumed else 0,
                   autocast, log, between_steps)
@@ -740,26 +751,22 @@ def run(args, status):
     # 4. measure again, with the same functions
     after = {"train": measure(policy, train_pairs, args, autocast), "eval": measure(policy, eval_pairs, args, autocast)}
     completions_after = greedy_completions(policy, enc, shown(train_pairs, eval_pairs))
-    if eval_pairs.texts:
-        evaluate(status["step"])
+    evaluate(status["step"])
 
-    # 5. report
+    # 5. report, and the numbers for other tools to read without parsing text
     report(args, train_pairs, eval_pairs, before, after, (completions_before, completions_after))
-    peak = peak_memory_bytes(device)
-    print(f"\ntraining: {speed['train_s']:.2f} s, {speed['train_tokens'] / speed['train_s']:,.0f} tokens/s, "
-          f"{1 - speed['train_tokens'] / speed['train_positions']:.0%} padding; peak memory {peak / 2**20:,.0f} MiB "
-          f"({'CUDA' if device.type == 'cuda' else 'process RSS'})")
-
-    # 6. save: the trained policy, and the numbers for other tools to read without parsing text
-    summary = make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, peak,
+    summary = make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed,
                            (completions_before, completions_after))
-    last = status["step"]
-    save_run(args, policy, [*records, summary], reference=reference, replaced=lambda: status.update(saved=last),
-             resume=resume_state(args, last, optimizer, scaler, before["train"], train_pairs, eval_pairs)
-             if args.save_every else None)
+    print(f"\ntraining: {speed['train_s']:.2f} s, {summary['tokens_per_s']:,.0f} tokens/s, "
+          f"{1 - speed['train_tokens'] / speed['train_positions']:.0%} padding; peak memory "
+          f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA' if device.type == 'cuda' else 'process RSS'})")
+
+    # 6. save: the trained policy and metrics.jsonl
+    save(status["step"], [*records, summary])
     if args.plot and is_first_process():
         save_plot(records, args.plot, args.loss)
-    print(f"saved the trained policy and metrics.jsonl to {args.out}/" + (f", curves to {args.plot}" if args.plot else ""))
+    plot = f", curves to {args.plot}" if args.plot else ""
+    print(f"saved the trained policy and metrics.jsonl to {args.out}/{plot}")
     return summary
 
 
