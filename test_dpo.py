@@ -2224,6 +2224,23 @@ def test_leftovers_of_a_save_killed_half_way_are_cleaned_up_by_the_next_run(earl
     assert_left_as_it_was((out, before))
 
 
+def ctrl_c():
+    raise KeyboardInterrupt
+
+
+def interrupt_at_step(monkeypatch, n, interrupt=ctrl_c):
+    """The n-th call of dpo.dpo_step calls interrupt() first: a Ctrl-C, or a kill."""
+    real, calls = dpo.dpo_step, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            interrupt()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "dpo_step", counting)
+
+
 def signal_run(out, where, *options):
     """train_toy.py in a new process that prints `where` ("training" at step 2, or "saving"
     once the first file of a save is written) and then waits for the test's signal."""
@@ -2273,15 +2290,7 @@ def test_ctrl_c_and_kill_during_training_and_saving_leave_the_earlier_out(tiny_d
     out = tmp_path / "in-process" / "toy-dpo"  # meanwhile, in this process
     shutil.copytree(tiny_dpo_run[0], out)
     monkeypatch.setattr(train_toy, "SFT_STEPS", 1)
-    real, steps = dpo.dpo_step, []
-
-    def kill_myself_at_2(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dpo, "dpo_step", kill_myself_at_2)
+    interrupt_at_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(SystemExit) as stop:
         run_toy(out, "--model", "tiny", "--epochs", "1")
     assert stop.value.code == f"stopped after step 1 (Ctrl-C or SIGTERM); nothing was saved and {out} is as it was"
@@ -2312,16 +2321,7 @@ def test_ctrl_c_and_kill_during_training_and_saving_leave_the_earlier_out(tiny_d
 def test_ctrl_c_after_a_checkpoint_says_which_step_was_kept(tmp_path, quick_sft, monkeypatch):
     """Stopped at step 5 with --save-every 2: the message names the checkpoint of step 4 that
     --out holds and --resume continues from, and that is what --out holds."""
-    real = dpo.dpo_step
-    steps = []
-
-    def stop_at_5(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dpo, "dpo_step", stop_at_5)
+    interrupt_at_step(monkeypatch, 5)
     with pytest.raises(SystemExit) as stop:
         run_toy(tmp_path / "out", "--model", "tiny", "--save-every", "2")
     assert str(stop.value) == (f"stopped after step 4 (Ctrl-C or SIGTERM); {tmp_path / 'out'} holds the save of step "
@@ -2343,15 +2343,8 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, quic
     options = ["--model", "tiny", "--epochs", "4", "--save-every", "2", "--eval-every", "2", "--warmup-steps", "2",
                "--lr-decay", "linear", "--dtype", "float16"]
     run_toy(tmp_path / "whole", *options)
-    real, steps = dpo.dpo_step, []
-
-    def stop_at_5(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dpo, "dpo_step", stop_at_5)
+    real = dpo.dpo_step
+    interrupt_at_step(monkeypatch, 5)
     with pytest.raises(SystemExit, match="holds the save of step 4"):
         run_toy(tmp_path / "cut", *options)
     monkeypatch.setattr(dpo, "dpo_step", real)

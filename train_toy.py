@@ -464,7 +464,6 @@ def resume_from(args, device):
     state["records"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     state["policy"] = GPT.from_pretrained(out, device=device)
     state["reference"] = dpo.make_reference(GPT.from_pretrained(out / "reference.safetensors", device=device))
-    print(f"resuming the run in {args.out} after step {state['step']}")
     return state
 
 
@@ -616,6 +615,7 @@ def prepare(args, device, autocast, log):
         if resumed["step"] == len(dpo.training_steps(train_pairs.tokens, args.batch_size, args.epochs, args.seed)):
             raise ValueError(f"--resume: the run in {args.out} has finished (step {resumed['step']}); there is "
                              "nothing to continue")
+        print(f"resuming the run in {args.out} after step {resumed['step']}")
         return enc, train_pairs, eval_pairs, policy, resumed["reference"], resumed
     if args.model == "tiny":
         print(f"SFT warm-up on prompt + rejected completion ({SFT_STEPS} steps of {SFT_BATCH} sequences, lr {SFT_LR})")
