@@ -1,7 +1,7 @@
 """
 The proof: every formula of this project checked against something independent of it.
 
-    python -m pytest test_dpo.py          (under a minute on a 2-core CPU; no network)
+    python -m pytest test_dpo.py          (about a minute on a 2-core CPU; no network)
 
 Index: claim -> the test that proves it.
 - The DPO loss is -log sigmoid(beta h) (Eq. 7), cDPO and IPO (Eq. 17) as written
@@ -74,7 +74,6 @@ import functools
 import hashlib
 import http.server
 import importlib.util
-import inspect
 import json
 import math
 import os
