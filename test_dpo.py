@@ -188,6 +188,11 @@ def plain_logps(model, batch, average=False):
     return logps[:n], logps[n:]
 
 
+def reference_batch(reference, pairs, **options):
+    """make_batch of encoded pairs with the reference's log-probs of them (pair_logps' options)."""
+    return dpo.make_batch(pairs, dpo.pair_logps(reference, pairs, **options), "cpu")
+
+
 def one_step(policy, optimizer, batch, **options):
     """dpo_step on one batch from make_batch, its only micro-batch."""
     return dpo.dpo_step(policy, optimizer, [batch], len(batch["reference_chosen_logps"]), **options)
@@ -218,12 +223,10 @@ def gpt2_tokenizer():
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.25, 2.0])
-def test_dpo_loss_is_log2_and_ipo_loss_is_inverse_2beta_squared_when_policy_equals_reference(beta):
+def test_dpo_loss_is_log2_and_ipo_loss_is_inverse_2beta_squared_when_policy_equals_reference(beta, policy, reference):
     """At step 0 pi = pi_ref, so h = 0 on every pair and
     DPO (Eq. 7): -log sigmoid(0) = log 2;  IPO (Eq. 17): (0 - 1/(2 beta))^2 = (1/(2 beta))^2.
     Computed through the real GPT forward on a real encoded batch."""
-    policy = tiny_policy()
-    reference = dpo.make_reference(policy)
     batch = dpo.collate(encoded_pairs())
     chosen, rejected = plain_logps(policy, batch)
     with torch.no_grad():
@@ -247,7 +250,7 @@ def test_dpo_step_first_report_is_log2_loss_zero_margin_and_chance_accuracy(poli
     reference, so loss = log 2 (Eq. 7 at h = 0), every margin beta*h is exactly 0, and the
     reward accuracy, which counts a tie as half right, is 0.5: chance."""
     pairs = [encoded_pairs()[i] for i in (3, 0, 2)]
-    batch = dpo.make_batch(pairs, dpo.pair_logps(reference, pairs, batch_size=3), "cpu")
+    batch = reference_batch(reference, pairs, batch_size=3)
     metrics = one_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, beta=0.1)
     assert metrics["loss"] == pytest.approx(LOG2, abs=1e-7)
     assert metrics["reward_accuracy"] == 0.5 and metrics["margin"] == 0.0
@@ -389,7 +392,7 @@ def test_dpo_step_with_average_logps_trains_on_per_token_means():
     reference = dpo.make_reference(policy)
     perturb(policy)
     pairs = encoded_pairs()
-    batch = dpo.make_batch(pairs, dpo.pair_logps(reference, pairs, average=True), "cpu")
+    batch = reference_batch(reference, pairs, average=True)
     with torch.no_grad():
         expected = dpo.dpo_loss(*plain_logps(policy, batch, average=True), *plain_logps(reference, batch, average=True),
                                 beta=0.5)
@@ -451,7 +454,7 @@ def perturbed_policy_and_batch(n_pairs):
     reference = dpo.make_reference(policy)
     perturb(policy)
     pairs = encoded_pairs()[:n_pairs]
-    return policy, dpo.make_batch(pairs, dpo.pair_logps(reference, pairs), "cpu")
+    return policy, reference_batch(reference, pairs)
 
 
 def test_policy_gradient_follows_the_dpo_paper_identity_on_a_tiny_gpt():
@@ -612,7 +615,7 @@ def test_bfloat16_log_probs_are_summed_in_float32():
     pairs = [(row[:12].tolist(), row[12:33].tolist(), row[12:33].tolist()) for row in ids[:1]]
     reference = dpo.make_reference(model)
     first = one_step(model, torch.optim.SGD(model.parameters(), lr=0.0),
-                     dpo.make_batch(pairs, dpo.pair_logps(reference, pairs, autocast=autocast), "cpu"),
+                     reference_batch(reference, pairs, autocast=autocast),
                      autocast=autocast)
     assert first["loss"] == pytest.approx(LOG2, abs=1e-7) and first["margin"] == 0.0
 
@@ -881,11 +884,9 @@ def test_reference_log_probs_carry_no_graph_even_for_a_model_that_is_not_frozen(
         assert logps.grad_fn is None and not logps.requires_grad
 
 
-def test_make_optimizer_holds_exactly_the_policy_parameters():
+def test_make_optimizer_holds_exactly_the_policy_parameters(policy, reference):
     """The optimizer updates the policy and only the policy: every parameter once, none of the
     reference's (a copy with the same values, so only identity tells them apart)."""
-    policy = tiny_policy()
-    reference = dpo.make_reference(policy)
     optimizer = dpo.make_optimizer(policy, lr=1e-3)
     held = [p for group in optimizer.param_groups for p in group["params"]]
     assert len(held) == len({id(p) for p in held}) == len(list(policy.parameters()))
@@ -898,18 +899,16 @@ def test_dpo_step_runs_the_policy_once_on_chosen_and_rejected_together():
     """One forward of 2B rows per step: chosen and rejected share it (and the reference none)."""
     policy = tiny_policy()
     pairs = [encoded_pairs()[i] for i in (4, 1)]
-    batch = dpo.make_batch(pairs, dpo.pair_logps(dpo.make_reference(policy), pairs), "cpu")
+    batch = reference_batch(dpo.make_reference(policy), pairs)
     forwards = count_forwards(policy)
     one_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch)
     assert len(forwards) == 1
     assert forwards[0].shape[0] == 4  # B = 2 pairs: 2 chosen + 2 rejected rows
 
 
-def test_train_dpo_runs_the_reference_once_before_training_not_per_step():
+def test_train_dpo_runs_the_reference_once_before_training_not_per_step(policy, reference):
     """log pi_ref(y|x) does not change, so train_dpo computes it in ceil(N / 8) forwards of up
     to 8 pairs in total, however many steps follow; the policy runs once per step."""
-    policy = tiny_policy()
-    reference = dpo.make_reference(policy)
     reference_forwards, policy_forwards = count_forwards(reference), count_forwards(policy)
     history = dpo.train_dpo(policy, reference, encoded_pairs(), torch.optim.SGD(policy.parameters(), lr=0.1),
                             epochs=3, batch_size=2)
@@ -918,9 +917,7 @@ def test_train_dpo_runs_the_reference_once_before_training_not_per_step():
     assert len(policy_forwards) == len(history)
 
 
-def test_train_dpo_leaves_the_reference_bit_identical_and_moves_the_policy():
-    policy = tiny_policy()
-    reference = dpo.make_reference(policy)
+def test_train_dpo_leaves_the_reference_bit_identical_and_moves_the_policy(policy, reference):
     reference_before = copy.deepcopy(reference.state_dict())
     policy_before = copy.deepcopy(policy.state_dict())
     dpo.train_dpo(policy, reference, encoded_pairs(), dpo.make_optimizer(policy, lr=1e-2), epochs=2, batch_size=2)
@@ -1006,11 +1003,9 @@ def test_train_dpo_is_deterministic_given_initial_weights_and_seed():
     assert run(seed=0) != run(seed=1)  # the seed does choose the order of the batches
 
 
-def test_train_dpo_stops_at_the_first_step_whose_loss_is_not_finite():
+def test_train_dpo_stops_at_the_first_step_whose_loss_is_not_finite(policy, reference):
     """A learning rate of 1e30 sends the weights to +-1e30 after one step, and the next loss is
     not finite: training stops there with an error that names the step and what to try."""
-    policy = tiny_policy()
-    reference = dpo.make_reference(policy)
     seen = []
     with pytest.raises(FloatingPointError, match=r"diverged at step 2: .* smaller learning rate"):
         dpo.train_dpo(policy, reference, encoded_pairs(), dpo.make_optimizer(policy, lr=1e30), epochs=2,
@@ -1035,12 +1030,10 @@ def test_cached_reference_log_probs_keep_the_model_precision():
     assert torch.allclose(rejected, direct[1], atol=1e-12, rtol=0)
 
 
-def test_train_dpo_averages_the_reference_log_probs_it_computes_when_asked_to_average():
+def test_train_dpo_averages_the_reference_log_probs_it_computes_when_asked_to_average(policy, reference):
     """train_dpo(average_logps=True) without cached reference log-probs must average the
     reference's too: at step 0, where policy = reference, the loss is then log 2 (Eq. 7 at
     h = 0). Summed reference log-probs against averaged policy ones would give another loss."""
-    policy = tiny_policy()
-    reference = dpo.make_reference(policy)
     history = dpo.train_dpo(policy, reference, encoded_pairs(), torch.optim.SGD(policy.parameters(), lr=0.0),
                             epochs=1, batch_size=len(PAIRS), average_logps=True)
     assert history[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
