@@ -84,7 +84,8 @@ def is_ours(name, names):
 
 def remove_ours(folder, names):
     """Delete the files of `names` in folder (is_ours), then the folder if that emptied it.
-    Nothing else is deleted: returns the names of what else is there ([] once it is gone)."""
+    Nothing else is deleted: a warning names what else is there, and it is returned ([] once
+    the folder is gone)."""
     others = []
     for entry in Path(folder).iterdir():
         if is_ours(entry.name, names) and not entry.is_dir():
@@ -93,13 +94,11 @@ def remove_ours(folder, names):
             others.append(entry.name)
     if not others:
         Path(folder).rmdir()
+    else:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        print(f"warning: left {folder} in place: it holds {', '.join(sorted(others)[:3])}{more}, which this "
+              "project did not write", file=sys.stderr)
     return others
-
-
-def warn_left(folder, others):
-    more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-    print(f"warning: left {folder} in place: it holds {', '.join(sorted(others)[:3])}{more}, which this "
-          "project did not write", file=sys.stderr)
 
 
 def replace_folder(path, write, names, replaced=lambda: None):
@@ -137,16 +136,12 @@ def replace_folder(path, write, names, replaced=lambda: None):
             os.replace(old, path)
             old = None
         if tmp.is_dir():
-            others = remove_ours(tmp, names)
-            if others:
-                warn_left(tmp, others)
+            remove_ours(tmp, names)
         raise
     replaced()
     fsync(path.parent)
     if old is not None:
-        others = remove_ours(old, names)
-        if others:
-            warn_left(old, others)
+        remove_ours(old, names)
 
 
 def clean_leftovers(path, names):
@@ -164,9 +159,7 @@ def clean_leftovers(path, names):
         if match[1] == "old" and not os.path.lexists(path):
             os.replace(entry, path)  # killed between the two renames: the old folder comes back
             continue
-        others = remove_ours(entry, names)
-        if others:
-            warn_left(entry, others)
+        remove_ours(entry, names)
 
 
 # -----------------------------------------------------------------------------

@@ -256,6 +256,12 @@ def epoch_batches(pairs, batch_size, generator, chunk_batches=50):
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def count_training_steps(n_pairs, batch_size, epochs):
+    """len(training_steps(...)), without building them: every chunk of epoch_batches holds a
+    whole number of batches, so an epoch is ceil(n_pairs / batch_size) batches."""
+    return epochs * math.ceil(n_pairs / batch_size)
+
+
 def training_steps(pairs, batch_size, epochs, seed):
     """Every step of a run as (epoch, pair indices), from the seed alone: a resumed run, and
     every process under torchrun, takes exactly these steps."""

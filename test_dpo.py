@@ -940,6 +940,15 @@ def test_train_dpo_turns_dropout_off_so_the_first_loss_is_log2():
     assert history[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
 
 
+def test_count_training_steps_is_the_number_of_steps_training_steps_takes():
+    """The count the script prints and schedules with, against the steps themselves, for runs
+    of pairs below, at and across the 50-batch chunks epoch_batches shuffles within."""
+    for n_pairs, batch_size in [(1, 1), (7, 3), (8, 8), (9, 8), (399, 8), (400, 8), (401, 8), (1234, 3), (151, 1)]:
+        pairs = [([1] * (1 + i % 13), [2], [3]) for i in range(n_pairs)]
+        steps = dpo.training_steps(pairs, batch_size, epochs=2, seed=0)
+        assert dpo.count_training_steps(n_pairs, batch_size, epochs=2) == len(steps), (n_pairs, batch_size)
+
+
 def test_every_epoch_gets_a_new_order_and_visits_every_pair_once():
     """epoch_batches: each epoch is a permutation of all pairs, cut into batches, and the
     generator moves on between epochs, so the orders differ (a generator seeded again for

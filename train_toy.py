@@ -358,7 +358,7 @@ def start_processes(args):
 
 
 def is_first_process():
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return dpo.process_rank_and_count()[0] == 0
 
 
 def optimizer_and_scaler(args, policy, resumed):
@@ -612,7 +612,7 @@ def prepare(args, device, autocast, log):
         if resumed["pairs"] != fingerprint(train_pairs, eval_pairs):
             raise ValueError(f"--resume: these are not the pairs of the run in {args.out} (--data, --eval-data, "
                              "--eval-fraction or --max-length differ, or the files changed)")
-        if resumed["step"] == len(dpo.training_steps(train_pairs.tokens, args.batch_size, args.epochs, args.seed)):
+        if resumed["step"] == dpo.count_training_steps(len(train_pairs.tokens), args.batch_size, args.epochs):
             raise ValueError(f"--resume: the run in {args.out} has finished (step {resumed['step']}); there is "
                              "nothing to continue")
         print(f"resuming the run in {args.out} after step {resumed['step']}")
@@ -641,7 +641,7 @@ def train(args, policy, optimizer, scaler, pairs, reference_logps, start_step, a
     """DPO (or IPO) on the training pairs. between_steps(step, n_steps) runs after each step
     (held-out evaluations, checkpoints) and is not timed as training. Returns the training
     seconds and tokens for the run's last line."""
-    n_steps = len(dpo.training_steps(pairs.tokens, args.batch_size, args.epochs, args.seed))
+    n_steps = dpo.count_training_steps(len(pairs.tokens), args.batch_size, args.epochs)
     print_every = 1 if n_steps <= 30 else math.ceil(n_steps / 20)
     _, processes = dpo.process_rank_and_count()
     model = policy if processes == 1 else DistributedDataParallel(
