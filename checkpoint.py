@@ -7,8 +7,10 @@ The bytes: every file this project reads or writes, and nothing about GPT.
    nothing is ever unpickled.
 3. The Hugging Face hub: the standard cache that transformers users already have, and a
    download checked by its size and hash before anything is kept.
+4. JSON Lines, the format preference pairs come in.
 
-model.py uses 2 and 3 for GPT-2's checkpoints; train_toy.py uses 1 for --out. Read
+model.py uses 2 and 3 for GPT-2's checkpoints; train_toy.py uses 1 for its run folder
+(--out: the policy, metrics.jsonl, and what --resume needs) and 4 for --data. Read
 model.py and dpo.py first: this file is for when you want to know how the bytes move.
 """
 
@@ -160,6 +162,59 @@ def clean_leftovers(path, names):
             os.replace(entry, path)  # killed between the two renames: the old folder comes back
             continue
         remove_ours(entry, names)
+
+
+def prepare_run_folder(path, names, option):
+    """For a run that will save its files (names) into the folder path with replace_folder:
+    finish what a killed save left beside it (clean_leftovers), then try now, not after hours
+    of training, what a save will do there: create a folder beside it."""
+    path = Path(path).resolve()
+    clean_leftovers(path, names)
+    if os.path.ismount(path):
+        raise ValueError(f"{option} is a mount point, which a save cannot replace as a whole; give a folder inside it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = unused_sibling(path, "tmp")
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise OSError(f"{option}: cannot write in {path.parent} ({e.strerror or e})") from None
+
+
+def refuse_others(path, names, marker, option):
+    """The names in the folder path ([] if it is missing), if it is ours to replace: it holds
+    nothing but files of `names`, and marker among them (someone else's folder may hold some
+    of the same names; a folder with nothing else but no marker is theirs too). Otherwise a
+    ValueError names up to three of what is there."""
+    found = sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []
+    others = [name for name in found if name not in names] or ([] if marker in found else found)
+    if others:
+        raise ValueError(f"{option} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which this "
+                         "script did not write. It only ever replaces its own output: give a new or empty folder")
+    return found
+
+
+def save_folder(path, write, names, replaced=lambda: None):
+    """replace_folder, its parent created first; an OSError says that path is as it was."""
+    try:
+        Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
+        replace_folder(path, write, names, replaced)
+    except OSError as e:
+        raise OSError(f"could not save to {path} ({e.strerror or e}); it is as it was before this save") from None
+
+
+def save_state(state, path):
+    """torch.save, atomically, of tensors and plain values only (what load_state reads)."""
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path, option):
+    """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts, and
+    nothing else is ever unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError) as e:  # a truncated or foreign file
+        raise ValueError(f"{option}: {path} cannot be read ({str(e).splitlines()[0]})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -503,3 +558,33 @@ def hub_snapshot(repo, also_cached_as=()):
     except ConnectionError as e:
         print(f"warning: {e}", file=sys.stderr)
     return repo_cache_dir(repo) / "snapshots" / commit
+
+
+# -----------------------------------------------------------------------------
+# 4. JSON Lines: one JSON object a line, as preference data sets are shared
+
+
+def read_jsonl(path, parse, option):
+    """[parse(record, line_number) for each JSON object in a .jsonl file]. Blank lines are
+    skipped and a UTF-8 BOM (a Windows editor's) is allowed; bad UTF-8, bad JSON, a line that
+    is not an object and a ValueError from parse are each an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path}: " + ("not a file" if path.exists() else "no such file"))
+    parsed = []
+    with open(path, "rb") as f:  # bytes, so that bad UTF-8 is an error naming its line
+        for number, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8").removeprefix("\ufeff" if number == 1 else "")
+                if text.strip():
+                    record = json.loads(text)
+                    if not isinstance(record, dict):
+                        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                    parsed.append(parse(record, number))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+            except ValueError as e:
+                raise ValueError(f"{path} line {number}: {e}") from None
+    return parsed

@@ -7,10 +7,8 @@ al. 2017; Eq. 1 for attention), learned position embeddings, the tanh approximat
 GELU, and an output head tied to the token embedding (Press & Wolf 2017). It is written in
 the order data meets it: attention, MLP, block, config, GPT.
 
-After the network: GPT-2's checkpoints in the Hugging Face layout, which names its tensors
-differently, stores four weight matrices transposed, and carries mask buffers this model
-does not need. The bytes themselves (.safetensors, config.json, the hub and its cache)
-are checkpoint.py's business.
+After the network: the explicit mapping to and from GPT-2's checkpoints in the Hugging Face layout.
+The bytes themselves (.safetensors, config.json, the hub and its cache) are checkpoint.py's business.
 
 References: nanoGPT (Karpathy), picoGPT (Mody), Hugging Face's GPT-2 checkpoints.
 Read next: dpo.py, which turns this model's logits into DPO's log-probabilities.
@@ -33,7 +31,6 @@ import checkpoint
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         # query, key and value for all heads in one matrix, as GPT-2 stores them
@@ -46,20 +43,15 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         # softmax(q k^T / sqrt(hs)) v with a causal mask (Vaswani et al. 2017, Eq. 1);
         # the fused kernel never materialises the (T, T) mask that GPT-2 checkpoints carry
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -74,7 +66,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
@@ -100,8 +91,7 @@ class GPTConfig:
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
 
 
-# The four published sizes (GPT-2 paper, Table 2), all with vocab 50257, a 1024-token
-# context, layer-norm eps 1e-5, the tanh GELU and an MLP of 4 x n_embd (no n_inner).
+# The four published sizes (GPT-2 paper, Table 2); all have GPTConfig's vocab_size and block_size.
 GPT2_MODELS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
@@ -111,7 +101,6 @@ GPT2_MODELS = {
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         if config.n_embd % config.n_head != 0:
@@ -126,38 +115,27 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (Press & Wolf 2017): GPT-2 scores tokens with its own embedding
-        # matrix, so its checkpoints hold no separate head. One Parameter, two uses:
-        # autograd adds the lookup's gradient and the head's.
+        # weight tying (Press & Wolf 2017), as in GPT-2: one Parameter, two uses, and autograd adds their gradients
         self.transformer.wte.weight = self.lm_head.weight
         # GPT-2's initialisation, with residual projections scaled by 1/sqrt(2 n_layer)
         # (GPT-2 paper, Section 2.3); only used when not loading weights
-        self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
     def forward(self, idx, logits_at=None):
-        """Logits (B, T, vocab_size) for token ids idx (B, T).
-
-        logits_at: optional (B, T) bool mask; then only those positions are scored and the
-        result is (N, vocab_size), N = logits_at.sum(), in row-major order. DPO needs logits
-        only where they score a completion's tokens, and the output head is about a third of
-        GPT-2 small's compute, so skipping the prompt positions is a real saving."""
+        """Logits (B, T, vocab_size) for token ids idx (B, T); with logits_at, a (B, T) bool mask, only at
+        those positions: (N, vocab_size), N = logits_at.sum(), in row-major order. DPO needs logits only for
+        a completion's tokens, and the output head is about a third of GPT-2 small's compute."""
         B, T = idx.size()
         if T > self.config.block_size:
-            raise ValueError(
-                f"sequence of length {T} is longer than the model's context "
-                f"(block_size {self.config.block_size}); shorten the prompt or completion"
-            )
+            raise ValueError(f"sequence of length {T} is longer than the model's context "
+                             f"(block_size {self.config.block_size}); shorten the prompt or completion")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
@@ -167,8 +145,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if logits_at is not None:
             x = x[logits_at]  # (N, C)
-        logits = self.lm_head(x)  # (B, T, vocab_size), or (N, vocab_size)
-        return logits
+        return self.lm_head(x)  # (B, T, vocab_size), or (N, vocab_size)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -191,10 +168,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None):
-        """A GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, optionally with the hub's
-        "openai-community/" in front), found in the Hugging Face cache or downloaded into it;
-        or a local .safetensors file, or a folder holding model.safetensors. A config.json
-        beside the weights gives the sizes; without one they are read off the tensors."""
+        """A GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, optionally with the hub's "openai-community/"
+        in front), found in the Hugging Face cache or downloaded into it; or a local .safetensors file, or a
+        folder holding model.safetensors. A config.json beside the weights gives the sizes, else the tensors."""
         name = str(name_or_path).removeprefix("openai-community/")
         config = None
         if name in GPT2_MODELS and not Path(name_or_path).exists():
@@ -207,8 +183,9 @@ class GPT(nn.Module):
         tensors = hf_to_ours(checkpoint.load_safetensors(weights), weights)
         with torch.device("meta"):
             model = GPT(config or config_from_shapes(tensors, weights))  # shapes only: no random init to overwrite
-        check_tensors_match({n: t.shape for n, t in model.state_dict().items() if n != "lm_head.weight"}, tensors, weights)
-        tensors["lm_head.weight"] = tensors["transformer.wte.weight"]
+        check_tensors_match({n: t.shape for n, t in model.state_dict().items() if n != "lm_head.weight"},
+                            tensors, weights)
+        tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # tied: the files hold no head
         model.load_state_dict({n: t.contiguous() for n, t in tensors.items()}, assign=True)
         model.transformer.wte.weight = model.lm_head.weight  # assign=True made two Parameters; tie them again
         return model.to(device=device or "cpu", dtype=dtype).eval()
@@ -225,24 +202,21 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # GPT-2's checkpoints in the Hugging Face layout
 #
-# The hub's openai-community/gpt2/model.safetensors (548,105,171 bytes, all F32) holds 160
-# tensors with no "transformer." prefix: wte.weight, wpe.weight, h.{i}.ln_1.*,
-# h.{i}.attn.c_attn.*, h.{i}.attn.c_proj.*, h.{i}.ln_2.*, h.{i}.mlp.c_fc.*, h.{i}.mlp.c_proj.*,
-# ln_f.* (148 parameters, 124,439,808 numbers), plus 12 causal-mask buffers h.{i}.attn.bias of
-# shape [1, 1, 1024, 1024], which scaled_dot_product_attention does not need. Careful:
-# h.{i}.attn.bias is a buffer but h.{i}.attn.c_attn.bias a parameter, so match the whole name.
-# There is no lm_head.weight: the head is tied to wte.
-# OpenAI's Conv1D modules store their four weights (attn.c_attn, attn.c_proj, mlp.c_fc,
-# mlp.c_proj) as (in, out), e.g. c_attn.weight is [768, 2304]: the transpose of nn.Linear's
-# (out, in). Nothing else is transposed.
-# transformers' save_pretrained writes the second real layout: the same tensors with a
-# "transformer." prefix, and no mask buffers. Both load; save_pretrained here writes the hub's.
-# config.json gives n_layer, n_head, n_embd, n_positions and vocab_size. Every GPT-2 has
-# activation_function "gelu_new" (the tanh GELU), layer_norm_epsilon 1e-5 and no n_inner (an
-# MLP of 4 x n_embd); this model hard-codes them, so a config.json saying otherwise is refused.
+# The hub's openai-community/gpt2/model.safetensors (548,105,171 bytes, all F32) holds 160 tensors with no
+# "transformer." prefix: wte.weight, wpe.weight, h.{i}.ln_1.*, h.{i}.attn.c_attn.*, h.{i}.attn.c_proj.*,
+# h.{i}.ln_2.*, h.{i}.mlp.c_fc.*, h.{i}.mlp.c_proj.*, ln_f.* (148 parameters, 124,439,808 numbers), plus 12
+# causal-mask buffers h.{i}.attn.bias of shape [1, 1, 1024, 1024], which scaled_dot_product_attention does
+# not need. There is no lm_head.weight: the head is tied to wte.
+# OpenAI's Conv1D modules store their four weights (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) as
+# (in, out), e.g. c_attn.weight is [768, 2304]: the transpose of nn.Linear's (out, in). Nothing else is.
+# transformers' save_pretrained writes the second real layout: the same tensors with a "transformer." prefix,
+# and no mask buffers. Both load; save_pretrained here writes the hub's.
+# config.json gives n_layer, n_head, n_embd, n_positions and vocab_size. Every GPT-2 has activation_function
+# "gelu_new" (the tanh GELU), layer_norm_epsilon 1e-5 and no n_inner (an MLP of 4 x n_embd); this model
+# hard-codes them, so a config.json saying otherwise is refused.
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # fullmatch: h.{i}.attn.c_attn.bias is a parameter
 
 
 def hf_to_ours(hf_tensors, path):
@@ -262,12 +236,8 @@ def hf_to_ours(hf_tensors, path):
 
 def hf_state_dict(model):
     """The inverse, for saving: the hub's names, no lm_head (tied), Conv1D weights as (in, out)."""
-    hf = {}
-    for name, t in model.state_dict().items():
-        if name != "lm_head.weight":
-            hf_name = name.removeprefix("transformer.")
-            hf[hf_name] = (t.t() if hf_name.endswith(CONV1D_WEIGHTS) else t).contiguous()
-    return hf
+    hf = {n.removeprefix("transformer."): t for n, t in model.state_dict().items() if n != "lm_head.weight"}
+    return {n: (t.t() if n.endswith(CONV1D_WEIGHTS) else t).contiguous() for n, t in hf.items()}
 
 
 def hf_config(config, dtype):
@@ -321,12 +291,10 @@ def config_from_shapes(ours, path):
 def check_tensors_match(expected_shapes, tensors, path):
     """Every tensor the model needs is there with its shape, and there is nothing else."""
     listing = lambda names: ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    missing = [n for n in expected_shapes if n not in tensors]
-    if missing:
+    if missing := [n for n in expected_shapes if n not in tensors]:
         raise ValueError(f"{path}: missing tensor(s) {listing(missing)} (names as in this model; "
                          "is this a GPT-2 checkpoint of the configured size?)")
-    unexpected = [n for n in tensors if n not in expected_shapes]
-    if unexpected:
+    if unexpected := [n for n in tensors if n not in expected_shapes]:
         raise ValueError(f"{path}: unexpected tensor(s) {listing(unexpected)} that this GPT-2 does not have")
     for name, shape in expected_shapes.items():
         if tuple(tensors[name].shape) != tuple(shape):

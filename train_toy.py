@@ -151,15 +151,12 @@ def parse_args(argv=None):
     add("--eval-every", type=positive(int), help="evaluate every N steps (default: at the start and the end only)")
     add("--max-length", type=positive(int),
         help="leave out pairs with a row (prompt + completion) longer than this many tokens")
-    add("--out", default="out/toy-dpo", help="the run's folder (default out/toy-dpo): the trained policy "
-        "(config.json, model.safetensors) and metrics.jsonl, plus reference.safetensors and resume.pt with "
-        "--save-every. It must be missing, empty, or an earlier run's, whose files are replaced; nothing else "
-        "in it is ever touched, and a folder holding other files is refused. Each save replaces all its files "
-        "at once: a run stopped at any moment leaves the last save whole")
-    add("--save-every", type=positive(int), help="save a checkpoint that --resume continues from every N steps "
-        "(and at the end)")
-    add("--resume", action="store_true", help="continue the run whose checkpoint is in --out, with its options; "
-        "--grad-accum, the processes and --device may change, with the same numbers only if they do not")
+    add("--out", default="out/toy-dpo", help="the run's folder (out/toy-dpo): the policy (config.json, "
+        "model.safetensors), metrics.jsonl, and with --save-every reference.safetensors and resume.pt. It must be "
+        "missing, empty or an earlier run's, whose files each save replaces all at once; other files are refused")
+    add("--save-every", type=positive(int), help="save what --resume needs every N steps (and at the end)")
+    add("--resume", action="store_true", help="continue the run saved in --out, with its options (--grad-accum, "
+        "--device and the processes may change; the numbers stay the same only if they do not)")
     add("--plot", help="save loss and reward curves to this .png (needs matplotlib)")
     args = parser.parse_args(argv)
 
@@ -221,37 +218,20 @@ def load_tokenizer():
 
 
 def read_pairs(path, enc, option="--data"):
-    """Pairs from a .jsonl file, one JSON object a line: {"prompt", "chosen", "rejected"}, or
-    HH-RLHF's {"chosen", "rejected"}, two whole dialogues whose shared beginning is the
-    prompt (dpo.split_prompt). An error names the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{option} {path}: " + ("not a file" if path.exists() else "no such file"))
-    texts, tokens = [], []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                text = line.decode("utf-8").removeprefix("\ufeff" if number == 1 else "")  # a Windows editor's BOM
-                if not text.strip():
-                    continue
-                pair = json.loads(text)
-                if not isinstance(pair, dict):
-                    raise ValueError("expected a JSON object with prompt, chosen, rejected")
-                if "prompt" not in pair:  # HH-RLHF
-                    pair = dict(zip(("prompt", "chosen", "rejected"), dpo.split_prompt(
-                        dpo.text_field(pair, "chosen"), dpo.text_field(pair, "rejected"))))
-                tokens.append(dpo.encode_pair(enc, pair))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path} line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            except ValueError as e:
-                raise ValueError(f"{path} line {number}: {e}") from None
-            texts.append({"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"],
-                          "line": number})
-    if not texts:
+    """Pairs from a .jsonl file of {"prompt", "chosen", "rejected"} objects, or of HH-RLHF's
+    {"chosen", "rejected"}: two whole dialogues whose shared beginning is the prompt
+    (dpo.split_prompt). An error names the file and the line."""
+    def parse(pair, line):
+        if "prompt" not in pair:
+            pair = dict(zip(("prompt", "chosen", "rejected"), dpo.split_prompt(
+                dpo.text_field(pair, "chosen"), dpo.text_field(pair, "rejected"))))
+        tokens = dpo.encode_pair(enc, pair)
+        return {"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"], "line": line}, tokens
+
+    pairs = checkpoint.read_jsonl(path, parse, option)
+    if not pairs:
         raise ValueError(f"{path}: no preference pairs in the file (it is empty)")
-    return Pairs(texts, tokens, str(path))
+    return Pairs([texts for texts, _ in pairs], [tokens for _, tokens in pairs], str(path))
 
 
 def split_off_eval(pairs, fraction, seed):
@@ -262,8 +242,11 @@ def split_off_eval(pairs, fraction, seed):
         raise ValueError(f"--eval-fraction {fraction} of {len(pairs.texts)} pairs holds out {n_eval}; it must "
                          "leave at least one pair for training and one for evaluation")
     held_out = set(torch.randperm(len(pairs.texts), generator=torch.Generator().manual_seed(seed))[:n_eval].tolist())
-    return tuple(Pairs(*([x for i, x in enumerate(column) if (i in held_out) == part]
-                         for column in (pairs.texts, pairs.tokens)), pairs.source) for part in (False, True))
+    return tuple(select(pairs, [(i in held_out) == part for i in range(len(pairs.texts))]) for part in (False, True))
+
+
+def select(pairs, keep):
+    return Pairs(*([x for x, k in zip(column, keep) if k] for column in (pairs.texts, pairs.tokens)), pairs.source)
 
 
 def read_data(args, enc):
@@ -295,8 +278,7 @@ def pairs_that_fit(pairs, args, context):
             f"--max-length {context} to leave such pairs out")
     if fits and not any(fits):
         raise ValueError(f"{pairs.source}: all {len(fits)} pairs are longer than --max-length {args.max_length}")
-    return Pairs([x for x, fit in zip(pairs.texts, fits) if fit], [x for x, fit in zip(pairs.tokens, fits) if fit],
-                 pairs.source)
+    return select(pairs, fits)
 
 
 # -----------------------------------------------------------------------------
@@ -361,53 +343,18 @@ def is_first_process():
     return dpo.process_rank_and_count()[0] == 0
 
 
-def optimizer_and_scaler(args, policy, resumed):
-    """AdamW, and for float16 a gradient scaler; as they were, with --resume."""
-    optimizer = dpo.make_optimizer(policy, args.lr)
-    scaler = torch.amp.GradScaler(policy.lm_head.weight.device.type) if args.dtype == "float16" else None
-    if resumed:
-        optimizer.load_state_dict(resumed["optimizer"])
-        if scaler is not None:
-            scaler.load_state_dict(resumed["scaler"])
-    return optimizer, scaler
-
-
-def peak_memory_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
 # -----------------------------------------------------------------------------
-# --out: the run's files, saved as one unit, and read back by --resume
+# --out: the run's files, saved as one unit (checkpoint.replace_folder), and read back by --resume
 
 def check_out(args):
-    """Before anything loads: finish what a killed save left beside --out; make sure a save can
-    be made there; then refuse a folder that is not ours to fill, and a --resume with nothing
-    to resume."""
-    out = Path(args.out).resolve()
+    """Before anything loads: --out is put in order and tried (process 0), then refused if it
+    holds files this script did not write, or holds nothing to resume with --resume."""
+    option = f"--out {args.out}"
     if is_first_process():
-        checkpoint.clean_leftovers(out, OUT_FILES)
-        if os.path.ismount(out):
-            raise ValueError(f"--out {args.out} is a mount point, which a save cannot replace as a whole; "
-                             "give a folder inside it")
-        try:  # a save renames a new folder into place beside --out: try that now, not after training
-            out.parent.mkdir(parents=True, exist_ok=True)
-            probe = checkpoint.unused_sibling(out, "tmp")
-            probe.mkdir()
-            probe.rmdir()
-        except OSError as e:
-            raise OSError(f"--out {args.out}: cannot write in {out.parent} ({e.strerror or e})") from None
+        checkpoint.prepare_run_folder(args.out, OUT_FILES, option)
     if dist.is_initialized():
         dist.barrier()  # the others look at --out once process 0 has put it in order
-    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    # ours: only names a run writes, metrics.jsonl among them (a model folder of someone else's
-    # may hold config.json and model.safetensors too)
-    others = [name for name in names if name not in OUT_FILES] or ([] if "metrics.jsonl" in names else names)
-    if others:
-        raise ValueError(f"--out {args.out} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which "
-                         "this script did not write. It only ever replaces its own output: give a new or empty folder")
+    names = checkpoint.refuse_others(args.out, OUT_FILES, "metrics.jsonl", option)
     missing = [name for name in ("resume.pt", "reference.safetensors", "model.safetensors") if name not in names]
     if args.resume and missing:
         raise FileNotFoundError(f"--resume: {args.out} holds no {missing[0]}, so there is nothing to resume "
@@ -416,31 +363,18 @@ def check_out(args):
 
 def save_run(args, policy, records, resume=None, reference=None, replaced=lambda: None):
     """--out replaced by the policy and the records, and, with --save-every, by what --resume
-    needs besides: the reference and the rest of the run's state (resume). replaced() is
-    called once the new files are in place."""
+    needs besides: the reference and the rest of the run's state (resume: tensors and plain
+    values only). replaced() is called once the new files are in place."""
     def write(folder):
         policy.save_pretrained(folder)
         checkpoint.write_atomically(folder / "metrics.jsonl",
                                     lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
         if resume is not None:
             checkpoint.save_safetensors(hf_state_dict(reference), folder / "reference.safetensors")
-            checkpoint.write_atomically(folder / "resume.pt", lambda tmp: torch.save(resume, tmp))
+            checkpoint.save_state(resume, folder / "resume.pt")
 
-    if not is_first_process():
-        return
-    try:
-        Path(args.out).absolute().parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.replace_folder(args.out, write, OUT_FILES, replaced)
-    except OSError as e:
-        raise OSError(f"could not save to {args.out} ({e.strerror or e}); it is as it was before this save") from None
-
-
-def resume_state(args, step, optimizer, scaler, reference_logps, train_pairs, eval_pairs):
-    """Everything --resume needs besides the two models: tensors and plain values only, so that
-    torch.load(weights_only=True) reads it back without unpickling anything else."""
-    return {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler and scaler.state_dict(),
-            "reference_logps": reference_logps, "options": {k: getattr(args, k) for k in RESUME_MUST_MATCH},
-            "pairs": fingerprint(train_pairs, eval_pairs)}
+    if is_first_process():
+        checkpoint.save_folder(args.out, write, OUT_FILES, replaced)
 
 
 def fingerprint(*pairs):
@@ -450,12 +384,9 @@ def fingerprint(*pairs):
 
 
 def resume_from(args, device):
-    """The run saved in --out: its state (resume_state), policy, reference and records."""
+    """The run saved in --out: its state (see save in run()), policy, reference and records."""
     out = Path(args.out)
-    try:
-        state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as e:  # a truncated or foreign file
-        raise ValueError(f"--resume: {out / 'resume.pt'} cannot be read ({str(e).splitlines()[0]})") from None
+    state = checkpoint.load_state(out / "resume.pt", "--resume")
     changed = [f"--{k.replace('_', '-')} {state['options'][k]} -> {getattr(args, k)}"
                for k in RESUME_MUST_MATCH if state["options"][k] != getattr(args, k)]
     if changed:
@@ -469,6 +400,13 @@ def resume_from(args, device):
 
 # -----------------------------------------------------------------------------
 # Measuring and printing
+
+def log_to(records, record, line=None):
+    """Keep record for metrics.jsonl; print line, if any."""
+    records.append(record)
+    if line:
+        print("  " + line, flush=True)
+
 
 def progress_printer(label, every_s=10.0):
     """A progress(done, total) callback for long phases: a line at most every every_s seconds."""
@@ -495,14 +433,6 @@ def count_preferred(logps):
     return int((chosen > rejected).sum())
 
 
-def as_lists(logps):
-    return {"chosen": logps[0].tolist(), "rejected": logps[1].tolist()}
-
-
-def shown(train_pairs, eval_pairs):
-    return train_pairs.texts[:SHOWN] + eval_pairs.texts[:SHOWN]
-
-
 @torch.no_grad()
 def greedy_completions(model, enc, pairs, max_new_tokens=12):
     completions = []
@@ -523,8 +453,7 @@ def print_table(title, pairs, before, after, beta, averaged):
     implicit rewards (DPO paper, Eq. 5; `before` is the reference's log-probs)."""
     per = " / token" if averaged else ""  # --average-logps: means over the tokens, and so are the rewards
     print(f"\n{title:<46} {'log pi(chosen)' + per:>22} {'log pi(rejected)' + per:>22} {'prefers':>17} "
-          f"{'reward c / r':>15}")
-    print(f"{'':<46} {'before -> after':>22} {'before -> after':>22} {'before -> after':>17}")
+          f"{'reward c / r':>15}\n{'':<46} {'before -> after':>22} {'before -> after':>22} {'before -> after':>17}")
     prefers = lambda c, r: "chosen" if c > r else "rejected"
     for i, pair in enumerate(pairs.texts[:SHOWN]):
         (c0, r0), (c1, r1) = before[:, i].tolist(), after[:, i].tolist()
@@ -536,8 +465,8 @@ def print_table(title, pairs, before, after, beta, averaged):
         print(f"  ... and {len(pairs.texts) - SHOWN:,} more pairs, not shown (all are counted below)")
 
 
-def report(args, train_pairs, eval_pairs, before, after, completions):
-    """The tables, the headline and the greedy completions."""
+def report(args, train_pairs, eval_pairs, before, after, completions, summary):
+    """The tables, the headline, the greedy completions and the training speed."""
     headline = []
     for title, kind, pairs in (("training pair", "train", train_pairs), ("held-out pair", "eval", eval_pairs)):
         if pairs.texts:
@@ -546,12 +475,20 @@ def report(args, train_pairs, eval_pairs, before, after, completions):
             counts = " -> ".join(f"{count_preferred(x[kind])}/{len(pairs.texts)}" for x in (before, after))
             headline.append(f"{title.replace('pair', 'pairs')} {counts}")
     print(f"\nchosen preferred: {', '.join(headline)}\n")
-    n_not_shown = len(train_pairs.texts) + len(eval_pairs.texts) - len(shown(train_pairs, eval_pairs))
+    shown = shown_pairs(train_pairs, eval_pairs)
+    n_not_shown = len(train_pairs.texts) + len(eval_pairs.texts) - len(shown)
     print("greedy completions (before -> after)" + (f", {n_not_shown:,} more pairs not shown:" if n_not_shown else ":"))
-    for i, (pair, b, a) in enumerate(zip(shown(train_pairs, eval_pairs), *completions)):
+    for i, (pair, b, a) in enumerate(zip(shown, *completions)):
         prompt = pair["prompt"] if len(pair["prompt"]) <= 60 else "..." + pair["prompt"][-57:]
         held_out = " (held out)" if i >= min(SHOWN, len(train_pairs.texts)) else ""
         print(f"  {prompt!r}{held_out}\n    before: {b!r}\n    after:  {a!r}")
+    print(f"\ntraining: {summary['train_s']:.2f} s, {summary['tokens_per_s']:,.0f} tokens/s, "
+          f"{1 - summary['train_tokens'] / summary['train_positions']:.0%} padding; peak memory "
+          f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA' if 'cuda' in summary['device'] else 'process RSS'})")
+
+
+def shown_pairs(train_pairs, eval_pairs):
+    return train_pairs.texts[:SHOWN] + eval_pairs.texts[:SHOWN]
 
 
 def import_pyplot():
@@ -574,12 +511,12 @@ def save_plot(records, path, loss_type):
     if evals:
         ax1.plot(*curve(evals, "loss"), "o--", label="held-out pairs")
     ax1.set(xlabel="step", ylabel="loss", title=f"{loss_type.upper()} loss")
-    ax1.legend()
     ax2.plot(*curve(steps, "chosen_reward"), label="chosen")
     ax2.plot(*curve(steps, "rejected_reward"), label="rejected")
     ax2.axhline(0.0, color="gray", linewidth=0.5)
     ax2.set(xlabel="step", ylabel="beta * log(pi / pi_ref)", title="implicit rewards (training batch)")
-    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.legend()
     fig.tight_layout()
     Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
@@ -589,7 +526,7 @@ def save_plot(records, path, loss_type):
 # -----------------------------------------------------------------------------
 # The experiment
 
-def prepare(args, device, autocast, log):
+def prepare(args, device, log):
     """Every input checked before any model is built, then the models: the policy (the tiny
     one after its SFT) and its frozen reference, or both from --out with --resume. Returns
     (tokenizer, training pairs, held-out pairs, policy, reference, resumed state or None)."""
@@ -616,31 +553,32 @@ def prepare(args, device, autocast, log):
             raise ValueError(f"--resume: the run in {args.out} has finished (step {resumed['step']}); there is "
                              "nothing to continue")
         print(f"resuming the run in {args.out} after step {resumed['step']}")
+        print(describe_training(args, len(train_pairs.texts), len(eval_pairs.texts)))
         return enc, train_pairs, eval_pairs, policy, resumed["reference"], resumed
     if args.model == "tiny":
         print(f"SFT warm-up on prompt + rejected completion ({SFT_STEPS} steps of {SFT_BATCH} sequences, lr {SFT_LR})")
         sft_warmup(policy, train_pairs.tokens + eval_pairs.tokens, args.seed, log)
+    print(describe_training(args, len(train_pairs.texts), len(eval_pairs.texts)))
     return enc, train_pairs, eval_pairs, policy, dpo.make_reference(policy), None
 
 
-def describe_training(args, train_pairs, eval_pairs):
-    _, processes = dpo.process_rank_and_count()
-    line = (f"{args.loss.upper()} on {len(train_pairs.texts):,} pairs, {len(eval_pairs.texts):,} held out (beta "
-            f"{args.beta}, lr {args.lr}, batch {args.batch_size}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, "
-            f"seed {args.seed}" + (", log-probs averaged over tokens" if args.average_logps else "")
+def describe_training(args, n_train, n_eval):
+    processes = dpo.process_rank_and_count()[1]
+    line = (f"{args.loss.upper()} on {n_train:,} pairs, {n_eval:,} held out (beta {args.beta}, lr {args.lr}, batch "
+            f"{args.batch_size}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, seed {args.seed}"
+            + (", log-probs averaged over tokens" if args.average_logps else "")
             + (f", {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
             + (f", {processes} processes" if processes > 1 else "") + ")")
     if args.loss == "ipo":  # IPO paper, Eq. 17: the loss is zero at h = 1/(2 beta)
-        unit = "nats per token" if args.average_logps else "nats"
-        line += (f"; IPO's target h = 1/(2 beta) = {1 / (2 * args.beta):g} {unit}: log pi(chosen) - "
-                 "log pi(rejected) ends that far above the reference's")
+        line += (f"; IPO's target h = 1/(2 beta) = {1 / (2 * args.beta):g} nats{' per token' * args.average_logps}: "
+                 "log pi(chosen) - log pi(rejected) ends that far above the reference's")
     return line
 
 
 def train(args, policy, optimizer, scaler, pairs, reference_logps, start_step, autocast, log, between_steps):
     """DPO (or IPO) on the training pairs. between_steps(step, n_steps) runs after each step
     (held-out evaluations, checkpoints) and is not timed as training. Returns the training
-    seconds and tokens for the run's last line."""
+    seconds, and the tokens and the positions (tokens + padding) it ran on."""
     n_steps = dpo.count_training_steps(len(pairs.tokens), args.batch_size, args.epochs)
     print_every = 1 if n_steps <= 30 else math.ceil(n_steps / 20)
     _, processes = dpo.process_rank_and_count()
@@ -671,27 +609,31 @@ def train(args, policy, optimizer, scaler, pairs, reference_logps, start_step, a
     return counts
 
 
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
 def make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, completions):
     """The last line of metrics.jsonl: the run's options and outcome in one record."""
     evals = [r for r in records if r.get("phase") == "eval"]
     rewards = dpo.dpo_loss(*after["train"], *before["train"], beta=args.beta)[1:]
-    _, processes = dpo.process_rank_and_count()
+    lists = lambda logps: {"chosen": logps[0].tolist(), "rejected": logps[1].tolist()} if len(logps[0]) else None
+    preferred = lambda logps: count_preferred(logps) if len(logps[0]) else None
     return {
         "summary": True, "model": args.model, "loss_type": args.loss, "beta": args.beta, "lr": args.lr,
-        "epochs": args.epochs, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "processes": processes,
-        "seed": args.seed, "device": str(device), "dtype": args.dtype, "average_logps": args.average_logps,
-        **speed, "tokens_per_s": speed["train_tokens"] / speed["train_s"],
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "n_pairs": len(train_pairs.texts), "preferred_before": count_preferred(before["train"]),
-        "preferred_after": count_preferred(after["train"]),
-        "final_reward_accuracy": dpo.reward_accuracy(*rewards).mean().item(),
-        "n_eval_pairs": len(eval_pairs.texts),
-        "eval_preferred_before": count_preferred(before["eval"]) if eval_pairs.texts else None,
-        "eval_preferred_after": count_preferred(after["eval"]) if eval_pairs.texts else None,
+        "epochs": args.epochs, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+        "processes": dpo.process_rank_and_count()[1], "seed": args.seed, "device": str(device), "dtype": args.dtype,
+        "average_logps": args.average_logps, **speed, "tokens_per_s": speed["train_tokens"] / speed["train_s"],
+        "peak_memory_bytes": peak_memory_bytes(device), "n_pairs": len(train_pairs.texts),
+        "preferred_before": preferred(before["train"]), "preferred_after": preferred(after["train"]),
+        "final_reward_accuracy": dpo.reward_accuracy(*rewards).mean().item(), "n_eval_pairs": len(eval_pairs.texts),
+        "eval_preferred_before": preferred(before["eval"]), "eval_preferred_after": preferred(after["eval"]),
         "final_eval_reward_accuracy": evals[-1]["reward_accuracy"] if evals else None,
-        "logps_before": as_lists(before["train"]), "logps_after": as_lists(after["train"]),
-        "eval_logps_before": as_lists(before["eval"]) if eval_pairs.texts else None,
-        "eval_logps_after": as_lists(after["eval"]) if eval_pairs.texts else None,
+        "logps_before": lists(before["train"]), "logps_after": lists(after["train"]),
+        "eval_logps_before": lists(before["eval"]), "eval_logps_after": lists(after["eval"]),
         "completions_before": completions[0], "completions_after": completions[1],
     }
 
@@ -699,10 +641,30 @@ def make_summary(args, device, train_pairs, eval_pairs, before, after, records, 
 def evaluate_held_out(args, policy, reference, pairs, autocast, log, step):
     """dpo.evaluate on the held-out pairs, if there are any, logged as an "eval" record."""
     if pairs.texts:
-        numbers = dpo.evaluate(policy, reference, pairs.tokens, args.batch_size, args.beta, args.loss,
-                               args.label_smoothing, args.average_logps, autocast, progress_printer("evaluating"))
-        log({"phase": "eval", "step": step, **numbers}, f"eval at step {step:3d} (held out) | "
-            + format_numbers(numbers) + f" | kl {max(numbers['kl'], 0.0):.4f}")  # >= 0, but rounding gives -1e-9
+        m = dpo.evaluate(policy, reference, pairs.tokens, args.batch_size, args.beta, args.loss,
+                         args.label_smoothing, args.average_logps, autocast, progress_printer("evaluating"))
+        log({"phase": "eval", "step": step, **m}, f"eval at step {step:3d} (held out) | " + format_numbers(m)
+            + f" | kl {max(m['kl'], 0.0):.4f}")  # >= 0, but rounding can give -1e-9
+
+
+def optimizer_and_scaler(args, policy, resumed):
+    """AdamW, and for float16 a gradient scaler (fp16's small gradients would round to zero);
+    as they were, with --resume."""
+    optimizer = dpo.make_optimizer(policy, args.lr)
+    scaler = torch.amp.GradScaler(policy.lm_head.weight.device.type) if args.dtype == "float16" else None
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scaler is not None:
+            scaler.load_state_dict(resumed["scaler"])
+    return optimizer, scaler
+
+
+def resume_state(args, step, optimizer, scaler, reference_logps, train_pairs, eval_pairs):
+    """Everything --resume needs besides the two models, with --save-every: tensors and plain
+    values only, so that torch.load(weights_only=True) reads it back."""
+    return {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler and scaler.state_dict(),
+            "reference_logps": reference_logps, "options": {k: getattr(args, k) for k in RESUME_MUST_MATCH},
+            "pairs": fingerprint(train_pairs, eval_pairs)} if args.save_every else None
 
 
 def run(args, status):
@@ -711,22 +673,17 @@ def run(args, status):
     device = start_processes(args)
     autocast = contextlib.nullcontext() if args.dtype == "float32" else torch.autocast(device.type, DTYPES[args.dtype])
     records = []
-
-    def log(record, line=None):
-        records.append(record)
-        if line:
-            print("  " + line, flush=True)
+    log = functools.partial(log_to, records)
 
     # 1. prepare: every input is checked before any model is built
-    enc, train_pairs, eval_pairs, policy, reference, resumed = prepare(args, device, autocast, log)
+    enc, train_pairs, eval_pairs, policy, reference, resumed = prepare(args, device, log)
     records[:0] = resumed["records"] if resumed else []
-    print(describe_training(args, train_pairs, eval_pairs))
     evaluate = functools.partial(evaluate_held_out, args, policy, reference, eval_pairs, autocast, log)
 
     # 2. measure: where the untouched model stands (the reference is that model, frozen)
     before = {"train": resumed["reference_logps"] if resumed else measure(reference, train_pairs, args, autocast),
               "eval": measure(reference, eval_pairs, args, autocast)}
-    completions_before = greedy_completions(reference, enc, shown(train_pairs, eval_pairs))
+    completions = [greedy_completions(reference, enc, shown_pairs(train_pairs, eval_pairs))]
     if not resumed:
         evaluate(0)
 
@@ -734,11 +691,10 @@ def run(args, status):
     optimizer, scaler = optimizer_and_scaler(args, policy, resumed)
 
     def save(step, lines):
-        resume = (resume_state(args, step, optimizer, scaler, before["train"], train_pairs, eval_pairs)
-                  if args.save_every else None)
+        resume = resume_state(args, step, optimizer, scaler, before["train"], train_pairs, eval_pairs)
         save_run(args, policy, lines, resume, reference, replaced=lambda: status.update(saved=step))
 
-    def between_steps(step, n_steps):
+    def between_steps(step, n_steps):  # not timed as training
         status["step"] = step
         if step < n_steps and args.eval_every and step % args.eval_every == 0:
             evaluate(step)
@@ -750,23 +706,18 @@ def run(args, status):
 
     # 4. measure again, with the same functions
     after = {"train": measure(policy, train_pairs, args, autocast), "eval": measure(policy, eval_pairs, args, autocast)}
-    completions_after = greedy_completions(policy, enc, shown(train_pairs, eval_pairs))
+    completions.append(greedy_completions(policy, enc, shown_pairs(train_pairs, eval_pairs)))
     evaluate(status["step"])
 
-    # 5. report, and the numbers for other tools to read without parsing text
-    report(args, train_pairs, eval_pairs, before, after, (completions_before, completions_after))
-    summary = make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed,
-                           (completions_before, completions_after))
-    print(f"\ntraining: {speed['train_s']:.2f} s, {summary['tokens_per_s']:,.0f} tokens/s, "
-          f"{1 - speed['train_tokens'] / speed['train_positions']:.0%} padding; peak memory "
-          f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA' if device.type == 'cuda' else 'process RSS'})")
+    # 5. report, and the same numbers in one record for other tools to read
+    summary = make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, completions)
+    report(args, train_pairs, eval_pairs, before, after, completions, summary)
 
     # 6. save: the trained policy and metrics.jsonl
     save(status["step"], [*records, summary])
     if args.plot and is_first_process():
         save_plot(records, args.plot, args.loss)
-    plot = f", curves to {args.plot}" if args.plot else ""
-    print(f"saved the trained policy and metrics.jsonl to {args.out}/{plot}")
+    print(f"saved the trained policy and metrics.jsonl to {args.out}/" + (f", curves to {args.plot}" * bool(args.plot)))
     return summary
 
 
