@@ -2,12 +2,13 @@
 The bytes: every file this project reads or writes, and nothing about GPT.
 
 1. Atomic writes. A file, or a whole folder of files, is replaced as one unit, and what
-   survives a process killed at any moment is stated where it is done.
+   survives a process killed at any moment is stated where it is done. JSON files, and a
+   run's folder: checked before the run, saved as one unit.
 2. The .safetensors format, read and written by hand: tensors in, tensors out, and
    nothing is ever unpickled.
 3. The Hugging Face hub: the standard cache that transformers users already have, and a
    download checked by its size and hash before anything is kept.
-4. JSON Lines, the format preference pairs come in.
+4. JSON Lines, the format preference pairs and a run's metrics come in.
 
 model.py uses 2 and 3 for GPT-2's checkpoints; train_toy.py uses 1 for its run folder
 (--out: the policy, metrics.jsonl, and what --resume needs) and 4 for --data. Read
@@ -77,6 +78,19 @@ def write_atomically(path, write):
             os.unlink(tmp)  # a file, or the symlink link_or_move makes; write must not make a folder
         raise
     fsync(path.parent)
+
+
+def save_json(value, path):
+    """value as indented JSON text, atomically (config.json)."""
+    text = json.dumps(value, indent=2)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def load_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def is_ours(name, names):
@@ -562,6 +576,11 @@ def hub_snapshot(repo, also_cached_as=()):
 
 # -----------------------------------------------------------------------------
 # 4. JSON Lines: one JSON object a line, as preference data sets are shared
+
+
+def save_jsonl(records, path):
+    """A list of JSON objects, one a line, atomically."""
+    write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
 
 
 def read_jsonl(path, parse, option):

@@ -14,7 +14,6 @@ References: nanoGPT (Karpathy), picoGPT (Mody), Hugging Face's GPT-2 checkpoints
 Read next: dpo.py, which turns this model's logits into DPO's log-probabilities.
 """
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -195,8 +194,7 @@ class GPT(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         checkpoint.save_safetensors(hf_state_dict(self), directory / "model.safetensors", metadata={"format": "pt"})
-        config = json.dumps(hf_config(self.config, next(self.parameters()).dtype), indent=2)
-        checkpoint.write_atomically(directory / "config.json", lambda tmp: tmp.write_text(config))
+        checkpoint.save_json(hf_config(self.config, next(self.parameters()).dtype), directory / "config.json")
 
 
 # -----------------------------------------------------------------------------
@@ -253,9 +251,9 @@ def hf_config(config, dtype):
 def config_from_hf(config_path):
     """GPTConfig from a config.json, refusing what this model cannot compute."""
     try:
-        hf = json.loads(Path(config_path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e}); delete it to read the sizes off the weights") from None
+        hf = checkpoint.load_json(config_path)
+    except ValueError as e:
+        raise ValueError(f"{e}; delete it to read the sizes off the weights") from None
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"{config_path}: activation_function {activation!r} is not GPT-2's tanh GELU "

@@ -367,8 +367,7 @@ def save_run(args, policy, records, resume=None, reference=None, replaced=lambda
     values only). replaced() is called once the new files are in place."""
     def write(folder):
         policy.save_pretrained(folder)
-        checkpoint.write_atomically(folder / "metrics.jsonl",
-                                    lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
+        checkpoint.save_jsonl(records, folder / "metrics.jsonl")
         if resume is not None:
             checkpoint.save_safetensors(hf_state_dict(reference), folder / "reference.safetensors")
             checkpoint.save_state(resume, folder / "resume.pt")
@@ -392,7 +391,7 @@ def resume_from(args, device):
     if changed:
         raise ValueError(f"--resume: these options differ from the run in {args.out}: {', '.join(changed)}. "
                          "Resume with that run's options, or start a new run in another --out")
-    state["records"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    state["records"] = checkpoint.read_jsonl(out / "metrics.jsonl", lambda record, line: record, "--resume")
     state["policy"] = GPT.from_pretrained(out, device=device)
     state["reference"] = dpo.make_reference(GPT.from_pretrained(out / "reference.safetensors", device=device))
     return state
