@@ -20,6 +20,7 @@ import http.client
 import json
 import math
 import os
+import pickle
 import re
 import secrets
 import struct
@@ -88,8 +89,8 @@ def save_json(value, path):
 
 def load_json(path):
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(Path(path).read_bytes())  # JSON is UTF-8, whatever the machine's locale
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
@@ -227,8 +228,11 @@ def load_state(path, option):
     nothing else is ever unpickled."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as e:  # a truncated or foreign file
-        raise ValueError(f"{option}: {path} cannot be read ({str(e).splitlines()[0]})") from None
+    except (pickle.UnpicklingError, KeyError):  # another kind of file, or one that holds more than that
+        why = "not a torch.save file of tensors and plain values"
+    except (RuntimeError, EOFError, ValueError) as e:  # cut short, or empty
+        why = str(e).splitlines()[0] if str(e) else "empty"
+    raise ValueError(f"{option}: {path} cannot be read ({why})")
 
 
 # -----------------------------------------------------------------------------

@@ -77,6 +77,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -2208,6 +2209,25 @@ def test_ctrl_c_once_the_new_files_are_in_place_says_they_are(tmp_path, quick_sf
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_ctrl_c_after_the_last_save_says_the_run_finished_not_to_resume(tmp_path, quick_sft, monkeypatch):
+    """A stop after the final save is in place (here while the old folder is emptied): --out
+    holds the finished run, which --resume would refuse, so the message must not offer it."""
+    out = tmp_path / "out"
+    run_toy(out, "--model", "tiny", "--epochs", "1")
+    real = checkpoint.remove_ours
+
+    def interrupted(folder, names):
+        if folder.name.endswith(".old"):
+            raise KeyboardInterrupt
+        return real(folder, names)
+
+    monkeypatch.setattr(checkpoint, "remove_ours", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        run_toy(out, "--model", "tiny", "--epochs", "1", "--save-every", "100")
+    assert str(stop.value) == f"stopped after step 2 (Ctrl-C or SIGTERM); {out} holds the finished run"
+    assert read_metrics(out)[-1]["summary"] is True
+
+
 def test_leftovers_of_a_save_killed_half_way_are_cleaned_up_by_the_next_run(earlier_out, quick_sft):
     """A SIGKILL or a power cut during a save leaves a hidden .NAME.XXXXXXXX.tmp folder beside
     --out, and, between its two renames, --out missing with the earlier files in a .old
@@ -3123,6 +3143,20 @@ def test_from_pretrained_refuses_a_checkpoint_it_would_compute_wrongly_naming_th
     assert str(tmp_path / "ckpt") in str(err.value)
 
 
+@pytest.mark.parametrize("content, why", [
+    (b'{"n_embd": 16,', "Expecting property name enclosed in double quotes: line 1 column 15 (char 14)"),
+    (b'{"n_embd": "\xff"}', "'utf-8' codec can't decode byte 0xff in position 12: invalid start byte"),
+], ids=["cut short", "not UTF-8"])
+def test_a_config_json_that_is_not_json_is_refused_naming_it_and_what_to_do(tiny_dir, content, why):
+    """A config.json cut short, or not UTF-8, is a ValueError naming that file, what is wrong
+    and the way out (without it the sizes come from the tensors), not a bare decoding error."""
+    (tiny_dir / "config.json").write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        GPT.from_pretrained(str(tiny_dir))
+    assert str(err.value) == (f"{tiny_dir / 'config.json'}: not valid JSON ({why}); delete it to read the sizes "
+                              "off the weights")
+
+
 # ---------------------------------------------------------------------------
 # safetensors: round trip, independent parsing, malformed files.
 
@@ -3594,6 +3628,206 @@ def test_clean_leftovers_leaves_alone_what_only_looks_like_a_leftover(tmp_path, 
     assert tree(tmp_path) == expected
     checkpoint.clean_leftovers(tmp_path / "missing" / "out", OURS)  # a folder that is not there: no error
     assert tree(tmp_path) == expected
+
+
+# ---------------------------------------------------------------------------
+# A run's folder (checkpoint.py, section 1): tried before the run (prepare_run_folder),
+# refused unless it is ours (refuse_others), saved as one unit (save_folder); the files in
+# it, each renamed over the old one; and JSON Lines read back (section 4).
+
+RUN = "--out runs/may"  # the option the messages name
+
+
+def test_prepare_run_folder_makes_the_missing_parents_and_leaves_nothing_else(tmp_path):
+    """--out may be several folders down a path that is not there yet: they are made, and the
+    folder made beside --out to try a save there is gone again."""
+    checkpoint.prepare_run_folder(tmp_path / "runs" / "may" / "out", OURS, RUN)
+    assert tree(tmp_path) == {"runs": "folder", "runs/may": "folder"}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs /, which is a mount point on POSIX systems")
+@pytest.mark.parametrize("through_a_link", [False, True], ids=["/", "a link to /"])
+def test_prepare_run_folder_refuses_a_mount_point_even_through_a_link(tmp_path, through_a_link):
+    """A mount point cannot be renamed aside, so a save there would fail only after the run.
+    A link to one counts as what it points to, since that is the folder a save replaces."""
+    out = Path("/")
+    if through_a_link:
+        (tmp_path / "out").symlink_to("/")
+        out = tmp_path / "out"
+    with pytest.raises(ValueError) as err:
+        checkpoint.prepare_run_folder(out, OURS, RUN)
+    assert str(err.value) == f"{RUN} is a mount point, which a save cannot replace as a whole; give a folder inside it"
+    assert tree(tmp_path) == ({"out": "link to /"} if through_a_link else {})
+
+
+REFUSED_OR_OURS = {  # what the folder holds (None: no folder): the names returned, or the names the refusal shows
+    "no folder": (None, []),
+    "an empty folder": ({}, []),
+    "an earlier run": (OLD, ["config.json", "metrics.jsonl", "model.safetensors"]),
+    "our names but no metrics.jsonl": ({"model.safetensors": b"theirs", "config.json": b"{}"},
+                                       "config.json, model.safetensors"),
+    "three files of the user's": ({**OLD, "c.txt": b"", "a.txt": b"", "b.txt": b""}, "a.txt, b.txt, c.txt"),
+    "five files of the user's": ({**OLD, **{f"{c}.txt": b"" for c in "edcba"}}, "a.txt, b.txt, c.txt ..."),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_OR_OURS)
+def test_refuse_others_returns_our_names_or_refuses_showing_the_first_three_of_the_rest(tmp_path, case):
+    """A folder is ours when it holds only files of `names`, metrics.jsonl among them: its names
+    come back, sorted. Otherwise the refusal shows what else is there, the first three in
+    sorted order; the folder is left as it was either way."""
+    files, expected = REFUSED_OR_OURS[case]
+    out = tmp_path / "out" if files is None else make_folder(tmp_path / "out", files)
+    before = tree(tmp_path)
+    if isinstance(expected, list):
+        assert checkpoint.refuse_others(out, OURS, "metrics.jsonl", RUN) == expected
+    else:
+        with pytest.raises(ValueError) as err:
+            checkpoint.refuse_others(out, OURS, "metrics.jsonl", RUN)
+        assert str(err.value) == (f"{RUN} holds {expected}, which this script did not write. It only ever "
+                                  "replaces its own output: give a new or empty folder")
+    assert tree(tmp_path) == before
+
+
+def test_save_folder_makes_the_missing_parents_of_the_folder(tmp_path):
+    """The folders on the way to --out may have gone since the run began: a save makes them."""
+    checkpoint.save_folder(tmp_path / "runs" / "may" / "out", lambda tmp: make_folder(tmp, NEW), OURS)
+    assert tree(tmp_path) == {"runs": "folder", "runs/may": "folder", **inside("runs/may/out", NEW)}
+
+
+@pytest.mark.parametrize("out", ["notes.txt/out", "notes.txt"], ids=["below a file", "a file"])
+def test_save_folder_that_cannot_save_says_why_and_that_the_folder_is_as_it_was(tmp_path, out):
+    """Whether the parent cannot be made (a file is in the way) or the folder cannot be
+    replaced (it is a file), the OSError says why, in words, and that nothing changed."""
+    make_folder(tmp_path, {"notes.txt": b"the user's"})
+    out = tmp_path / out
+    why = (os.strerror(errno.EEXIST) if out.name == "out" else
+           f"{out.resolve()} is a file, not a folder: refusing to replace it with one")
+    with pytest.raises(OSError) as err:
+        checkpoint.save_folder(out, lambda tmp: make_folder(tmp, NEW), OURS)
+    assert str(err.value) == f"could not save to {out} ({why}); it is as it was before this save"
+    assert tree(tmp_path) == {"notes.txt": b"the user's"}
+
+
+def tensors_as_lists(state):
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+RUN_FILES = {  # saver: (what it is given, the file read back without checkpoint.py, what that must give)
+    "save_json": (checkpoint.save_json, {"n_embd": 16, "bias": True, "names": ["a"]}, Path.read_bytes,
+                  b'{\n  "n_embd": 16,\n  "bias": true,\n  "names": [\n    "a"\n  ]\n}'),
+    "save_jsonl": (checkpoint.save_jsonl, [{"step": 1}, {"loss": 0.5}], Path.read_bytes,
+                   b'{"step": 1}\n{"loss": 0.5}\n'),
+    "save_state": (checkpoint.save_state, {"step": 3, "lr": [1e-3, 5e-4], "x": torch.tensor([1.5, -2.0])},
+                   lambda path: tensors_as_lists(torch.load(path, weights_only=True)),
+                   {"step": 3, "lr": [1e-3, 5e-4], "x": [1.5, -2.0]}),
+}
+
+
+@pytest.mark.parametrize("saver", RUN_FILES)
+def test_each_run_file_is_written_whole_and_renamed_over_the_old_one(tmp_path, saver):
+    """config.json (indented, as the hub's), metrics.jsonl (a line per record, each ended) and
+    resume.pt hold what they were given, and each is written beside its name and renamed over
+    it (write_atomically): a reader that had the old file open still reads the old bytes,
+    which a file written in place would have changed under it."""
+    save, value, read, expected = RUN_FILES[saver]
+    path = tmp_path / "file"
+    path.write_bytes(b"old bytes")
+    with open(path, "rb") as reader:
+        save(value, path)
+        assert reader.read() == b"old bytes"
+    assert read(path) == expected
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+class RunsCode:
+    """Unpickled, this makes the folder `path`: the proof that code named in a file ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def test_load_state_never_runs_code_that_a_resume_pt_names(tmp_path):
+    """Unpickling may call any function a file names; load_state refuses a file that names
+    anything but tensors and plain values, before calling it."""
+    ran = tmp_path / "code-ran"
+    torch.save({"step": 3, "payload": RunsCode(ran)}, tmp_path / "resume.pt")
+    with pytest.raises(ValueError) as err:
+        checkpoint.load_state(tmp_path / "resume.pt", "--resume")
+    assert not ran.exists()
+    assert str(err.value) == (f"--resume: {tmp_path / 'resume.pt'} cannot be read (not a torch.save file of "
+                              "tensors and plain values)")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, about the plain pickle
+@pytest.mark.parametrize("content", [b"", b"hello world\n", b'{"step": 3}', pickle.dumps({"step": 3})],
+                         ids=["empty", "text", "json", "a plain pickle"])
+def test_load_state_of_a_file_torch_save_did_not_write_is_a_one_line_error(tmp_path, content):
+    """An empty resume.pt (a full disk), or another kind of file under its name: the same
+    one-line ValueError, which train_toy prints, never a traceback (torch raises EOFError,
+    KeyError or pickle.UnpicklingError for these)."""
+    path = tmp_path / "resume.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^--resume: {re.escape(str(path))} cannot be read \((empty|not a torch"
+                                         r"\.save file of tensors and plain values)\)$"):
+        checkpoint.load_state(path, "--resume")
+
+
+def test_load_state_of_a_cut_file_names_the_option_the_file_and_the_first_line_of_torchs_reason(tmp_path):
+    """A resume.pt cut short (a full disk, a copy interrupted): a one-line ValueError, which
+    train_toy prints as it is, saying which option and file, and why in torch's own words."""
+    path = tmp_path / "resume.pt"
+    torch.save({"step": 3, "x": torch.arange(4.0)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(RuntimeError) as torch_says:
+        torch.load(path, weights_only=True)
+    with pytest.raises(ValueError) as err:
+        checkpoint.load_state(path, "--resume")
+    assert str(err.value) == f"--resume: {path} cannot be read ({str(torch_says.value).splitlines()[0]})"
+
+
+def read_each(record, line):
+    """read_jsonl's parse: (line, record), and a ValueError for a record holding "bad"."""
+    if "bad" in record:
+        raise ValueError("a bad record")
+    return line, record
+
+
+JSONL = {  # the file's bytes (None: no file): the (line, record) pairs read, or (exception, message)
+    "a BOM, CRLF, blank lines and no last newline": (
+        b'\xef\xbb\xbf{"a": 1}\r\n\r\n  \t\r\n{"b": 2}\n\n{"c": 3}', [(1, {"a": 1}), (4, {"b": 2}), (6, {"c": 3})]),
+    "a BOM on line 2": (b'{"a": 1}\n\xef\xbb\xbf{"b": 2}\n',
+                        (ValueError, "{path} line 2: not valid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig))")),
+    "not JSON": (b'{"a": 1}\n\n{"b": \n', (ValueError, "{path} line 3: not valid JSON (Expecting value)")),
+    "a list": (b'{"a": 1}\n[1, 2]\n', (ValueError, "{path} line 2: expected a JSON object, got list")),
+    "a string": (b'"a"\n', (ValueError, "{path} line 1: expected a JSON object, got str")),
+    "bad UTF-8": (b'{"a": 1}\n{"a": "\xff"}\n', (ValueError, "{path} line 2: not UTF-8 text (invalid start byte at byte 7)")),
+    "a record parse refuses": (b'{"a": 1}\n{"bad": 2}\n', (ValueError, "{path} line 2: a bad record")),
+    "no file": (None, (FileNotFoundError, "--data {path}: no such file")),
+    "a folder": ("folder", (FileNotFoundError, "--data {path}: not a file")),
+}
+
+
+@pytest.mark.parametrize("case", JSONL)
+def test_read_jsonl_reads_each_object_with_its_line_or_names_the_file_and_line_at_fault(tmp_path, case):
+    """Lines are counted from 1, blank ones included; blank lines (CRLF or spaces too) are
+    skipped and a BOM is allowed on line 1 only. Every error names the file, and the line
+    or --data, and says what is wrong there."""
+    content, expected = JSONL[case]
+    path = tmp_path / "pairs.jsonl"
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    if isinstance(expected, list):
+        assert checkpoint.read_jsonl(path, read_each, "--data") == expected
+    else:
+        with pytest.raises(expected[0]) as err:
+            checkpoint.read_jsonl(path, read_each, "--data")
+        assert type(err.value) is expected[0] and str(err.value) == expected[1].format(path=path)
 
 
 # ---------------------------------------------------------------------------

@@ -28,8 +28,8 @@ import os
 
 # Same seed, same numbers, in every process: on x86 CPUs PyTorch's matrix products go through
 # MKL, which now and then takes another code path in a new process unless told to be strict;
-# on CUDA, cuBLAS needs a fixed workspace for deterministic products (main() asks PyTorch for
-# deterministic kernels there). Both are read when the libraries start, hence here.
+# on CUDA, cuBLAS needs a fixed workspace for deterministic products (start_processes asks
+# PyTorch for deterministic kernels there). Both are read when the libraries start, hence here.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -138,7 +138,7 @@ def parse_args(argv=None):
     add("--batch-size", type=positive(int), default=2,
         help="pairs per optimizer step, over all micro-batches and processes; per batch when measuring (2)")
     add("--grad-accum", type=positive(int), default=1, help="micro-batches per step and process (1)")
-    add("--seed", type=int, default=0, help="same seed, same device: same numbers (0)")
+    add("--seed", type=int, default=0, help="same seed, device and threads: same numbers (0)")
     add("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if there is one, else mps, else cpu")
     add("--dtype", choices=list(DTYPES), help="the forward passes' precision under autocast; weights, optimizer "
         "and log-prob sums stay float32 (default: bfloat16 on a GPU that has it, else float32)")
@@ -234,6 +234,11 @@ def read_pairs(path, enc, option="--data"):
     return Pairs([texts for texts, _ in pairs], [tokens for _, tokens in pairs], str(path))
 
 
+def select(pairs, keep):
+    """The pairs where keep (a list of bools) is True, in their order."""
+    return Pairs(*([x for x, k in zip(column, keep) if k] for column in (pairs.texts, pairs.tokens)), pairs.source)
+
+
 def split_off_eval(pairs, fraction, seed):
     """(training pairs, held-out pairs): a seeded random fraction held out. The two parts are
     disjoint, and each keeps the file's order."""
@@ -243,10 +248,6 @@ def split_off_eval(pairs, fraction, seed):
                          "leave at least one pair for training and one for evaluation")
     held_out = set(torch.randperm(len(pairs.texts), generator=torch.Generator().manual_seed(seed))[:n_eval].tolist())
     return tuple(select(pairs, [(i in held_out) == part for i in range(len(pairs.texts))]) for part in (False, True))
-
-
-def select(pairs, keep):
-    return Pairs(*([x for x, k in zip(column, keep) if k] for column in (pairs.texts, pairs.tokens)), pairs.source)
 
 
 def read_data(args, enc):
@@ -383,9 +384,11 @@ def fingerprint(*pairs):
 
 
 def resume_from(args, device):
-    """The run saved in --out: its state (see save in run()), policy, reference and records."""
+    """The run saved in --out: its state (resume_state, below), policy, reference and records."""
     out = Path(args.out)
     state = checkpoint.load_state(out / "resume.pt", "--resume")
+    if not isinstance(state, dict) or not {"step", "optimizer", "reference_logps", "options", "pairs"} <= state.keys():
+        raise ValueError(f"--resume: {out / 'resume.pt'} is not a checkpoint that this script saved")
     changed = [f"--{k.replace('_', '-')} {state['options'][k]} -> {getattr(args, k)}"
                for k in RESUME_MUST_MATCH if state["options"][k] != getattr(args, k)]
     if changed:
@@ -442,6 +445,11 @@ def greedy_completions(model, enc, pairs, max_new_tokens=12):
     return completions
 
 
+def shown_pairs(train_pairs, eval_pairs):
+    """The pairs shown with greedy completions: the first SHOWN of each part."""
+    return train_pairs.texts[:SHOWN] + eval_pairs.texts[:SHOWN]
+
+
 def format_numbers(m):
     return (f"loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.2f} | margin {m['margin']:+.3f} | "
             f"chosen {m['chosen_reward']:+.3f} | rejected {m['rejected_reward']:+.3f}")
@@ -450,7 +458,7 @@ def format_numbers(m):
 def print_table(title, pairs, before, after, beta, averaged):
     """The first SHOWN pairs: log-probs before -> after, which completion each prefers, and the
     implicit rewards (DPO paper, Eq. 5; `before` is the reference's log-probs)."""
-    per = " / token" if averaged else ""  # --average-logps: means over the tokens, and so are the rewards
+    per = "/token" if averaged else ""  # --average-logps: means over the tokens, and so are the rewards
     print(f"\n{title:<46} {'log pi(chosen)' + per:>22} {'log pi(rejected)' + per:>22} {'prefers':>17} "
           f"{'reward c / r':>15}\n{'':<46} {'before -> after':>22} {'before -> after':>22} {'before -> after':>17}")
     prefers = lambda c, r: "chosen" if c > r else "rejected"
@@ -481,13 +489,10 @@ def report(args, train_pairs, eval_pairs, before, after, completions, summary):
         prompt = pair["prompt"] if len(pair["prompt"]) <= 60 else "..." + pair["prompt"][-57:]
         held_out = " (held out)" if i >= min(SHOWN, len(train_pairs.texts)) else ""
         print(f"  {prompt!r}{held_out}\n    before: {b!r}\n    after:  {a!r}")
+    memory = "CUDA" if "cuda" in summary["device"] else "process RSS"
     print(f"\ntraining: {summary['train_s']:.2f} s, {summary['tokens_per_s']:,.0f} tokens/s, "
           f"{1 - summary['train_tokens'] / summary['train_positions']:.0%} padding; peak memory "
-          f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB ({'CUDA' if 'cuda' in summary['device'] else 'process RSS'})")
-
-
-def shown_pairs(train_pairs, eval_pairs):
-    return train_pairs.texts[:SHOWN] + eval_pairs.texts[:SHOWN]
+          f"{summary['peak_memory_bytes'] / 2**20:,.0f} MiB ({memory})")
 
 
 def import_pyplot():
@@ -525,16 +530,31 @@ def save_plot(records, path, loss_type):
 # -----------------------------------------------------------------------------
 # The experiment
 
+def describe_training(args, n_train, n_eval):
+    """The line that says what is about to be trained, and how."""
+    processes = dpo.process_rank_and_count()[1]
+    line = (f"{args.loss.upper()} on {n_train:,} pairs, {n_eval:,} held out (beta {args.beta}, lr {args.lr}, batch "
+            f"{args.batch_size}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, seed {args.seed}"
+            + (", log-probs averaged over tokens" if args.average_logps else "")
+            + (f", {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
+            + (f", {processes} processes" if processes > 1 else "") + ")")
+    if args.loss == "ipo":  # IPO paper, Eq. 17: the loss is zero at h = 1/(2 beta)
+        line += (f"; IPO's target h = 1/(2 beta) = {1 / (2 * args.beta):g} nats{' per token' * args.average_logps}: "
+                 "the loss is 0 where log pi(chosen) - log pi(rejected) is that far above the reference's")
+    return line
+
+
 def prepare(args, device, log):
-    """Every input checked before any model is built, then the models: the policy (the tiny
-    one after its SFT) and its frozen reference, or both from --out with --resume. Returns
+    """Every input read and checked before any model is built (the pairs' lengths against its
+    context once it is there), then the models: the policy (the tiny one after its SFT) and its
+    frozen reference, or both from --out with --resume. Returns
     (tokenizer, training pairs, held-out pairs, policy, reference, resumed state or None)."""
     check_out(args)
     if args.plot:
         import_pyplot()  # now, not after training
     enc = load_tokenizer()
     train_pairs, eval_pairs = read_data(args, enc)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the random weights of --model tiny and --init random
     resumed = resume_from(args, device) if args.resume else None
     policy = resumed["policy"] if resumed else load_policy(args, device)
     print(f"model {args.model}: {policy.config.n_layer} layers, {policy.config.n_embd} wide, "
@@ -552,26 +572,12 @@ def prepare(args, device, log):
             raise ValueError(f"--resume: the run in {args.out} has finished (step {resumed['step']}); there is "
                              "nothing to continue")
         print(f"resuming the run in {args.out} after step {resumed['step']}")
-        print(describe_training(args, len(train_pairs.texts), len(eval_pairs.texts)))
-        return enc, train_pairs, eval_pairs, policy, resumed["reference"], resumed
-    if args.model == "tiny":
+    elif args.model == "tiny":
         print(f"SFT warm-up on prompt + rejected completion ({SFT_STEPS} steps of {SFT_BATCH} sequences, lr {SFT_LR})")
         sft_warmup(policy, train_pairs.tokens + eval_pairs.tokens, args.seed, log)
     print(describe_training(args, len(train_pairs.texts), len(eval_pairs.texts)))
-    return enc, train_pairs, eval_pairs, policy, dpo.make_reference(policy), None
-
-
-def describe_training(args, n_train, n_eval):
-    processes = dpo.process_rank_and_count()[1]
-    line = (f"{args.loss.upper()} on {n_train:,} pairs, {n_eval:,} held out (beta {args.beta}, lr {args.lr}, batch "
-            f"{args.batch_size}, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, seed {args.seed}"
-            + (", log-probs averaged over tokens" if args.average_logps else "")
-            + (f", {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
-            + (f", {processes} processes" if processes > 1 else "") + ")")
-    if args.loss == "ipo":  # IPO paper, Eq. 17: the loss is zero at h = 1/(2 beta)
-        line += (f"; IPO's target h = 1/(2 beta) = {1 / (2 * args.beta):g} nats{' per token' * args.average_logps}: "
-                 "log pi(chosen) - log pi(rejected) ends that far above the reference's")
-    return line
+    reference = resumed["reference"] if resumed else dpo.make_reference(policy)  # frozen where DPO starts
+    return enc, train_pairs, eval_pairs, policy, reference, resumed
 
 
 def train(args, policy, optimizer, scaler, pairs, reference_logps, start_step, autocast, log, between_steps):
@@ -679,9 +685,10 @@ def run(args, status):
     records[:0] = resumed["records"] if resumed else []
     evaluate = functools.partial(evaluate_held_out, args, policy, reference, eval_pairs, autocast, log)
 
-    # 2. measure: where the untouched model stands (the reference is that model, frozen)
-    before = {"train": resumed["reference_logps"] if resumed else measure(reference, train_pairs, args, autocast),
-              "eval": measure(reference, eval_pairs, args, autocast)}
+    # 2. measure: where the untouched model stands (the reference is that model, frozen); on the
+    # training pairs, these are also the reference's log-probs that every step subtracts
+    reference_logps = resumed["reference_logps"] if resumed else measure(reference, train_pairs, args, autocast)
+    before = {"train": reference_logps, "eval": measure(reference, eval_pairs, args, autocast)}
     completions = [greedy_completions(reference, enc, shown_pairs(train_pairs, eval_pairs))]
     if not resumed:
         evaluate(0)
@@ -689,9 +696,10 @@ def run(args, status):
     # 3. train: one forward pass of the policy per step, the reference's log-probs cached
     optimizer, scaler = optimizer_and_scaler(args, policy, resumed)
 
-    def save(step, lines):
-        resume = resume_state(args, step, optimizer, scaler, before["train"], train_pairs, eval_pairs)
-        save_run(args, policy, lines, resume, reference, replaced=lambda: status.update(saved=step))
+    def save(step, records, finished=False):
+        resume = resume_state(args, step, optimizer, scaler, reference_logps, train_pairs, eval_pairs)
+        save_run(args, policy, records, resume, reference,
+                 replaced=lambda: status.update(saved=step, finished=finished))
 
     def between_steps(step, n_steps):  # not timed as training
         status["step"] = step
@@ -700,7 +708,7 @@ def run(args, status):
         if step < n_steps and args.save_every and step % args.save_every == 0:
             save(step, records)
 
-    speed = train(args, policy, optimizer, scaler, train_pairs, before["train"], resumed["step"] if resumed else 0,
+    speed = train(args, policy, optimizer, scaler, train_pairs, reference_logps, resumed["step"] if resumed else 0,
                   autocast, log, between_steps)
 
     # 4. measure again, with the same functions
@@ -713,7 +721,7 @@ def run(args, status):
     report(args, train_pairs, eval_pairs, before, after, completions, summary)
 
     # 6. save: the trained policy and metrics.jsonl
-    save(status["step"], [*records, summary])
+    save(status["step"], [*records, summary], finished=True)
     if args.plot and is_first_process():
         save_plot(records, args.plot, args.loss)
     print(f"saved the trained policy and metrics.jsonl to {args.out}/" + (f", curves to {args.plot}" * bool(args.plot)))
@@ -724,19 +732,22 @@ def main(argv=None):
     args = parse_args(argv)
     # kill, or a cluster scheduler's stop: the same clean stop as Ctrl-C
     previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    status = {"step": 0, "saved": None}
+    status = {"step": 0, "saved": None, "finished": False}
     try:
         return run(args, status)
     except KeyboardInterrupt:
         where = f"after step {status['step']}" if status["step"] else "before training"
-        kept = (f"{args.out} holds the save of step {status['saved']}" if status["saved"] else
+        kept = (f"{args.out} holds the finished run" if status["finished"] else
+                f"{args.out} holds the save of step {status['saved']}" if status["saved"] else
                 f"nothing was saved and {args.out} is as it was")
-        resumable = "; --resume continues from it" if status["saved"] and args.save_every else ""
+        can_resume = args.save_every and status["saved"] and not status["finished"]
+        resumable = "; --resume continues from it" if can_resume else ""
         sys.exit(f"stopped {where} (Ctrl-C or SIGTERM); {kept}{resumable}" if is_first_process() else 1)
     except (OSError, ValueError, FloatingPointError) as e:  # bad input, disk, network: a message to act on
         sys.exit(f"error: {e}" if is_first_process() else 1)
     except torch.cuda.OutOfMemoryError:
-        sys.exit("error: out of GPU memory; try a larger --grad-accum (smaller micro-batches)")
+        sys.exit("error: out of GPU memory; try a larger --grad-accum (smaller micro-batches)"
+                 if is_first_process() else 1)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if dist.is_initialized():
