@@ -2394,7 +2394,7 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, quic
 def test_resume_refuses_options_or_pairs_that_would_change_the_numbers(tmp_path, quick_sft):
     """--resume with any of the options that change the numbers (each one of
     RESUME_MUST_MATCH), or other training or held-out pairs, is refused, naming what changed,
-    and so are resuming a finished run and a resume.pt that cannot be read; the checkpoint in
+    and so are resuming a finished run and a resume.pt that cannot be read or is not ours; the checkpoint in
     --out is left as it was."""
     out = tmp_path / "out"
     base = ["--model", "tiny", "--epochs", "1", "--save-every", "1"]
@@ -2422,6 +2422,9 @@ def test_resume_refuses_options_or_pairs_that_would_change_the_numbers(tmp_path,
     assert folder_bytes(out) == before
     (out / "resume.pt").write_bytes(before["resume.pt"][:1000])  # cut short, as a disk can leave a copy
     with pytest.raises(SystemExit, match="resume.pt cannot be read"):
+        run_toy(out, *base, "--resume")
+    torch.save({"step": 1}, out / "resume.pt")  # tensors and plain values, but not this script's
+    with pytest.raises(SystemExit, match="resume.pt is not a checkpoint that this script saved$"):
         run_toy(out, *base, "--resume")
 
 
