@@ -2,17 +2,18 @@
 The bytes: every file this project reads or writes, and nothing about GPT.
 
 1. Atomic writes. A file, or a whole folder of files, is replaced as one unit, and what
-   survives a process killed at any moment is stated where it is done. JSON files, and a
-   run's folder: checked before the run, saved as one unit.
+   survives a process killed at any moment is stated where it is done. Then what is written
+   that way: JSON files, torch.save's files, and a run's folder, checked before the run.
 2. The .safetensors format, read and written by hand: tensors in, tensors out, and
    nothing is ever unpickled.
 3. The Hugging Face hub: the standard cache that transformers users already have, and a
    download checked by its size and hash before anything is kept.
 4. JSON Lines, the format preference pairs and a run's metrics come in.
 
-model.py uses 2 and 3 for GPT-2's checkpoints; train_toy.py uses 1 for its run folder
-(--out: the policy, metrics.jsonl, and what --resume needs) and 4 for --data. Read
-model.py and dpo.py first: this file is for when you want to know how the bytes move.
+model.py uses 1 to 3 for GPT-2's checkpoints (config.json, the weights, the hub); train_toy.py
+uses 1 for its run folder (--out: the policy, metrics.jsonl, and what --resume needs) and 4 for
+--data and metrics.jsonl. Read model.py and dpo.py first: this file is for when you want to
+know how the bytes move.
 """
 
 import hashlib
