@@ -2184,12 +2184,9 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything_loads(tmp_path
                               "(Read-only file system)"
 
 
-def test_ctrl_c_once_the_new_files_are_in_place_says_they_are(tmp_path, quick_sft, monkeypatch):
-    """A stop while the old folder is being emptied, after the new files took its place: the
-    message names the new save (which --out does hold), and the next run removes the old
-    folder left beside it."""
-    out = tmp_path / "out"
-    run_toy(out, "--model", "tiny", "--epochs", "1")
+def interrupt_while_emptying_the_old_folder(monkeypatch):
+    """Ctrl-C once a save's new folder is in place, while the old one is being emptied;
+    returns the real checkpoint.remove_ours, to put back."""
     real = checkpoint.remove_ours
 
     def interrupted(folder, names):
@@ -2198,6 +2195,16 @@ def test_ctrl_c_once_the_new_files_are_in_place_says_they_are(tmp_path, quick_sf
         return real(folder, names)
 
     monkeypatch.setattr(checkpoint, "remove_ours", interrupted)
+    return real
+
+
+def test_ctrl_c_once_the_new_files_are_in_place_says_they_are(tmp_path, quick_sft, monkeypatch):
+    """A stop while the old folder is being emptied, after the new files took its place: the
+    message names the new save (which --out does hold), and the next run removes the old
+    folder left beside it."""
+    out = tmp_path / "out"
+    run_toy(out, "--model", "tiny", "--epochs", "1")
+    real = interrupt_while_emptying_the_old_folder(monkeypatch)
     with pytest.raises(SystemExit) as stop:
         run_toy(out, "--model", "tiny", "--epochs", "2", "--save-every", "1")
     assert str(stop.value).startswith(f"stopped after step 1 (Ctrl-C or SIGTERM); {out} holds the save of step 1")
@@ -2214,14 +2221,7 @@ def test_ctrl_c_after_the_last_save_says_the_run_finished_not_to_resume(tmp_path
     holds the finished run, which --resume would refuse, so the message must not offer it."""
     out = tmp_path / "out"
     run_toy(out, "--model", "tiny", "--epochs", "1")
-    real = checkpoint.remove_ours
-
-    def interrupted(folder, names):
-        if folder.name.endswith(".old"):
-            raise KeyboardInterrupt
-        return real(folder, names)
-
-    monkeypatch.setattr(checkpoint, "remove_ours", interrupted)
+    interrupt_while_emptying_the_old_folder(monkeypatch)
     with pytest.raises(SystemExit) as stop:
         run_toy(out, "--model", "tiny", "--epochs", "1", "--save-every", "100")
     assert str(stop.value) == f"stopped after step 2 (Ctrl-C or SIGTERM); {out} holds the finished run"
