@@ -38,20 +38,18 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import argparse
 import itertools
-import json
 import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 import dpo
-from checkpoint import write_atomically
+from checkpoint import save_jsonl
 from model import GPT, GPTConfig
 
 BETA = 0.1
@@ -118,7 +116,8 @@ def floor_step(policy, optimizer, batch):
 def make_steps(policy, reference, batch):
     """{letter: step(optimizer) -> loss as a float}."""
     return {"a": lambda optimizer: straightforward_step(policy, reference, optimizer, batch),
-            "b": lambda optimizer: dpo.dpo_step(policy, optimizer, [batch], len(batch["reference_chosen_logps"]), beta=BETA)["loss"],
+            "b": lambda optimizer: dpo.dpo_step(policy, optimizer, [batch], len(batch["reference_chosen_logps"]),
+                                                beta=BETA)["loss"],
             "c": lambda optimizer: floor_step(policy, optimizer, batch)}
 
 
@@ -187,9 +186,8 @@ def write_pairs(path, n_pairs, same_length=False, seed=0):
         n_words = (fewest + most) // 2 if same_length else rng.randint(fewest, most)
         return "".join(" " + rng.choice(WORDS) for _ in range(n_words))
 
-    lines = [json.dumps({"prompt": "Human:" + text(8, 140) + "\n\nAssistant:", "chosen": text(4, 150),
-                         "rejected": text(4, 150)}) + "\n" for _ in range(n_pairs)]
-    write_atomically(path, lambda tmp: Path(tmp).write_text("".join(lines), encoding="utf-8"))
+    save_jsonl([{"prompt": "Human:" + text(8, 140) + "\n\nAssistant:", "chosen": text(4, 150),
+                 "rejected": text(4, 150)} for _ in range(n_pairs)], path)
 
 
 def main(argv=None):

@@ -664,12 +664,12 @@ def optimizer_and_scaler(args, policy, resumed):
     return optimizer, scaler
 
 
-def resume_state(args, step, optimizer, scaler, reference_logps, train_pairs, eval_pairs):
+def resume_state(args, step, optimizer, scaler, reference_logps, pairs_fingerprint):
     """Everything --resume needs besides the two models, with --save-every: tensors and plain
     values only, so that torch.load(weights_only=True) reads it back."""
     return {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler and scaler.state_dict(),
             "reference_logps": reference_logps, "options": {k: getattr(args, k) for k in RESUME_MUST_MATCH},
-            "pairs": fingerprint(train_pairs, eval_pairs)} if args.save_every else None
+            "pairs": pairs_fingerprint} if args.save_every else None
 
 
 def run(args, status):
@@ -695,9 +695,10 @@ def run(args, status):
 
     # 3. train: one forward pass of the policy per step, the reference's log-probs cached
     optimizer, scaler = optimizer_and_scaler(args, policy, resumed)
+    pairs_fingerprint = fingerprint(train_pairs, eval_pairs) if args.save_every else None  # once, not every save
 
     def save(step, records, finished=False):
-        resume = resume_state(args, step, optimizer, scaler, reference_logps, train_pairs, eval_pairs)
+        resume = resume_state(args, step, optimizer, scaler, reference_logps, pairs_fingerprint)
         save_run(args, policy, records, resume, reference,
                  replaced=lambda: status.update(saved=step, finished=finished))
 
