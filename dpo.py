@@ -131,6 +131,12 @@ def completion_logps(model, input_ids, loss_mask, average=False):
 ASSISTANT = "\n\nAssistant:"  # where HH-RLHF's last answer begins
 
 
+def check_different(chosen, rejected):
+    """Equal completions make every margin 0 and the gradient 0: a data error, not a pair."""
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are the same text, so there is no preference to learn")
+
+
 def split_prompt(chosen, rejected):
     """(prompt, chosen completion, rejected completion) from two whole dialogues that share
     their beginning, as Anthropic's HH-RLHF gives them ({"chosen", "rejected"}, no prompt).
@@ -140,8 +146,7 @@ def split_prompt(chosen, rejected):
     which then starts both completions (" mat" / " bed"): GPT-2's tokens carry the space
     before a word, and a prompt cut inside a word would leave its second half to be
     tokenised as a word of its own, which the model would never see in running text."""
-    if chosen == rejected:
-        raise ValueError("chosen and rejected are the same text, so there is no preference to learn")
+    check_different(chosen, rejected)
     shared = os.path.commonprefix([chosen, rejected])  # character by character
     end = shared.rfind(ASSISTANT)
     if end >= 0:
@@ -175,6 +180,7 @@ def encode_pair(enc, pair):
     exactly enc.encode(completion) + <|endoftext|>, which marks where the completion ends
     (and is scored with it)."""
     texts = [text_field(pair, field) for field in ("prompt", "chosen", "rejected")]
+    check_different(*texts[1:])
     try:
         prompt_ids, chosen_ids, rejected_ids = (enc.encode(text) for text in texts)
     except ValueError:  # tiktoken refuses special-token text such as "<|endoftext|>" inside the data

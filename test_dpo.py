@@ -2011,6 +2011,8 @@ def test_hh_rlhf_dialogues_without_a_prompt_are_split_and_trained_on(tmp_path, q
     (b'\n{"prompt": "x <|endoftext|>", "chosen": " b", "rejected": " c"}\n', "line 2: the text holds a special token"),
     (b'{"prompt": "a", "chosen": "b", "rejected": "\xff"}\n', "line 1: not UTF-8 text"),
     (b'{"chosen": "Same", "rejected": "Same"}\n', "line 1: chosen and rejected are the same text"),
+    (b'{"prompt": "a", "chosen": " b", "rejected": "c"}\n{"prompt": "a", "chosen": " b", "rejected": " b"}\n',
+     "line 2: chosen and rejected are the same text"),
     (b'{"chosen": "Apples", "rejected": "Pears"}\n', "line 1: chosen and rejected share no beginning"),
     (None, "no such file"),
     ("folder", "not a file"),
