@@ -1807,11 +1807,18 @@ def sft_once(monkeypatch, sft_cache):
     reuse_sft(monkeypatch, sft_cache)
 
 
+def skip_greedy_completions(monkeypatch):
+    """Empty completions instead of greedy ones, for runs whose completions no test looks at."""
+    monkeypatch.setattr(train_toy, "greedy_completions", lambda model, enc, pairs: [""] * len(pairs))
+
+
 @pytest.fixture
 def quick_sft(monkeypatch):
     """For tests of the plumbing (data, errors, saving), which need a trained model, not a good
-    one: 5 steps of the tiny model's SFT warm-up instead of 60."""
+    one: 5 steps of the tiny model's SFT warm-up instead of 60, and no greedy completions
+    (a quarter of a second a run; the toy runs above show them)."""
     monkeypatch.setattr(train_toy, "SFT_STEPS", 5)
+    skip_greedy_completions(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -2264,56 +2271,45 @@ def interrupt_at_step(monkeypatch, n, interrupt=ctrl_c):
     monkeypatch.setattr(dpo, "dpo_step", counting)
 
 
-def signal_run(out, where, *options):
-    """train_toy.py in a new process that prints `where` ("training" at step 2, or "saving"
-    once the first file of a save is written) and then waits for the test's signal."""
+def signal_run(out, *options):
+    """train_toy.py in a new process that prints "saving" once the first file of its save is
+    written, and then waits for the test's signal."""
     script = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
-import checkpoint, dpo, train_toy
+import checkpoint, train_toy
 train_toy.SFT_STEPS = 1
+real = checkpoint.save_safetensors
 
-def pause(real, when):
-    def paused(*args, **kwargs):
-        result = real(*args, **kwargs)
-        if when(result):
-            print({where!r}, flush=True)
-            time.sleep(120)
-        return result
-    return paused
+def paused(*args, **kwargs):
+    real(*args, **kwargs)
+    print("saving", flush=True)
+    time.sleep(120)
 
-if {where!r} == "training":
-    dpo.dpo_step = pause(dpo.dpo_step, lambda numbers: True if pause.steps else setattr(pause, "steps", 1))
-    pause.steps = 0
-else:
-    checkpoint.save_safetensors = pause(checkpoint.save_safetensors, lambda result: True)
+checkpoint.save_safetensors = paused
 train_toy.main(["--model", "tiny", "--out", {str(out)!r}, *{list(options)!r}])
 """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # several at once on two cores
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # beside this process on two cores
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT, env=env)
 
 
-def test_ctrl_c_and_kill_during_training_and_saving_leave_the_earlier_out(tiny_dpo_run, tmp_path, capsys,
-                                                                          monkeypatch):
-    """Real signals: Ctrl-C (SIGINT) to a process during training and SIGTERM (kill, a cluster
-    scheduler's stop) to a process while it saves, both from outside, at once; and SIGTERM
-    during training sent by this process to itself, which reaches the same handler. Each ends
-    with exit code 1 and one line on stderr that says where the run stopped and that nothing
-    was saved, no traceback, and the earlier --out byte for byte with nothing beside it.
-    (What SIGKILL or a power cut leaves is tested above, as the files it leaves.)"""
-    cases = {"sigint": ("training", signal.SIGINT), "sigterm-save": ("saving", signal.SIGTERM)}
-    outs, processes = {}, {}
-    for name, (where, _) in cases.items():
-        outs[name] = tmp_path / name / "toy-dpo"
-        shutil.copytree(tiny_dpo_run[0], outs[name])
-        processes[name] = signal_run(outs[name], where, "--epochs", "1")
+def test_ctrl_c_and_kill_during_training_and_saving_leave_the_earlier_out(tiny_dpo_run, tmp_path, monkeypatch):
+    """Real signals: SIGTERM (kill, a cluster scheduler's stop) sent from outside to a process
+    while it saves, and Ctrl-C (SIGINT) during training, which this process sends to itself
+    meanwhile. Each ends with exit code 1 and one line on stderr that says where the run
+    stopped and that nothing was saved, no traceback, and the earlier --out byte for byte with
+    nothing beside it. (What SIGKILL or a power cut leaves is tested above, as the files it leaves.)"""
+    killed = tmp_path / "killed" / "toy-dpo"
+    shutil.copytree(tiny_dpo_run[0], killed)
+    process = signal_run(killed, "--epochs", "1")
     before = folder_bytes(tiny_dpo_run[0])
 
     out = tmp_path / "in-process" / "toy-dpo"  # meanwhile, in this process
     shutil.copytree(tiny_dpo_run[0], out)
     monkeypatch.setattr(train_toy, "SFT_STEPS", 1)
-    interrupt_at_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    skip_greedy_completions(monkeypatch)
+    interrupt_at_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(SystemExit) as stop:
         run_toy(out, "--model", "tiny", "--epochs", "1")
     assert stop.value.code == f"stopped after step 1 (Ctrl-C or SIGTERM); nothing was saved and {out} is as it was"
@@ -2321,24 +2317,18 @@ def test_ctrl_c_and_kill_during_training_and_saving_leave_the_earlier_out(tiny_d
     assert signal.getsignal(signal.SIGTERM) is not signal.default_int_handler  # main put the old handler back
 
     try:
-        for name, (where, signal_number) in cases.items():
-            for line in processes[name].stdout:  # the run's own lines, then the marker
-                if line.strip() == where:
-                    break
-            else:
-                pytest.fail(f"{name}: the run ended before {where}: {processes[name].stderr.read()}")
-            processes[name].send_signal(signal_number)
-        results = {name: process.communicate(timeout=120) for name, process in processes.items()}
+        for line in process.stdout:  # the run's own lines, then the marker
+            if line.strip() == "saving":
+                break
+        else:
+            pytest.fail(f"the run ended before it saved: {process.stderr.read()}")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
     finally:
-        for process in processes.values():
-            process.kill()
-    for name, (where, signal_number) in cases.items():
-        _, stderr = results[name]
-        out = outs[name]
-        assert processes[name].returncode == 1 and "Traceback" not in stderr, stderr
-        step = "after step 1" if where == "training" else "after step 2"
-        assert stderr == f"stopped {step} (Ctrl-C or SIGTERM); nothing was saved and {out} is as it was\n", name
-        assert folder_bytes(out) == before and [p.name for p in out.parent.iterdir()] == ["toy-dpo"], name
+        process.kill()
+    assert process.returncode == 1 and stderr == (f"stopped after step 2 (Ctrl-C or SIGTERM); nothing was saved and "
+                                                  f"{killed} is as it was\n"), stderr
+    assert folder_bytes(killed) == before and [p.name for p in killed.parent.iterdir()] == ["toy-dpo"]
 
 
 def test_ctrl_c_after_a_checkpoint_says_which_step_was_kept(tmp_path, quick_sft, monkeypatch):
@@ -2358,23 +2348,24 @@ def test_ctrl_c_after_a_checkpoint_says_which_step_was_kept(tmp_path, quick_sft,
 
 
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, quick_sft, monkeypatch):
-    """--save-every 2, stopped by Ctrl-C during step 5, then --resume: the same policy, optimizer
+    """--save-every 1, stopped by Ctrl-C during step 3, then --resume: the same policy, optimizer
     state, gradient scaler, reference log-probs and metrics (but the timings) as a run never
     stopped, compared with torch.equal. In float16, so that the scaler must be saved and
-    restored (its growth tracker counts the steps), with a warmup and a linear decay, so that
-    the schedule must resume too, and a held-out evaluation at every save."""
-    options = ["--model", "tiny", "--epochs", "4", "--save-every", "2", "--eval-every", "2", "--warmup-steps", "2",
+    restored (its growth tracker counts the steps), with a warmup of 2 steps and a linear
+    decay, so that the schedule must resume too (from its start, step 3 would be warmup's
+    lr / 2, not lr), and held-out evaluations before and after the cut."""
+    options = ["--model", "tiny", "--epochs", "2", "--save-every", "1", "--eval-every", "2", "--warmup-steps", "2",
                "--lr-decay", "linear", "--dtype", "float16"]
     run_toy(tmp_path / "whole", *options)
     real = dpo.dpo_step
-    interrupt_at_step(monkeypatch, 5)
-    with pytest.raises(SystemExit, match="holds the save of step 4"):
+    interrupt_at_step(monkeypatch, 3)
+    with pytest.raises(SystemExit, match="holds the save of step 2"):
         run_toy(tmp_path / "cut", *options)
     monkeypatch.setattr(dpo, "dpo_step", real)
     run_toy(tmp_path / "cut", *options, "--resume")
     whole, cut = (torch.load(tmp_path / name / "resume.pt", weights_only=True) for name in ("whole", "cut"))
-    assert whole["step"] == cut["step"] == 8 and whole["scaler"] == cut["scaler"]
-    assert whole["scaler"]["_growth_tracker"] == 8  # a fresh scaler after resuming would count 4
+    assert whole["step"] == cut["step"] == 4 and whole["scaler"] == cut["scaler"]
+    assert whole["scaler"]["_growth_tracker"] == 4  # a fresh scaler after resuming would count 2
     whole_weights, cut_weights = (load_safetensors(tmp_path / name / "model.safetensors") for name in ("whole", "cut"))
     assert whole_weights.keys() == cut_weights.keys()
     assert all(torch.equal(whole_weights[k], cut_weights[k]) for k in whole_weights)
@@ -2384,11 +2375,11 @@ def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, quic
     assert all(torch.equal(a, b) for a, b in zip(whole["reference_logps"], cut["reference_logps"]))
     steps = [r for r in read_metrics(tmp_path / "whole") if r.get("phase") == "dpo"]
     assert max(r["grad_norm"] for r in steps) < 100  # unscaled before clipping (scaled, they would be ~65536x)
-    # the summary's token counts are of the steps each process took: 8, and 4 after resuming
+    # the summary's token counts are of the steps each process took: 4, and 2 after resuming
     tokens = ("train_tokens", "train_positions")
     assert without_times(read_metrics(tmp_path / "cut"), tokens) == without_times(read_metrics(tmp_path / "whole"), tokens)
-    per_epoch = read_metrics(tmp_path / "whole")[-1]["train_tokens"] / 4  # the 2 steps of an epoch: all 4 pairs
-    assert read_metrics(tmp_path / "cut")[-1]["train_tokens"] == 2 * per_epoch
+    per_epoch = read_metrics(tmp_path / "whole")[-1]["train_tokens"] / 2  # the 2 steps of an epoch: all 4 pairs
+    assert read_metrics(tmp_path / "cut")[-1]["train_tokens"] == per_epoch
     start = load_safetensors(tmp_path / "whole" / "reference.safetensors")
     assert not all(torch.equal(start[k], whole_weights[k]) for k in start)  # it did train
 
@@ -2477,6 +2468,7 @@ def test_torchrun_with_two_processes_trains_what_one_process_trains(tmp_path, mo
 
     monkeypatch.setattr(dpo, "train_dpo", train_and_keep)
     monkeypatch.setattr(train_toy, "SFT_STEPS", 1)
+    skip_greedy_completions(monkeypatch)
     run_toy(tmp_path / "one", *common, "--grad-accum", "4")
     start = GPT.from_pretrained(tmp_path / "one" / "reference.safetensors").state_dict()  # where DPO began
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
