@@ -2545,11 +2545,13 @@ def test_a_tokenizer_that_cannot_load_says_what_is_missing_and_how_to_provide_it
     assert "TIKTOKEN_CACHE_DIR" in lines[1] and "openaipublic" not in str(stop.value)
 
 
-def test_weights_option_trains_a_local_checkpoint(tiny_dpo_run, tmp_path):
-    """--weights loads a local checkpoint (here the tiny run's output, config.json beside it) and trains it."""
+def test_weights_option_trains_a_local_checkpoint(tiny_dpo_run, tmp_path, capsys):
+    """--weights loads a local checkpoint (here the tiny run's output, config.json beside it) and
+    trains it; the run names the file, not --model, whose sizes it does not have."""
     out, _ = tiny_dpo_run
     summary = run_toy(tmp_path / "again", "--model", "gpt2", "--weights", str(out), "--epochs", "1")
     assert summary["preferred_before"] == 4  # it was trained to prefer the chosen completions already
+    assert summary["weights"] == str(out) and capsys.readouterr().out.startswith(f"model {out}: 2 layers, 64 wide, ")
     assert (tmp_path / "again" / "model.safetensors").is_file()
 
 

@@ -557,7 +557,7 @@ def prepare(args, device, log):
     torch.manual_seed(args.seed)  # the random weights of --model tiny and --init random
     resumed = resume_from(args, device) if args.resume else None
     policy = resumed["policy"] if resumed else load_policy(args, device)
-    print(f"model {args.model}: {policy.config.n_layer} layers, {policy.config.n_embd} wide, "
+    print(f"model {args.weights or args.model}: {policy.config.n_layer} layers, {policy.config.n_embd} wide, "
           f"{sum(p.numel() for p in policy.parameters()):,} parameters, on {device}, {args.dtype}")
     n_given = len(train_pairs.texts) + len(eval_pairs.texts)
     train_pairs, eval_pairs = (pairs_that_fit(p, args, policy.config.block_size) for p in (train_pairs, eval_pairs))
@@ -628,8 +628,8 @@ def make_summary(args, device, train_pairs, eval_pairs, before, after, records, 
     lists = lambda logps: {"chosen": logps[0].tolist(), "rejected": logps[1].tolist()} if len(logps[0]) else None
     preferred = lambda logps: count_preferred(logps) if len(logps[0]) else None
     return {
-        "summary": True, "model": args.model, "loss_type": args.loss, "beta": args.beta, "lr": args.lr,
-        "epochs": args.epochs, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+        "summary": True, "model": args.model, "weights": args.weights, "loss_type": args.loss, "beta": args.beta,
+        "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
         "processes": dpo.process_rank_and_count()[1], "seed": args.seed, "device": str(device), "dtype": args.dtype,
         "average_logps": args.average_logps, **speed, "tokens_per_s": speed["train_tokens"] / speed["train_s"],
         "peak_memory_bytes": peak_memory_bytes(device), "n_pairs": len(train_pairs.texts),
