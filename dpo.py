@@ -33,7 +33,7 @@ Variants:
   (`python dpo.py` shows both on a bandit).
 
 log pi(y|x) is the *sum* of the completion's token log-probs, as in the paper. With
-average=True it is their mean instead (the "length-normalised" choice): DPO's implicit
+average_logps=True it is their mean instead (the "length-normalised" choice): DPO's implicit
 reward is then per token, and IPO's target 1/(2 beta) is nats per token instead of nats
 per completion (the mean is what TRL's IPO uses).
 
@@ -78,27 +78,27 @@ def at_least_float32(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def sequence_logps(logits, labels, loss_mask, average=False):
+def sequence_logps(logits, input_ids, loss_mask, average_logps=False):
     """log pi(y|x) = sum over completion tokens of log pi(y_t | x, y_<t), one number per row.
 
-    logits (B, T, V) from the model; labels (B, T) are the input ids themselves;
-    loss_mask (B, T) is 1 on completion tokens, 0 on prompt tokens and padding, which
-    therefore contribute nothing. A causal LM's logits at position t score the token at
-    t+1, hence the shift: the last position scores a token beyond the sequence, and the
-    first token is scored by no position. average=True divides by the number of
-    completion tokens. This is the definition; training computes the same numbers with
-    completion_logps below, which runs the output head only where it scores a completion
-    token (test_completion_logps_equals_sequence_logps_of_the_full_logits)."""
+    logits (B, T, V) from the model on input_ids (B, T); loss_mask (B, T) is 1 on completion
+    tokens, 0 on prompt tokens and padding, which therefore contribute nothing. A causal
+    LM's logits at position t score the token at t+1, hence the shift: the last position
+    scores a token beyond the sequence, and the first token is scored by no position.
+    average_logps=True divides by the number of completion tokens. This is the definition;
+    training computes the same numbers with completion_logps below, which runs the output
+    head only where it scores a completion token
+    (test_completion_logps_equals_sequence_logps_of_the_full_logits)."""
     logprobs = at_least_float32(logits[:, :-1, :]).log_softmax(dim=-1)  # (B, T-1, V): log pi(. | x, y_<t)
-    token_logps = logprobs.gather(2, labels[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T-1): log pi(y_t)
+    token_logps = logprobs.gather(2, input_ids[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T-1): log pi(y_t)
     mask = loss_mask[:, 1:]
     logps = (token_logps * mask).sum(dim=-1)  # (B,)
-    return logps / mask.sum(dim=-1) if average else logps
+    return logps / mask.sum(dim=-1) if average_logps else logps
 
 
 # The same numbers, computed where they are cheap. Only the positions that score a
-# completion token need logits: the output head (a third of GPT-2 small's compute) and the
-# log-softmax then skip the prompt and the padding.
+# completion token need logits: the output head and the log-softmax then skip the prompt
+# and the padding.
 
 def vocab_logprobs(model, input_ids, loss_mask):
     """log pi(. | x, y_<t) over the vocabulary at the N positions that score a completion
@@ -108,7 +108,7 @@ def vocab_logprobs(model, input_ids, loss_mask):
     return at_least_float32(model(input_ids, logits_at=scoring_positions)).log_softmax(dim=-1)
 
 
-def logps_from_vocab_logprobs(vocab_logprobs, input_ids, loss_mask, average=False):
+def logps_from_vocab_logprobs(vocab_logprobs, input_ids, loss_mask, average_logps=False):
     """sequence_logps from vocab_logprobs' (N, V) rows: each completion token's log-prob,
     summed per row, (B,)."""
     scored = loss_mask[:, 1:].bool()
@@ -117,12 +117,13 @@ def logps_from_vocab_logprobs(vocab_logprobs, input_ids, loss_mask, average=Fals
     # back to (B, T-1), then sum each row (not index_add_, whose CUDA sums are not deterministic)
     per_position = torch.zeros(scored.shape, dtype=token_logps.dtype, device=token_logps.device)
     logps = per_position.masked_scatter(scored, token_logps).sum(dim=-1)  # (B,)
-    return logps / scored.sum(dim=-1) if average else logps
+    return logps / scored.sum(dim=-1) if average_logps else logps
 
 
-def completion_logps(model, input_ids, loss_mask, average=False):
-    """sequence_logps(model(input_ids), input_ids, loss_mask, average), computed cheaply."""
-    return logps_from_vocab_logprobs(vocab_logprobs(model, input_ids, loss_mask), input_ids, loss_mask, average)
+def completion_logps(model, input_ids, loss_mask, average_logps=False):
+    """sequence_logps(model(input_ids), input_ids, loss_mask, average_logps), computed cheaply."""
+    return logps_from_vocab_logprobs(vocab_logprobs(model, input_ids, loss_mask), input_ids, loss_mask,
+                                     average_logps)
 
 
 # -----------------------------------------------------------------------------
@@ -262,18 +263,18 @@ def epoch_batches(pairs, batch_size, generator, chunk_batches=50):
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def count_training_steps(n_pairs, batch_size, epochs):
-    """len(training_steps(...)), without building them: every chunk of epoch_batches holds a
-    whole number of batches, so an epoch is ceil(n_pairs / batch_size) batches."""
-    return epochs * math.ceil(n_pairs / batch_size)
-
-
 def training_steps(pairs, batch_size, epochs, seed):
     """Every step of a run as (epoch, pair indices), from the seed alone: a resumed run, and
     every process under torchrun, takes exactly these steps."""
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
     return [(epoch, indices) for epoch in range(1, epochs + 1)
             for indices in epoch_batches(pairs, batch_size, generator)]
+
+
+def count_training_steps(n_pairs, batch_size, epochs):
+    """len(training_steps(...)), without building them: every chunk of epoch_batches holds a
+    whole number of batches, so an epoch is ceil(n_pairs / batch_size) batches."""
+    return epochs * math.ceil(n_pairs / batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -284,11 +285,11 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     """The per-pair DPO / conservative DPO / IPO loss, from four tensors of log-probs.
 
     Args:
-        policy_chosen_logps: (N,) log pi(y_chosen | x), summed (or averaged) over the
+        policy_chosen_logps: (B,) log pi(y_chosen | x), summed (or averaged) over the
             completion's tokens.
-        policy_rejected_logps: (N,) log pi(y_rejected | x).
-        reference_chosen_logps: (N,) log pi_ref(y_chosen | x).
-        reference_rejected_logps: (N,) log pi_ref(y_rejected | x).
+        policy_rejected_logps: (B,) log pi(y_rejected | x).
+        reference_chosen_logps: (B,) log pi_ref(y_chosen | x).
+        reference_rejected_logps: (B,) log pi_ref(y_rejected | x).
         beta: strength of the KL penalty towards the reference (> 0). Small beta lets the
             policy move far; IPO's target is h = 1/(2 beta), in the units of the log-probs
             (nats per completion when summed, per token when averaged).
@@ -297,7 +298,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
             is flipped (conservative DPO); "dpo" only.
 
     Returns:
-        (losses, chosen_rewards, rejected_rewards), each (N,), not averaged. The rewards
+        (losses, chosen_rewards, rejected_rewards), each (B,), not averaged. The rewards
         are DPO's implicit rewards beta * (log pi - log pi_ref) (DPO paper, Eq. 5),
         detached: they are for reporting, not for the gradient.
     """
@@ -387,8 +388,8 @@ def make_reference(policy):
 
 
 @torch.no_grad()
-def pair_logps(model, pairs, batch_size=8, average=False, autocast=contextlib.nullcontext(), progress=None):
-    """log pi(y_chosen|x) and log pi(y_rejected|x) of every encoded pair, (N,) each on the
+def pair_logps(model, pairs, batch_size=8, average_logps=False, autocast=contextlib.nullcontext(), progress=None):
+    """log pi(y_chosen|x) and log pi(y_rejected|x) of every encoded pair, (len(pairs),) each on the
     CPU, batch_size pairs at a time (batches_by_length), under `autocast` (the training
     step's). No graph is kept, whatever the model's requires_grad. progress(pairs done,
     pairs to do), if given, is called after each batch.
@@ -401,14 +402,16 @@ def pair_logps(model, pairs, batch_size=8, average=False, autocast=contextlib.nu
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     logps = torch.zeros(2, len(pairs), dtype=dtype, device=device)  # chosen, rejected
     batches, done = my_share(batches_by_length(pairs, batch_size)), 0
+    total = sum(map(len, batches))
     for indices in batches:
         batch = collate([pairs[i] for i in indices])
         with autocast:
-            rows = completion_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device), average)
+            rows = completion_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device),
+                                    average_logps)
         logps[:, indices] = rows.view(2, -1)  # collate's chosen rows, then its rejected rows
         done += len(indices)
         if progress is not None:
-            progress(done, sum(map(len, batches)))
+            progress(done, total)
     chosen, rejected = sum_over_processes(logps).cpu()
     return chosen, rejected
 
@@ -519,7 +522,7 @@ def train_dpo(policy, reference, pairs, optimizer, epochs=3, batch_size=2, seed=
     """DPO over encoded `pairs` (from encode_pairs): the steps of training_steps, each a batch
     of batch_size pairs in grad_accum micro-batches (per process).
 
-    reference_logps: pair_logps(reference, pairs, average=average_logps, autocast=autocast),
+    reference_logps: pair_logps(reference, pairs, average_logps=average_logps, autocast=autocast),
     if the caller has it already (then reference may be None). lr_at(step), if given, sets
     the learning rate of each step (learning_rate). start_step: the steps taken before, by a
     run that is being resumed. Returns the per-step numbers; on_step(numbers, pair indices)
@@ -531,7 +534,7 @@ def train_dpo(policy, reference, pairs, optimizer, epochs=3, batch_size=2, seed=
     policy.eval()
     device = next(policy.parameters()).device
     if reference_logps is None:
-        reference_logps = pair_logps(reference.eval(), pairs, average=average_logps, autocast=autocast)
+        reference_logps = pair_logps(reference.eval(), pairs, average_logps=average_logps, autocast=autocast)
     history = []
     for step, (epoch, indices) in enumerate(training_steps(pairs, batch_size, epochs, seed)[start_step:],
                                             start=start_step + 1):
@@ -588,8 +591,9 @@ def evaluate(policy, reference, pairs, batch_size=8, beta=0.1, loss_type="dpo", 
     device = next(policy.parameters()).device
     dtype = torch.promote_types(next(policy.parameters()).dtype, torch.float32)
     logps = torch.zeros(4, len(pairs), dtype=dtype, device=device)  # policy c, r; reference c, r
-    kl = torch.zeros(2, dtype=torch.float64, device=device)  # KL summed over positions, positions
+    kl = torch.zeros(2, dtype=torch.float64, device=device)  # [KL summed over positions, number of positions]
     batches, done = my_share(batches_by_length(pairs, batch_size)), 0
+    total = sum(map(len, batches))
     for indices in batches:
         batch = collate([pairs[i] for i in indices])
         with autocast:
@@ -597,7 +601,7 @@ def evaluate(policy, reference, pairs, batch_size=8, beta=0.1, loss_type="dpo", 
         kl += torch.stack([kl_sum.double(), torch.tensor(n_positions, dtype=torch.float64, device=device)])
         done += len(indices)
         if progress is not None:
-            progress(done, sum(map(len, batches)))
+            progress(done, total)
     sum_over_processes(logps)
     sum_over_processes(kl)
     losses, chosen_rewards, rejected_rewards = dpo_loss(*logps, beta=beta, loss_type=loss_type,

@@ -184,7 +184,7 @@ class GPT(nn.Module):
             model = GPT(config or config_from_shapes(tensors, weights))  # shapes only: no random init to overwrite
         check_tensors_match({n: t.shape for n, t in model.state_dict().items() if n != "lm_head.weight"},
                             tensors, weights)
-        tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # tied: the files hold no head
+        tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # tied: hf_to_ours dropped any head equal to it
         model.load_state_dict({n: t.contiguous() for n, t in tensors.items()}, assign=True)
         model.transformer.wte.weight = model.lm_head.weight  # assign=True made two Parameters; tie them again
         return model.to(device=device or "cpu", dtype=dtype).eval()

@@ -181,10 +181,10 @@ def four_logps(h_values, dtype=torch.float64):
     return [t.clone().requires_grad_(True) for t in (pc, pr, rc, rr)]
 
 
-def plain_logps(model, batch, average=False):
+def plain_logps(model, batch, average_logps=False):
     """(chosen, rejected) log-probs by the plain definition: sequence_logps of the full logits."""
     ids, mask = batch["input_ids"], batch["loss_mask"]
-    logps = dpo.sequence_logps(model(ids), ids, mask, average=average)
+    logps = dpo.sequence_logps(model(ids), ids, mask, average_logps=average_logps)
     n = ids.size(0) // 2
     return logps[:n], logps[n:]
 
@@ -354,14 +354,14 @@ def test_reward_accuracy_counts_a_tie_as_half_right():
 
 
 def test_averaged_log_probs_are_the_sum_divided_by_the_token_count():
-    """average=True: log pi(y|x) / (number of completion tokens), in both ways of computing it.
+    """average_logps=True: log pi(y|x) / (number of completion tokens), in both ways of computing it.
     By hand: with all-zero logits over V = 4 tokens every token has log-prob log(1/4), so a
     completion of k tokens sums to k log(1/4) and averages log(1/4) whatever k is."""
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float32)  # 3 and 5 tokens
     labels = torch.randint(4, (2, 6), generator=torch.Generator().manual_seed(0))
     logits = torch.zeros(2, 6, 4)
     assert dpo.sequence_logps(logits, labels, mask).tolist() == pytest.approx([3 * math.log(0.25), 5 * math.log(0.25)])
-    assert dpo.sequence_logps(logits, labels, mask, average=True).tolist() == pytest.approx([math.log(0.25)] * 2)
+    assert dpo.sequence_logps(logits, labels, mask, average_logps=True).tolist() == pytest.approx([math.log(0.25)] * 2)
 
     policy = tiny_policy(dtype=torch.float64)
     batch = dpo.collate(encoded_pairs())
@@ -369,7 +369,7 @@ def test_averaged_log_probs_are_the_sum_divided_by_the_token_count():
     n_tokens = torch.tensor([len(c) for _, c, _ in encoded_pairs()] + [len(r) for _, _, r in encoded_pairs()])
     with torch.no_grad():
         summed = dpo.completion_logps(policy, ids, loss_mask)
-        averaged = dpo.completion_logps(policy, ids, loss_mask, average=True)
+        averaged = dpo.completion_logps(policy, ids, loss_mask, average_logps=True)
     assert torch.allclose(averaged, summed / n_tokens, rtol=1e-12, atol=0)
     assert len(set(n_tokens.tolist())) > 1  # completions of different lengths: the division matters
 
@@ -393,10 +393,10 @@ def test_dpo_step_with_average_logps_trains_on_per_token_means():
     reference = dpo.make_reference(policy)
     perturb(policy)
     pairs = encoded_pairs()
-    batch = reference_batch(reference, pairs, average=True)
+    batch = reference_batch(reference, pairs, average_logps=True)
     with torch.no_grad():
-        expected = dpo.dpo_loss(*plain_logps(policy, batch, average=True), *plain_logps(reference, batch, average=True),
-                                beta=0.5)
+        expected = dpo.dpo_loss(*plain_logps(policy, batch, average_logps=True),
+                                *plain_logps(reference, batch, average_logps=True), beta=0.5)
         summed = dpo.dpo_loss(*plain_logps(policy, batch), *plain_logps(reference, batch), beta=0.5)
     metrics = one_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.5,
                            average_logps=True)

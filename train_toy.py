@@ -247,7 +247,8 @@ def split_off_eval(pairs, fraction, seed):
         raise ValueError(f"--eval-fraction {fraction} of {len(pairs.texts)} pairs holds out {n_eval}; it must "
                          "leave at least one pair for training and one for evaluation")
     held_out = set(torch.randperm(len(pairs.texts), generator=torch.Generator().manual_seed(seed))[:n_eval].tolist())
-    return tuple(select(pairs, [(i in held_out) == part for i in range(len(pairs.texts))]) for part in (False, True))
+    is_held_out = [i in held_out for i in range(len(pairs.texts))]
+    return select(pairs, [not h for h in is_held_out]), select(pairs, is_held_out)
 
 
 def read_data(args, enc):
@@ -260,8 +261,9 @@ def read_data(args, enc):
         train = Pairs(TOY_PAIRS, dpo.encode_pairs(enc, TOY_PAIRS), "the toy pairs")
     if args.eval_data:
         return train, read_pairs(args.eval_data, enc, "--eval-data")
-    held_out = TOY_EVAL_PAIRS if not args.data else []
-    return train, Pairs(held_out, [dpo.encode_pair(enc, p) for p in held_out], "the held-out toy pairs")
+    if args.data:
+        return train, Pairs([], [], "no held-out pairs")
+    return train, Pairs(TOY_EVAL_PAIRS, dpo.encode_pairs(enc, TOY_EVAL_PAIRS), "the held-out toy pairs")
 
 
 def pairs_that_fit(pairs, args, context):
@@ -423,8 +425,8 @@ def progress_printer(label, every_s=10.0):
 
 
 def measure(model, pairs, args, autocast):
-    """(log pi(y_chosen|x), log pi(y_rejected|x)) of every pair, (N,) each, by the same function
-    before training (on the reference: where the policy started) and after."""
+    """(log pi(y_chosen|x), log pi(y_rejected|x)) of every pair, (len(pairs),) each, by the same
+    function before training (on the reference: where the policy started) and after."""
     return dpo.pair_logps(model, pairs.tokens, args.batch_size, args.average_logps, autocast,
                           progress_printer("log-probs"))
 
@@ -683,7 +685,7 @@ def run(args, status):
     # 1. prepare: every input is checked before any model is built
     enc, train_pairs, eval_pairs, policy, reference, resumed = prepare(args, device, log)
     records[:0] = resumed["records"] if resumed else []
-    evaluate = functools.partial(evaluate_held_out, args, policy, reference, eval_pairs, autocast, log)
+    evaluate_at_step = functools.partial(evaluate_held_out, args, policy, reference, eval_pairs, autocast, log)
 
     # 2. measure: where the untouched model stands (the reference is that model, frozen); on the
     # training pairs, these are also the reference's log-probs that every step subtracts
@@ -691,9 +693,9 @@ def run(args, status):
     before = {"train": reference_logps, "eval": measure(reference, eval_pairs, args, autocast)}
     completions = [greedy_completions(reference, enc, shown_pairs(train_pairs, eval_pairs))]
     if not resumed:
-        evaluate(0)
+        evaluate_at_step(0)
 
-    # 3. train: one forward pass of the policy per step, the reference's log-probs cached
+    # 3. train: one forward pass of the policy per batch, the reference's log-probs cached
     optimizer, scaler = optimizer_and_scaler(args, policy, resumed)
     pairs_fingerprint = fingerprint(train_pairs, eval_pairs) if args.save_every else None  # once, not every save
 
@@ -705,7 +707,7 @@ def run(args, status):
     def between_steps(step, n_steps):  # not timed as training
         status["step"] = step
         if step < n_steps and args.eval_every and step % args.eval_every == 0:
-            evaluate(step)
+            evaluate_at_step(step)
         if step < n_steps and args.save_every and step % args.save_every == 0:
             save(step, records)
 
@@ -715,7 +717,7 @@ def run(args, status):
     # 4. measure again, with the same functions
     after = {"train": measure(policy, train_pairs, args, autocast), "eval": measure(policy, eval_pairs, args, autocast)}
     completions.append(greedy_completions(policy, enc, shown_pairs(train_pairs, eval_pairs)))
-    evaluate(status["step"])
+    evaluate_at_step(status["step"])
 
     # 5. report, and the same numbers in one record for other tools to read
     summary = make_summary(args, device, train_pairs, eval_pairs, before, after, records, speed, completions)
