@@ -541,7 +541,8 @@ def describe_training(args, n_train, n_eval):
             + (f", {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
             + (f", {processes} processes" if processes > 1 else "") + ")")
     if args.loss == "ipo":  # IPO paper, Eq. 17: the loss is zero at h = 1/(2 beta)
-        line += (f"; IPO's target h = 1/(2 beta) = {1 / (2 * args.beta):g} nats{' per token' * args.average_logps}: "
+        unit = "nats per token" if args.average_logps else "nats"
+        line += (f"; IPO's target h = 1/(2 beta) = {1 / (2 * args.beta):g} {unit}: "
                  "the loss is 0 where log pi(chosen) - log pi(rejected) is that far above the reference's")
     return line
 
@@ -727,7 +728,8 @@ def run(args, status):
     save(status["step"], [*records, summary], finished=True)
     if args.plot and is_first_process():
         save_plot(records, args.plot, args.loss)
-    print(f"saved the trained policy and metrics.jsonl to {args.out}/" + (f", curves to {args.plot}" * bool(args.plot)))
+    curves = f", curves to {args.plot}" if args.plot else ""
+    print(f"saved the trained policy and metrics.jsonl to {args.out}/{curves}")
     return summary
 
 
