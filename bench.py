@@ -22,24 +22,18 @@ phase inherits another's heap.
     python bench.py --pairs 8 --completion-len 128
 
 It also writes preference pairs of made-up text with ordinary lengths, to time
-`train_toy.py --data` at real sizes:
+`train.py` at real sizes:
 
     python bench.py --write-pairs 400 pairs400.jsonl
-    python train_toy.py --init random --data pairs400.jsonl --eval-fraction 0.1 --batch-size 8 --epochs 1
+    python train.py --init random --data pairs400.jsonl --eval-fraction 0.1 --batch-size 8 --epochs 1
 
 Read first: dpo.py.
 """
 
-import os
-
-# MKL otherwise now and then takes a different code path in a new process, so the same seed
-# could give different numbers across processes. MKL reads this at its first matrix product.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-
 import argparse
 import itertools
+import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +45,7 @@ from torch.nn import functional as F
 import dpo
 from checkpoint import save_jsonl
 from model import GPT, GPTConfig
+from train import peak_memory_bytes  # importing train also sets MKL_CBWR: the same numbers in every process
 
 BETA = 0.1
 PHASES = {"a": "(a) straightforward: 4 forward passes",
@@ -73,13 +68,6 @@ def build(config, n_pairs, prompt_len, completion_len, device, seed=0):
     reference = dpo.make_reference(policy)
     pairs = random_pairs(n_pairs, prompt_len, completion_len, config.vocab_size, seed)
     return policy, reference, dpo.make_batch(pairs, dpo.pair_logps(reference, pairs, batch_size=n_pairs), device)
-
-
-def peak_memory_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def backward_and_update(policy, optimizer, loss):
@@ -116,8 +104,7 @@ def floor_step(policy, optimizer, batch):
 def make_steps(policy, reference, batch):
     """{letter: step(optimizer) -> loss as a float}."""
     return {"a": lambda optimizer: straightforward_step(policy, reference, optimizer, batch),
-            "b": lambda optimizer: dpo.dpo_step(policy, optimizer, [batch], len(batch["reference_chosen_logps"]),
-                                                beta=BETA)["loss"],
+            "b": lambda optimizer: dpo.dpo_step(policy, optimizer, batch, dpo.LossConfig(beta=BETA))["loss"],
             "c": lambda optimizer: floor_step(policy, optimizer, batch)}
 
 
@@ -160,7 +147,7 @@ def time_in_turns(steps, n_rounds, device):
 
 
 # -----------------------------------------------------------------------------
-# Preference pairs of ordinary lengths, for `train_toy.py --data`
+# Preference pairs of ordinary lengths, for `train.py --data`
 
 # Common English words that are each one GPT-2 token with the space before them, so that a
 # text of k words is k tokens.

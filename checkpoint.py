@@ -8,14 +8,20 @@ The bytes: every file this project reads or writes, and nothing about GPT.
    nothing is ever unpickled.
 3. The Hugging Face hub: the standard cache that transformers users already have, and a
    download checked by its size and hash before anything is kept.
-4. JSON Lines, the format preference pairs and a run's metrics come in.
+4. Data files: JSON Lines and JSON arrays, gzipped or not, as preference data sets and a
+   run's metrics come.
+5. GPT-2's tokenizer: tiktoken's encoding loaded, and its files as Hugging Face reads them
+   (vocab.json, merges.txt, tokenizer_config.json), derived offline from it.
 
-model.py uses 1 to 3 for GPT-2's checkpoints (config.json, the weights, the hub); train_toy.py
-uses 1 for its run folder (--out: the policy, metrics.jsonl, and what --resume needs) and 4 for
---data and metrics.jsonl. Read model.py and dpo.py first: this file is for when you want to
-know how the bytes move.
+model.py uses 1 to 3 for GPT-2's checkpoints (config.json, the weights, the hub) and 5 to
+save the tokenizer beside them; train.py and train_toy.py use 1 for the run folder (--out:
+run.json, the policy, metrics.jsonl, and what --resume needs), 4 for --data and
+metrics.jsonl, and 5 for the tokenizer. Read model.py and dpo.py first: this file is for
+when you want to know how the bytes move.
 """
 
+import functools
+import gzip
 import hashlib
 import http.client
 import json
@@ -30,6 +36,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 
 import torch
@@ -183,30 +190,45 @@ def clean_leftovers(path, names):
 def prepare_run_folder(path, names, option):
     """For a run that will save its files (names) into the folder path with replace_folder:
     finish what a killed save left beside it (clean_leftovers), then try now, not after hours
-    of training, what a save will do there: create a folder beside it."""
+    of training, what a save will do there: create a folder beside it. Returns the folders it
+    created above path, outermost first: remove_empty_folders takes them away again if the
+    run fails before its first save."""
     path = Path(path).resolve()
     clean_leftovers(path, names)
     if os.path.ismount(path):
         raise ValueError(f"{option} is a mount point, which a save cannot replace as a whole; give a folder inside it")
+    created = [folder for folder in reversed(path.parents) if not folder.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = unused_sibling(path, "tmp")
         probe.mkdir()
         probe.rmdir()
     except OSError as e:
+        remove_empty_folders(created)
         raise OSError(f"{option}: cannot write in {path.parent} ({e.strerror or e})") from None
+    return created
 
 
-def refuse_others(path, names, marker, option):
+def remove_empty_folders(folders):
+    """Remove the folders (outermost first) that prepare_run_folder created, innermost first,
+    as long as they are empty: a run that failed leaves no trace of itself."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (a save landed in it, or someone else's file), or already gone
+            return
+
+
+def refuse_others(path, names, is_marked, option):
     """The names in the folder path ([] if it is missing), if it is ours to replace: it holds
-    nothing but files of `names`, and marker among them (someone else's folder may hold some
-    of the same names; a folder with nothing else but no marker is theirs too). Otherwise a
-    ValueError names up to three of what is there."""
+    nothing but files of `names`, and is_marked(path) says that their contents are ours
+    (someone else's folder may hold files of the same names). Otherwise a ValueError names up
+    to three of what is there."""
     found = sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []
-    others = [name for name in found if name not in names] or ([] if marker in found else found)
+    others = [name for name in found if name not in names] or ([] if not found or is_marked(path) else found)
     if others:
         raise ValueError(f"{option} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which this "
-                         "script did not write. It only ever replaces its own output: give a new or empty folder")
+                         "project did not write. It only ever replaces its own output: give a new or empty folder")
     return found
 
 
@@ -580,7 +602,15 @@ def hub_snapshot(repo, also_cached_as=()):
 
 
 # -----------------------------------------------------------------------------
-# 4. JSON Lines: one JSON object a line, as preference data sets are shared
+# 4. Data files: JSON Lines and JSON arrays, gzipped or not
+#
+# Preference data sets come as JSON Lines (one object a line: the HH-RLHF files, a Hugging
+# Face data set's to_json), as one JSON array of objects, and gzipped. Other formats are
+# refused with a way to convert them.
+
+DATA_FORMATS = "JSON Lines (one object a line) or one JSON array of objects (.json), either of them gzipped"
+CONVERT = ("python -c \"import pandas as pd; pd.read_{kind}('{path}').to_json('pairs.jsonl', orient='records', "
+           "lines=True, force_ascii=False)\"")
 
 
 def save_jsonl(records, path):
@@ -588,27 +618,185 @@ def save_jsonl(records, path):
     write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
 
 
-def read_jsonl(path, parse, option):
-    """[parse(record, line_number) for each JSON object in a .jsonl file]. Blank lines are
-    skipped and a UTF-8 BOM (a Windows editor's) is allowed; bad UTF-8, bad JSON, a line that
-    is not an object and a ValueError from parse are each an error naming the file and line."""
+def json_objects(f, path):
+    """(where, object) for each object in the open binary file f: "line N" of JSON Lines, read a
+    line at a time, or "item N" of one JSON array (told by its first character). Blank lines
+    are skipped and a UTF-8 BOM (a Windows editor's) is allowed."""
+    if f.peek(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        try:
+            items = json.loads(f.read().decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        yield from ((f"item {number}", item) for number, item in enumerate(items, start=1))
+        return
+    for number, line in enumerate(f, start=1):
+        try:
+            text = line.decode("utf-8").removeprefix("\ufeff" if number == 1 else "")
+            if text.strip():
+                yield f"line {number}", json.loads(text)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+
+
+def read_records(path, parse, option):
+    """[parse(record, where) for each JSON object of a data file] (json_objects), gzipped or
+    not (told by the file's first bytes, not its name). A ValueError from parse, or a record
+    that is not an object, is an error naming the file and the line or item."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{option} {path}: " + ("not a file" if path.exists() else "no such file"))
+        raise FileNotFoundError(f"{option} {path}: " + ("a folder, not a file" if path.is_dir() else "no such file")
+                                + f"; give a file of {DATA_FORMATS}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    kind = "parquet" if magic == b"PAR1" else {".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}.get(
+        path.suffix.lower())
+    if kind:
+        raise ValueError(f"{option} {path}: {kind.upper()} is not read here, only {DATA_FORMATS}. To convert: "
+                         + CONVERT.format(kind=kind, path=path))
     parsed = []
-    with open(path, "rb") as f:  # bytes, so that bad UTF-8 is an error naming its line
-        for number, line in enumerate(f, start=1):
-            try:
-                text = line.decode("utf-8").removeprefix("\ufeff" if number == 1 else "")
-                if text.strip():
-                    record = json.loads(text)
+    try:
+        with (gzip.open if magic[:2] == b"\x1f\x8b" else open)(path, "rb") as f:
+            for where, record in json_objects(f, path):
+                try:
                     if not isinstance(record, dict):
                         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                    parsed.append(parse(record, number))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path} line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            except ValueError as e:
-                raise ValueError(f"{path} line {number}: {e}") from None
+                    parsed.append(parse(record, where))
+                except ValueError as e:
+                    raise ValueError(f"{path} {where}: {e}") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # cut short, or not gzip after all
+        raise ValueError(f"{path}: not a whole gzip file ({e or 'cut short'})") from None
     return parsed
+
+
+# -----------------------------------------------------------------------------
+# 5. GPT-2's tokenizer files, for Hugging Face
+#
+# transformers reads GPT-2's tokenizer from vocab.json and merges.txt (and tokenizer_config.json
+# for the class and its settings). Both are derived here from tiktoken's GPT-2 encoding, offline,
+# through tiktoken's public API only. What GPT-2's byte-level BPE is made of:
+# - ids 0-255 are the 256 single bytes, in the order of the characters that the table below
+#   gives them: the 188 printable ones first ('!' is 0), then the 68 others (the space is 220);
+# - id 256 + k is the token made by merge k, the k-th line after merges.txt's "#version: 0.2"
+#   line: a token's rank is the order in which BPE merges it (the lowest first);
+# - id 50256 is <|endoftext|>, a special token that BPE never makes.
+# Both files write a token's bytes as a string of printable characters, one per byte, by GPT-2's
+# bytes_to_unicode table, so that no byte is a space, a newline or invisible: vocab.json maps
+# these strings to ids, and each line of merges.txt holds the two parts of one merge, separated
+# by a space, in rank order. Written this way they are byte for byte GPT-2's original
+# encoder.json and vocab.bpe, the files tiktoken itself downloads.
+
+def gpt2_bytes_to_unicode():
+    """GPT-2's table {byte: character}. A byte that is a printable character other than the
+    space (Latin-1's '!'..'~', '¡'..'¬', '®'..'ÿ': 188 of them) stands for itself; the 68 others
+    (controls, the space, 0x7f-0xa0, the soft hyphen 0xad) are shifted, in byte order, to
+    chr(256), chr(257), ...: the space becomes 'Ġ' and the newline 'Ċ'."""
+    table, shifted = {}, 0
+    for byte in range(256):
+        if chr(byte).isprintable() and byte != ord(" "):
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def bpe_parts(token, ranks, max_rank):
+    """The parts that byte-level BPE leaves `token` (bytes) in when it may use only the merges
+    of rank < max_rank: start from single bytes and merge, again and again, the adjacent pair
+    whose concatenation has the lowest rank. For the token of rank r, called with max_rank=r,
+    this stops at exactly two parts, and they are merge r's (stopping at two parts is safe: the
+    only merge that could join them is r itself)."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best_rank, best = max_rank, None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1], max_rank)
+            if rank < best_rank:
+                best_rank, best = rank, i
+        if best is None:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def load_gpt2_encoding():
+    """tiktoken's GPT-2 encoding, or a one-line OSError saying how to provide its files."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises several kinds when its files cannot be fetched
+        where = os.environ.get("TIKTOKEN_CACHE_DIR")
+        now = f"it is {where}" if where else "it is not set"
+        raise OSError(f"could not load GPT-2's tokenizer ({type(e).__name__}): tiktoken fetches vocab.bpe and "
+                      "encoder.json once, from the network; offline, TIKTOKEN_CACHE_DIR must point at a folder "
+                      f"holding them as tiktoken caches them ({now})") from None
+
+
+@functools.cache
+def gpt2_tokenizer_files():
+    """{file name: text} for vocab.json and merges.txt, derived once per process (about half a
+    second) and shared by every call: do not change the dict.
+
+    Each merge is recovered by simulating BPE (bpe_parts) rather than by looking for a split of
+    the token into two tokens of lower rank, because most tokens have several such splits:
+    ' an' (rank 281) is both ' '+'an' and ' a'+'n', and BPE takes ' a'+'n' because ' a'
+    (rank 257) is merged before 'an' (rank 272). Of GPT-2's 50,000 merges, 27,429 tokens have
+    more than one split; taking the first split gets 12,091 of them wrong, and even the split
+    whose parts have the lowest ranks gets 3,989 wrong."""
+    enc = load_gpt2_encoding()
+    if enc.n_vocab != 50257 or enc.eot_token != 50256:
+        raise RuntimeError(f"tiktoken's gpt2 encoding has {enc.n_vocab} tokens and <|endoftext|> at "
+                           f"{enc.eot_token}, not GPT-2's 50257 and 50256: is tiktoken's gpt2 entry changed?")
+    tokens = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]  # position = id = rank
+    ranks = {token: rank for rank, token in enumerate(tokens[:enc.eot_token])}
+    merges = []
+    for rank in range(256, enc.eot_token):
+        parts = bpe_parts(tokens[rank], ranks, rank)
+        if len(parts) != 2:
+            raise RuntimeError(f"GPT-2's token {rank} ({tokens[rank]!r}) is not one merge of two lower-ranked "
+                               f"tokens (BPE leaves {len(parts)} parts): tiktoken's gpt2 encoding is not GPT-2's")
+        merges.append(parts)
+
+    table = gpt2_bytes_to_unicode()
+
+    def printable(token):
+        return "".join(table[b] for b in token)
+
+    vocab = {printable(token): i for i, token in enumerate(tokens[:enc.eot_token])}
+    vocab["<|endoftext|>"] = enc.eot_token
+    # json.dumps' defaults (one line, ", " and ": ", \u escapes) are how encoder.json was written
+    return {"vocab.json": json.dumps(vocab),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{printable(a)} {printable(b)}\n" for a, b in merges)}
+
+
+# What transformers needs to build GPT-2's tokenizer from a folder that holds nothing else. The
+# hub's gpt2 repo states only model_max_length and lets config.json's model_type pick the class;
+# a folder without config.json must name the class here, or AutoTokenizer cannot build one.
+# bos, eos and unk are all <|endoftext|>; no space is added before the first word, as GPT-2 was
+# trained; and decoding must not "clean up" spaces before punctuation, which would change the
+# text it gives back (older transformers did by default).
+GPT2_TOKENIZER_CONFIG = {
+    "tokenizer_class": "GPT2Tokenizer",
+    "model_max_length": 1024,
+    "bos_token": "<|endoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "add_prefix_space": False,
+    "clean_up_tokenization_spaces": False,
+}
+
+
+def save_gpt2_tokenizer(directory):
+    """Write GPT-2's vocab.json, merges.txt and tokenizer_config.json into the folder directory
+    (created if missing), each file atomically, so that transformers'
+    AutoTokenizer.from_pretrained(directory) loads GPT-2's tokenizer. Other files there are
+    left alone."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in gpt2_tokenizer_files().items():
+        write_atomically(directory / name, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
+    save_json(GPT2_TOKENIZER_CONFIG, directory / "tokenizer_config.json")

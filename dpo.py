@@ -1,5 +1,5 @@
 """
-Direct Preference Optimization (DPO) and Identity Preference Optimization (IPO), in one file.
+Direct Preference Optimization (DPO) and Identity Preference Optimization (IPO), on one device.
 
 A preference pair is a prompt x with two completions: y_c (chosen) and y_r (rejected).
 DPO (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is
@@ -51,22 +51,20 @@ One forward pass of the policy over all 2B rows gives log pi(y|x) for each row (
 padding masked out); the first half is log pi(y_c|x), the second log pi(y_r|x). From each,
 the reference's log-probs of the same rows, computed once before training, are subtracted.
 
-In reading order: log-probabilities of completions, pairs to tensors, batches of similar
-length, the losses, sharing work between processes, the frozen reference, the training step
-(micro-batches, a learning-rate schedule) and loop, evaluation; `python dpo.py` runs the bandit.
-Read first: model.py. Read next: train_toy.py, which runs all of this.
+In reading order: log-probabilities of completions, pairs to tensors, the losses, batches of
+similar length, the frozen reference, the training step and loop, evaluation on held-out
+pairs; `python dpo.py` runs the bandit.
+Read first: model.py. Read next: train_toy.py, the experiment that runs all of this; train.py
+is the trainer for your own pairs (bfloat16, micro-batches, several processes, resume).
 """
 
 import contextlib
 import copy
 import math
-import os
-import re
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 
 # -----------------------------------------------------------------------------
@@ -114,10 +112,16 @@ def logps_from_vocab_logprobs(vocab_logprobs, input_ids, loss_mask, average_logp
     scored = loss_mask[:, 1:].bool()
     targets = input_ids[:, 1:][scored]  # (N,), the same row-major order
     token_logps = vocab_logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
-    # back to (B, T-1), then sum each row (not index_add_, whose CUDA sums are not deterministic)
-    per_position = torch.zeros(scored.shape, dtype=token_logps.dtype, device=token_logps.device)
-    logps = per_position.masked_scatter(scored, token_logps).sum(dim=-1)  # (B,)
+    logps = sum_per_row(token_logps, scored)  # (B,)
     return logps / scored.sum(dim=-1) if average_logps else logps
+
+
+def sum_per_row(values, scored):
+    """Numbers at the N scored positions, (N,) in row-major order, summed per row, (B,): put
+    back in place in (B, T-1), then each row summed (not index_add_, whose CUDA sums are not
+    deterministic)."""
+    per_position = torch.zeros(scored.shape, dtype=values.dtype, device=values.device)
+    return per_position.masked_scatter(scored, values).sum(dim=-1)
 
 
 def completion_logps(model, input_ids, loss_mask, average_logps=False):
@@ -129,48 +133,6 @@ def completion_logps(model, input_ids, loss_mask, average_logps=False):
 # -----------------------------------------------------------------------------
 # Pairs to tensors
 
-ASSISTANT = "\n\nAssistant:"  # where HH-RLHF's last answer begins
-
-
-def check_different(chosen, rejected):
-    """Equal completions make every margin 0 and the gradient 0: a data error, not a pair."""
-    if chosen == rejected:
-        raise ValueError("chosen and rejected are the same text, so there is no preference to learn")
-
-
-def split_prompt(chosen, rejected):
-    """(prompt, chosen completion, rejected completion) from two whole dialogues that share
-    their beginning, as Anthropic's HH-RLHF gives them ({"chosen", "rejected"}, no prompt).
-
-    The prompt is the shared beginning up to and including the last "\n\nAssistant:" in it,
-    as the DPO authors split HH. Without one, it ends at the last whitespace the two share,
-    which then starts both completions (" mat" / " bed"): GPT-2's tokens carry the space
-    before a word, and a prompt cut inside a word would leave its second half to be
-    tokenised as a word of its own, which the model would never see in running text."""
-    check_different(chosen, rejected)
-    shared = os.path.commonprefix([chosen, rejected])  # character by character
-    end = shared.rfind(ASSISTANT)
-    if end >= 0:
-        end += len(ASSISTANT)
-    else:
-        last_whitespace = re.search(r"\s\S*\Z", shared)
-        end = last_whitespace.start() if last_whitespace else 0
-    if end == 0:
-        raise ValueError("chosen and rejected share no beginning to take as the prompt; give a \"prompt\" field")
-    for name, dialogue in (("chosen", chosen), ("rejected", rejected)):
-        if len(dialogue) == end:
-            raise ValueError(f"the {name} dialogue ends where the prompt does: it has no answer to score")
-    return shared[:end], chosen[end:], rejected[end:]
-
-
-def text_field(pair, field):
-    """pair[field], which must be a non-empty string."""
-    text = pair.get(field)
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"field {field!r} must be a non-empty string, got {text!r}")
-    return text
-
-
 def encode_pair(enc, pair):
     """{"prompt", "chosen", "rejected"} -> (prompt_ids, chosen_ids, rejected_ids), each text
     tokenised *separately*.
@@ -180,10 +142,10 @@ def encode_pair(enc, pair):
     no longer be exactly the tokens being scored. Tokenised apart, a completion's tokens are
     exactly enc.encode(completion) + <|endoftext|>, which marks where the completion ends
     (and is scored with it)."""
-    texts = [text_field(pair, field) for field in ("prompt", "chosen", "rejected")]
-    check_different(*texts[1:])
+    if pair["chosen"] == pair["rejected"]:  # every margin and every gradient would be 0
+        raise ValueError("chosen and rejected are the same text, so there is no preference to learn")
     try:
-        prompt_ids, chosen_ids, rejected_ids = (enc.encode(text) for text in texts)
+        prompt_ids, chosen_ids, rejected_ids = (enc.encode(pair[k]) for k in ("prompt", "chosen", "rejected"))
     except ValueError:  # tiktoken refuses special-token text such as "<|endoftext|>" inside the data
         raise ValueError("the text holds a special token such as '<|endoftext|>', which the tokenizer will not "
                          "encode as text; remove it") from None
@@ -230,51 +192,6 @@ def collate(pairs):
 def chosen_and_rejected(rows):
     """Split what collate's 2B rows gave, (2B, ...), into the chosen half and the rejected half."""
     return rows.chunk(2)
-
-
-# -----------------------------------------------------------------------------
-# Batches of similar length
-#
-# Each batch is padded to its own longest row, so a batch that mixes short and long pairs
-# is mostly padding. Pairs of similar length are put together instead.
-
-def batches_by_length(pairs, batch_size, indices=None):
-    """The indices of `pairs` (all of them, or those given) sorted by length and cut into
-    batches of batch_size. The passes without a gradient, where the order does not matter,
-    take all pairs this way; training sorts within shuffled chunks (epoch_batches)."""
-    indices = range(len(pairs)) if indices is None else indices
-    by_length = sorted(indices, key=lambda i: longest_row(pairs[i]))
-    return [by_length[start:start + batch_size] for start in range(0, len(by_length), batch_size)]
-
-
-def epoch_batches(pairs, batch_size, generator, chunk_batches=50):
-    """One epoch's batches of pair indices: shuffled, with pairs of similar length together.
-
-    The pairs are shuffled, cut into chunks of chunk_batches batches, sorted by length within
-    each chunk and cut into batches, and then the batches are shuffled: the grouping of
-    Hugging Face's LengthGroupedSampler. A new order every epoch, as the generator moves on.
-    With fewer than chunk_batches batches (every toy run) all pairs are one chunk, so the
-    batches are cut from the same sorted order every epoch and mostly only their order changes."""
-    order = torch.randperm(len(pairs), generator=generator).tolist()
-    chunk = batch_size * chunk_batches
-    batches = []
-    for start in range(0, len(order), chunk):
-        batches += batches_by_length(pairs, batch_size, order[start:start + chunk])
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def training_steps(pairs, batch_size, epochs, seed):
-    """Every step of a run as (epoch, pair indices), from the seed alone: a resumed run, and
-    every process under torchrun, takes exactly these steps."""
-    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
-    return [(epoch, indices) for epoch in range(1, epochs + 1)
-            for indices in epoch_batches(pairs, batch_size, generator)]
-
-
-def count_training_steps(n_pairs, batch_size, epochs):
-    """len(training_steps(...)), without building them: every chunk of epoch_batches holds a
-    whole number of batches, so an epoch is ceil(n_pairs / batch_size) batches."""
-    return epochs * math.ceil(n_pairs / batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -330,46 +247,60 @@ def reward_accuracy(chosen_rewards, rejected_rewards):
     return (margins > 0).to(margins.dtype) + 0.5 * (margins == 0).to(margins.dtype)
 
 
-NUMBERS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")
+def batch_metrics(losses, chosen_rewards, rejected_rewards):
+    """What a step reports: dpo_loss's per-pair outputs as named means over the batch's pairs,
+    0-d tensors (margin: chosen reward - rejected reward)."""
+    return {"loss": losses.detach().mean(), "reward_accuracy": reward_accuracy(chosen_rewards, rejected_rewards).mean(),
+            "margin": (chosen_rewards - rejected_rewards).mean(), "chosen_reward": chosen_rewards.mean(),
+            "rejected_reward": rejected_rewards.mean()}
 
 
-def summed_numbers(losses, chosen_rewards, rejected_rewards):
-    """dpo_loss's per-pair outputs summed into the NUMBERS a step reports, and the number of
-    pairs last, (6,): sums, so that micro-batches and processes can add theirs up first."""
-    margins = chosen_rewards - rejected_rewards
-    return torch.stack([losses.detach().sum(), reward_accuracy(chosen_rewards, rejected_rewards).sum(),
-                        margins.sum(), chosen_rewards.sum(), rejected_rewards.sum(), margins.new_tensor(len(margins))])
-
-
-def means(sums):
-    """summed_numbers, added up, -> {name: mean over the pairs}."""
-    return dict(zip(NUMBERS, (sums[:-1] / sums[-1]).tolist()))
+@dataclass(frozen=True)
+class LossConfig:
+    """Which loss, with which options: passed together wherever pairs are scored."""
+    loss_type: str = "dpo"  # "dpo" (DPO paper, Eq. 7) or "ipo" (IPO paper, Eq. 17)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO's eps
+    average_logps: bool = False  # log pi(y|x) as the mean over the completion's tokens, not the sum
 
 
 # -----------------------------------------------------------------------------
-# Sharing work between processes
+# Batches of similar length
 #
-# Under torchrun every process runs this same code on its own device. The passes without a
-# gradient give each process a share of the batches; every process then needs every
-# result, so each fills its share into a tensor of zeros and the tensors are added up
-# (all_reduce): adding zeros is exact, so the numbers are the ones one process would get.
+# Each batch is padded to its own longest row, so a batch that mixes short and long pairs
+# is mostly padding. Pairs of similar length are put together instead.
 
-def process_rank_and_count():
-    """(this process's rank, the number of processes): (0, 1) without torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def my_share(batches):
-    """This process's batches: every count-th, from its rank on."""
-    rank, count = process_rank_and_count()
-    return batches[rank::count]
+def batches_by_length(pairs, batch_size, indices=None):
+    """The indices of `pairs` (all of them, or those given) sorted by length and cut into
+    batches of batch_size. The passes without a gradient, where the order does not matter,
+    take all pairs this way; training sorts within shuffled chunks (epoch_batches)."""
+    indices = range(len(pairs)) if indices is None else indices
+    by_length = sorted(indices, key=lambda i: longest_row(pairs[i]))
+    return [by_length[start:start + batch_size] for start in range(0, len(by_length), batch_size)]
 
 
-def sum_over_processes(x):
-    """x added up over the processes, in place (x itself without torchrun)."""
-    if dist.is_initialized():
-        dist.all_reduce(x)
-    return x
+def epoch_batches(pairs, batch_size, generator, chunk_batches=50):
+    """One epoch's batches of pair indices: shuffled, with pairs of similar length together.
+
+    The pairs are shuffled, cut into chunks of chunk_batches batches, sorted by length within
+    each chunk and cut into batches, and then the batches are shuffled: the grouping of
+    Hugging Face's LengthGroupedSampler. A new order every epoch, as the generator moves on.
+    With fewer than chunk_batches batches (every toy run) all pairs are one chunk, so the
+    batches are cut from the same sorted order every epoch and mostly only their order changes."""
+    order = torch.randperm(len(pairs), generator=generator).tolist()
+    chunk = batch_size * chunk_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        batches += batches_by_length(pairs, batch_size, order[start:start + chunk])
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def training_steps(pairs, batch_size, epochs, seed):
+    """Every step of a run as (epoch, pair indices), from the seed alone: a run that is
+    stopped and resumed takes exactly these steps again."""
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same order on every device
+    return [(epoch, indices) for epoch in range(1, epochs + 1)
+            for indices in epoch_batches(pairs, batch_size, generator)]
 
 
 # -----------------------------------------------------------------------------
@@ -388,31 +319,44 @@ def make_reference(policy):
 
 
 @torch.no_grad()
-def pair_logps(model, pairs, batch_size=8, average_logps=False, autocast=contextlib.nullcontext(), progress=None):
-    """log pi(y_chosen|x) and log pi(y_rejected|x) of every encoded pair, (len(pairs),) each on the
-    CPU, batch_size pairs at a time (batches_by_length), under `autocast` (the training
-    step's). No graph is kept, whatever the model's requires_grad. progress(pairs done,
-    pairs to do), if given, is called after each batch.
+def over_batches(pairs, batches, compute, columns, progress=None):
+    """The skeleton of every pass without a gradient: for each batch of pair indices in
+    `batches`, compute(collated batch) gives (K, B) numbers, written into those pairs' columns
+    of `columns`, (K, len(pairs)); returns it. progress(pairs done, pairs to do), if given, is
+    called after each batch."""
+    done, total = 0, sum(map(len, batches))
+    for indices in batches:
+        columns[:, indices] = compute(collate([pairs[i] for i in indices]))
+        done += len(indices)
+        if progress is not None:
+            progress(done, total)
+    return columns
+
+
+def pair_logps(model, pairs, batch_size=8, average_logps=False, autocast=contextlib.nullcontext(), batches=None,
+               combine=None, progress=None):
+    """log pi(y_chosen|x) and log pi(y_rejected|x) of every encoded pair, (len(pairs),) each, on
+    the CPU, batch_size pairs at a time (batches_by_length, or the batches given), under
+    `autocast` (the training step's). No graph is kept, whatever the model's requires_grad.
+    combine, if given, is applied to the (2, len(pairs)) log-probs first (train.py adds up
+    what several processes computed, each on its own batches, zeros elsewhere).
 
     Run on the reference before training, this is everything DPO needs from it: the
     reference is frozen and the data do not change, so log pi_ref(y|x) is the same number
     at every step. Computed once, it takes the reference's forward pass out of every step,
     which is then one forward and one backward of the policy."""
     device = next(model.parameters()).device
-    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
-    logps = torch.zeros(2, len(pairs), dtype=dtype, device=device)  # chosen, rejected
-    batches, done = my_share(batches_by_length(pairs, batch_size)), 0
-    total = sum(map(len, batches))
-    for indices in batches:
-        batch = collate([pairs[i] for i in indices])
+
+    def compute(batch):
         with autocast:
-            rows = completion_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device),
-                                    average_logps)
-        logps[:, indices] = rows.view(2, -1)  # collate's chosen rows, then its rejected rows
-        done += len(indices)
-        if progress is not None:
-            progress(done, total)
-    chosen, rejected = sum_over_processes(logps).cpu()
+            logps = completion_logps(model, batch["input_ids"].to(device), batch["loss_mask"].to(device),
+                                     average_logps)
+        return logps.view(2, -1)  # collate's chosen rows, then its rejected rows
+
+    batches = batches_by_length(pairs, batch_size) if batches is None else batches
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    logps = over_batches(pairs, batches, compute, torch.zeros(2, len(pairs), dtype=dtype, device=device), progress)
+    chosen, rejected = (logps if combine is None else combine(logps)).cpu()
     return chosen, rejected
 
 
@@ -430,129 +374,75 @@ def make_optimizer(policy, lr, weight_decay=0.01):
         return torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def learning_rate(step, lr, warmup_steps=0, decay="none", total_steps=None):
-    """The learning rate of step 1, 2, ...: a linear warmup, lr * step / warmup_steps, up to lr
-    at step warmup_steps; then lr ("none"; the DPO authors warm up for 150 steps and stay
-    there), or a linear decay that would reach 0 one step after total_steps ("linear", as TRL)."""
-    if step <= warmup_steps:
-        return lr * step / warmup_steps
-    if decay == "linear":
-        return lr * (total_steps - step + 1) / (total_steps - warmup_steps)
-    return lr
-
-
-def make_batch(pairs, reference_logps, device, weight=1.0):
-    """What dpo_step needs for some encoded pairs: collate's rows on `device`, the reference's
-    log-probs of the same pairs, reference_logps = (chosen (B,), rejected (B,)), and the
-    weight of the pairs' losses in the step (0: computed, but not counted)."""
+def make_batch(pairs, reference_logps, device):
+    """What dpo_step needs for some encoded pairs: collate's rows on `device`, and the
+    reference's log-probs of the same pairs, reference_logps = (chosen (B,), rejected (B,))."""
     batch = {key: value.to(device) for key, value in collate(pairs).items()}
     batch["reference_chosen_logps"], batch["reference_rejected_logps"] = (x.to(device) for x in reference_logps)
-    batch["weight"] = weight
     return batch
 
 
-def split_step(indices, n_parts):
-    """One step's pair indices (sorted by length, so that neighbours pad alike) cut into n_parts
-    contiguous parts of nearly equal size, some empty when the step holds fewer pairs."""
-    return [indices[k * len(indices) // n_parts:(k + 1) * len(indices) // n_parts] for k in range(n_parts)]
+def batch_losses(policy, batch, loss=LossConfig(), autocast=contextlib.nullcontext()):
+    """One forward pass of the policy over the batch's 2B rows, chosen and rejected together,
+    and dpo_loss against the cached reference log-probs: (losses, chosen_rewards,
+    rejected_rewards), (B,) each."""
+    with autocast:
+        logps = completion_logps(policy, batch["input_ids"], batch["loss_mask"], loss.average_logps)  # (2B,)
+    policy_chosen_logps, policy_rejected_logps = chosen_and_rejected(logps)
+    return dpo_loss(policy_chosen_logps, policy_rejected_logps, batch["reference_chosen_logps"],
+                    batch["reference_rejected_logps"], beta=loss.beta, loss_type=loss.loss_type,
+                    label_smoothing=loss.label_smoothing)
 
 
-def my_micro_batches(indices, grad_accum):
-    """This process's share of one step's pairs, as (pair indices, weight) micro-batches: of
-    split_step's processes x grad_accum parts, process r takes parts r * grad_accum, ..., and
-    drops the empty ones. A process left with none (a step of fewer pairs than processes)
-    gets the step's first pair with weight 0: it must still take part in the gradient sync,
-    or the other processes would wait for it for ever."""
-    rank, count = process_rank_and_count()
-    parts = split_step(indices, count * grad_accum)[rank * grad_accum:(rank + 1) * grad_accum]
-    return [(part, 1.0) for part in parts if part] or [(indices[:1], 0.0)]
-
-
-def dpo_step(policy, optimizer, micro_batches, n_pairs, beta=0.1, loss_type="dpo", label_smoothing=0.0,
-             max_grad_norm=1.0, average_logps=False, autocast=contextlib.nullcontext(), scaler=None):
-    """One optimizer step on a batch of n_pairs pairs, of which this process holds
-    micro_batches (make_batch's); returns the step's numbers (NUMBERS, grad_norm) as floats.
-
-    Each micro-batch adds the gradient of sum(its per-pair losses) / n_pairs, so that in the
-    end the gradient is that of the mean loss over all n_pairs pairs, however they were split.
-    (Dividing each micro-batch's mean by the number of micro-batches instead would weigh the
-    pairs of a short micro-batch more.) Under torchrun the policy is wrapped in
-    DistributedDataParallel, which averages the processes' gradients: each process's loss is
-    multiplied by their number to turn that average into the sum, and the gradients are
-    synced once, at the last micro-batch (no_sync before it).
-
-    The policy runs once per micro-batch, on chosen and rejected together, its forward pass
-    under `autocast`. With float16, `scaler` (torch.amp.GradScaler) scales the loss up so that
-    small gradients do not round to 0, and back down before clipping. The gradient is clipped
-    to max_grad_norm before the update; grad_norm is its norm before clipping."""
+def dpo_step(policy, optimizer, batch, loss=LossConfig(), max_grad_norm=1.0, autocast=contextlib.nullcontext()):
+    """One optimizer step on one batch (make_batch's): the gradient of the mean loss over its
+    pairs, clipped to max_grad_norm, then the update. Returns batch_metrics as floats, and
+    grad_norm, the gradient's norm before clipping."""
     # last step's gradients go before the forward pass, not after it: they are
     # a model's worth of memory that would otherwise sit beside the activations
     optimizer.zero_grad(set_to_none=True)
-    _, processes = process_rank_and_count()
-    sums = 0
-    for i, batch in enumerate(micro_batches):
-        syncs = i == len(micro_batches) - 1 or not isinstance(policy, DistributedDataParallel)
-        with contextlib.nullcontext() if syncs else policy.no_sync():
-            with autocast:
-                logps = completion_logps(policy, batch["input_ids"], batch["loss_mask"], average_logps)  # (2B,)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                *chosen_and_rejected(logps), batch["reference_chosen_logps"], batch["reference_rejected_logps"],
-                beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-            loss = batch["weight"] * losses.sum() * processes / n_pairs
-            (loss if scaler is None else scaler.scale(loss)).backward()
-        sums = sums + batch["weight"] * summed_numbers(losses, chosen_rewards, rejected_rewards)
-    if scaler is not None:
-        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+    losses, chosen_rewards, rejected_rewards = batch_losses(policy, batch, loss, autocast)
+    losses.mean().backward()
     # clipping: Pascanu et al. 2013, "On the difficulty of training recurrent neural networks"
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)  # skipped where the scaled gradient overflowed
-        scaler.update()
-    return {**means(sum_over_processes(sums)), "grad_norm": grad_norm.item()}
+    optimizer.step()
+    metrics = batch_metrics(losses, chosen_rewards, rejected_rewards)
+    return {**{name: value.item() for name, value in metrics.items()}, "grad_norm": grad_norm.item()}
+
+
+def check_finite(metrics, names=("loss", "grad_norm")):
+    """A loss or gradient norm that is not finite stops training: every later step would be too."""
+    if not all(math.isfinite(metrics[name]) for name in names):
+        raise FloatingPointError(f"training diverged at step {metrics['step']}: loss {metrics['loss']}, gradient "
+                                 f"norm {metrics['grad_norm']}; stopped there. Try a smaller learning rate")
 
 
 # -----------------------------------------------------------------------------
 # The training loop
 
-def train_dpo(policy, reference, pairs, optimizer, epochs=3, batch_size=2, seed=0, beta=0.1, loss_type="dpo",
-              label_smoothing=0.0, max_grad_norm=1.0, average_logps=False, reference_logps=None, grad_accum=1,
-              lr_at=None, start_step=0, autocast=contextlib.nullcontext(), scaler=None, on_step=None):
-    """DPO over encoded `pairs` (from encode_pairs): the steps of training_steps, each a batch
-    of batch_size pairs in grad_accum micro-batches (per process).
+def train_dpo(policy, reference, pairs, optimizer, loss=LossConfig(), epochs=3, batch_size=2, seed=0,
+              max_grad_norm=1.0, autocast=contextlib.nullcontext(), reference_logps=None, on_step=None):
+    """DPO over encoded `pairs` (from encode_pairs), in the steps of training_steps.
 
-    reference_logps: pair_logps(reference, pairs, average_logps=average_logps, autocast=autocast),
-    if the caller has it already (then reference may be None). lr_at(step), if given, sets
-    the learning rate of each step (learning_rate). start_step: the steps taken before, by a
-    run that is being resumed. Returns the per-step numbers; on_step(numbers, pair indices)
-    is called after each step. A loss that is not finite (or, without a scaler, a gradient
-    norm) stops training with FloatingPointError; the policy then holds that step's weights."""
+    reference_logps: pair_logps(reference, pairs, ...) if the caller has it already (then
+    reference may be None). Returns each step's metrics (dpo_step's, with "step" and
+    "epoch"); on_step(metrics) is called after each step. A loss or gradient norm that is
+    not finite stops training with FloatingPointError; the policy then holds that step's weights."""
     # Dropout off in both models: with it, log pi would be noisy, the policy and the
     # reference would disagree at step 0 although they are the same network, and the
     # first loss would not be log 2. Eval mode turns dropout off without touching gradients.
     policy.eval()
     device = next(policy.parameters()).device
     if reference_logps is None:
-        reference_logps = pair_logps(reference.eval(), pairs, average_logps=average_logps, autocast=autocast)
+        reference_logps = pair_logps(reference.eval(), pairs, batch_size, loss.average_logps, autocast)
     history = []
-    for step, (epoch, indices) in enumerate(training_steps(pairs, batch_size, epochs, seed)[start_step:],
-                                            start=start_step + 1):
-        if lr_at is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-        micro_batches = [make_batch([pairs[i] for i in part], [x[part] for x in reference_logps], device, weight)
-                         for part, weight in my_micro_batches(indices, grad_accum)]
-        numbers = dpo_step(policy, optimizer, micro_batches, len(indices), beta=beta, loss_type=loss_type,
-                           label_smoothing=label_smoothing, max_grad_norm=max_grad_norm,
-                           average_logps=average_logps, autocast=autocast, scaler=scaler)
-        numbers.update(step=step, epoch=epoch)
-        if not (math.isfinite(numbers["loss"]) and (scaler is not None or math.isfinite(numbers["grad_norm"]))):
-            raise FloatingPointError(f"training diverged at step {step}: loss {numbers['loss']}, gradient norm "
-                                     f"{numbers['grad_norm']}; stopped there. Try a smaller learning rate")
-        history.append(numbers)
+    for step, (epoch, indices) in enumerate(training_steps(pairs, batch_size, epochs, seed), start=1):
+        batch = make_batch([pairs[i] for i in indices], [x[indices] for x in reference_logps], device)
+        metrics = {"step": step, "epoch": epoch, **dpo_step(policy, optimizer, batch, loss, max_grad_norm, autocast)}
+        check_finite(metrics)
+        history.append(metrics)
         if on_step is not None:
-            on_step(numbers, indices)
+            on_step(metrics)
     return history
 
 
@@ -560,55 +450,49 @@ def train_dpo(policy, reference, pairs, optimizer, epochs=3, batch_size=2, seed=
 # Evaluation on pairs that are not trained on
 
 def logps_and_kl(policy, reference, batch, average_logps=False):
-    """One collated batch through both models: (policy chosen, policy rejected, reference
-    chosen, reference rejected) log-probs, (4, B), the sum of KL(pi || pi_ref) over its N
-    completion positions, and N. A function of its own so that its two (N, V) tensors are
-    freed when it returns, before the next batch's forward pass: a loop would hold on to
-    them until it rebinds the names."""
+    """One collated batch through both models, (6, B): the policy's chosen and rejected
+    log-probs, the reference's, and per pair the sum of KL(pi || pi_ref) over the completion
+    positions of both its rows, and their number. A function of its own so that its two
+    (N, V) tensors are freed when it returns, before the next batch's forward pass: a loop
+    would hold on to them until it rebinds the names."""
     device = next(policy.parameters()).device
     ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
     policy_logprobs = vocab_logprobs(policy, ids, mask)  # (N, V): log pi(. | x, y_<t)
     reference_logprobs = vocab_logprobs(reference, ids, mask)  # (N, V): log pi_ref(. | x, y_<t)
-    kl_sum = 0.0  # a few hundred positions at a time: the temporaries stay small beside the two (N, V)
-    for p, q in zip(policy_logprobs.split(256), reference_logprobs.split(256)):
-        kl_sum = kl_sum + (p.exp() * (p - q)).sum()
-    logps = [logps_from_vocab_logprobs(x, ids, mask, average_logps).view(2, -1)
-             for x in (policy_logprobs, reference_logprobs)]
-    return torch.cat(logps), kl_sum, policy_logprobs.size(0)
+    # a few hundred positions at a time: the temporaries stay small beside the two (N, V)
+    kl = torch.cat([(p.exp() * (p - q)).sum(dim=-1) for p, q in zip(policy_logprobs.split(256),
+                                                                     reference_logprobs.split(256))])  # (N,)
+    scored = mask[:, 1:].bool()
+    policy_logps, reference_logps = (logps_from_vocab_logprobs(x, ids, mask, average_logps)
+                                     for x in (policy_logprobs, reference_logprobs))  # (2B,) each
+    kl_per_row, positions_per_row = sum_per_row(kl, scored), scored.sum(dim=-1).to(kl.dtype)
+    return torch.stack([*chosen_and_rejected(policy_logps), *chosen_and_rejected(reference_logps),
+                        sum(chosen_and_rejected(kl_per_row)), sum(chosen_and_rejected(positions_per_row))])
 
 
-@torch.no_grad()
-def evaluate(policy, reference, pairs, batch_size=8, beta=0.1, loss_type="dpo", label_smoothing=0.0,
-             average_logps=False, autocast=contextlib.nullcontext(), progress=None):
+def evaluate(policy, reference, pairs, loss=LossConfig(), batch_size=8, autocast=contextlib.nullcontext(),
+             batches=None, combine=None, progress=None):
     """The training step's numbers on encoded `pairs`, without a gradient, and the exact KL.
 
-    Returns a dict: NUMBERS, means over the pairs, and kl, the mean over the completion
-    positions of both rows of every pair of KL(pi || pi_ref) = sum over the vocabulary v of
-    pi(v) log(pi(v) / pi_ref(v)), the exact divergence at that position (not a one-sample
-    estimate). Both models run on the same batches (batches_by_length), so where they are
-    equal every margin is exactly 0. Under torchrun the processes share the batches as in
-    pair_logps. progress as there."""
+    Returns batch_metrics over all the pairs, as floats, and kl, the mean over the
+    completion positions of both rows of every pair of KL(pi || pi_ref) = sum over the
+    vocabulary v of pi(v) log(pi(v) / pi_ref(v)), the exact divergence at that position
+    (not a one-sample estimate). Both models run on the same batches (batches_by_length, or
+    those given), so where they are equal every margin is exactly 0. combine as in pair_logps."""
+    def compute(batch):
+        with autocast:
+            return logps_and_kl(policy, reference, batch, loss.average_logps)
+
     device = next(policy.parameters()).device
     dtype = torch.promote_types(next(policy.parameters()).dtype, torch.float32)
-    logps = torch.zeros(4, len(pairs), dtype=dtype, device=device)  # policy c, r; reference c, r
-    kl = torch.zeros(2, dtype=torch.float64, device=device)  # [KL summed over positions, number of positions]
-    batches, done = my_share(batches_by_length(pairs, batch_size)), 0
-    total = sum(map(len, batches))
-    for indices in batches:
-        batch = collate([pairs[i] for i in indices])
-        with autocast:
-            logps[:, indices], kl_sum, n_positions = logps_and_kl(policy, reference, batch, average_logps)
-        kl += torch.stack([kl_sum.double(), torch.tensor(n_positions, dtype=torch.float64, device=device)])
-        done += len(indices)
-        if progress is not None:
-            progress(done, total)
-    sum_over_processes(logps)
-    sum_over_processes(kl)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(*logps, beta=beta, loss_type=loss_type,
-                                                        label_smoothing=label_smoothing)
-    numbers = means(summed_numbers(losses, chosen_rewards, rejected_rewards))
-    numbers["kl"] = (kl[0] / kl[1]).item()
-    return numbers
+    batches = batches_by_length(pairs, batch_size) if batches is None else batches
+    numbers = over_batches(pairs, batches, compute, torch.zeros(6, len(pairs), dtype=dtype, device=device), progress)
+    numbers = numbers if combine is None else combine(numbers)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(*numbers[:4], beta=loss.beta, loss_type=loss.loss_type,
+                                                        label_smoothing=loss.label_smoothing)
+    metrics = batch_metrics(losses, chosen_rewards, rejected_rewards)
+    kl_sum, positions = numbers[4:].sum(dim=1)
+    return {**{name: value.item() for name, value in metrics.items()}, "kl": (kl_sum / positions).item()}
 
 
 # -----------------------------------------------------------------------------

@@ -190,11 +190,14 @@ class GPT(nn.Module):
         return model.to(device=device or "cpu", dtype=dtype).eval()
 
     def save_pretrained(self, directory):
-        """config.json and model.safetensors in the hub's layout, each written atomically."""
+        """config.json and model.safetensors in the hub's layout, each written atomically, and,
+        with GPT-2's vocabulary, its tokenizer's files: transformers' Auto classes open the folder."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         checkpoint.save_safetensors(hf_state_dict(self), directory / "model.safetensors", metadata={"format": "pt"})
         checkpoint.save_json(hf_config(self.config, next(self.parameters()).dtype), directory / "config.json")
+        if self.config.vocab_size == 50257:
+            checkpoint.save_gpt2_tokenizer(directory)
 
 
 # -----------------------------------------------------------------------------
