@@ -1,5 +1,5 @@
 """
-Tests of GPT.generate's key/value cache (model.py).
+Tests of GPT.generate's key/value cache (model.py) and of bench.py's generation rows.
 
     python -m pytest test_generate.py          (a few seconds; no network)
 
@@ -16,6 +16,8 @@ Index: claim -> the test that proves it.
     -> test_stop_sees_the_new_tokens_after_each_step_and_ends_at_the_first_true
 - The same greedy tokens as transformers' generate on the same weights (when installed)
     -> test_greedy_tokens_equal_transformers_generate_on_the_same_weights
+- bench.py's recomputing loop and its three-way row agree with GPT.generate
+    -> test_bench_recompute_loop_gives_the_tokens_of_cached_generate, test_bench_generation_rows_...
 
 The tiny GPT-2 and the numpy GPT-2 are test_dpo.py's (section 3): random weights in the
 hub's layout, put into GPT by the test's own reading of the layout. Tests of greedy tokens use
@@ -26,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 from model import GPT, GPTConfig
 from test_dpo import gpt_holding, numpy_logits, random_tokens, tiny  # noqa: F401 (tiny is a fixture)
 
@@ -172,3 +175,27 @@ def test_greedy_tokens_equal_transformers_generate_on_the_same_weights(tmp_path)
     assert ours.tolist() == theirs.tolist()
     assert n_distinct(ours[:, 16:]) >= 2
 
+
+# ---------------------------------------------------------------------------
+# bench.py's generation rows.
+
+def test_bench_recompute_loop_gives_the_tokens_of_cached_generate():
+    """The loop bench.py times against the cache computes the same greedy tokens, also past
+    block_size (12 + 30 tokens > 32), so that it times the same work."""
+    model = lively_gpt()
+    prompt = torch.as_tensor(random_tokens(B=1, T=12, seed=5))
+    with torch.no_grad():
+        recomputed = bench.recompute_generate(model, prompt, 30)
+    assert recomputed.tolist() == model.generate(prompt, 30, temperature=0).tolist()
+    assert n_distinct(recomputed[:, 12:]) >= 5
+
+
+def test_bench_generation_rows_time_every_way_and_check_their_ids(monkeypatch, capsys):
+    """bench.py --generation on a tiny GPT (its sizes swapped in): one time per way (transformers'
+    only where installed), each way's ids the same, and a printed row for each."""
+    monkeypatch.setattr(bench, "GPTConfig", lambda: GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=16))
+    seconds, ids = bench.main(["--generation", "--prompt-len", "8", "--new-tokens", "6", "--rounds", "1",
+                               "--device", "cpu"])
+    assert set(seconds) == set(ids) and {"cache", "recompute"} <= set(ids)
+    assert all(t.shape == (1, 14) and torch.equal(t, ids["cache"]) for t in ids.values())
+    assert "tokens/s cache / recompute" in capsys.readouterr().out
