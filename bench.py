@@ -21,6 +21,15 @@ phase inherits another's heap.
     python bench.py                            # on cuda, else mps, else cpu
     python bench.py --pairs 8 --completion-len 128
 
+It also times greedy generation (GPT-2 124M shapes, random weights, float32, a 32-token prompt
+and 128 new tokens): GPT.generate with its key/value cache, against recomputing the whole
+sequence for every new token, and against Hugging Face transformers' generate on the same
+weights when transformers is installed; taking turns, medians; and it checks that all three
+produce the same token ids. That takes minutes on a CPU, most of them in the recomputing loop,
+so it is not part of the default run:
+
+    OMP_NUM_THREADS=1 python bench.py --generation
+
 It also writes preference pairs of made-up text with ordinary lengths, to time
 `train.py` at real sizes:
 
@@ -37,6 +46,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -147,6 +157,80 @@ def time_in_turns(steps, n_rounds, device):
 
 
 # -----------------------------------------------------------------------------
+# Greedy generation: the key/value cache, recomputing, and transformers
+
+def recompute_generate(model, idx, max_new_tokens):
+    """Greedy decoding without the cache, as GPT.generate did before it had one: every new token
+    runs the whole sequence (the last block_size tokens) again, the head at the last position only."""
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -model.config.block_size:]
+        last = torch.zeros(idx_cond.shape, dtype=torch.bool, device=idx.device)
+        last[:, -1] = True
+        idx_next = model(idx_cond, logits_at=last).argmax(dim=-1, keepdim=True)  # (B, 1)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+def transformers_greedy(model, folder):
+    """transformers' greedy generate(idx, max_new_tokens) on model's weights, saved to folder and
+    loaded from there; None when transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar between our rows
+    model.save_pretrained(folder)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).to(next(model.parameters()).device).eval()
+    hf.generation_config.eos_token_id = None  # random weights may pick <|endoftext|>: go on, as GPT.generate does
+
+    def generate(idx, max_new_tokens):
+        return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens,
+                           do_sample=False, pad_token_id=model.config.vocab_size - 1)  # no padding; it asks
+    return generate
+
+
+def time_generation(prompt_len, new_tokens, n_rounds, device, seed=0):
+    """Median seconds of greedy decoding new_tokens tokens after one random prompt, each way, in
+    turns; and the ids each way produced."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig()).to(device).eval()
+    prompt = torch.randint(model.config.vocab_size, (1, prompt_len), device=device)
+    with torch.no_grad(), tempfile.TemporaryDirectory() as folder:
+        ways = {"cache": lambda idx, n: model.generate(idx, n, temperature=0),
+                "recompute": lambda idx, n: recompute_generate(model, idx, n)}
+        if (hf_generate := transformers_greedy(model, folder)) is not None:
+            ways["transformers"] = hf_generate
+        for generate in ways.values():  # untimed, a few tokens: one-time costs (allocation, kernel choice)
+            generate(prompt, 4)
+        ids = {}  # the last timed call's output of each way
+
+        def timed(name):
+            def call():
+                ids[name] = ways[name](prompt, new_tokens)
+            return call
+        seconds = time_in_turns({name: timed(name) for name in ways}, n_rounds, device)
+    return seconds, ids
+
+
+def print_generation(seconds, ids, prompt_len, new_tokens, n_rounds, device):
+    print(f"greedy generation, GPT-2 124M shapes (random weights, float32) on {device}, {torch.get_num_threads()} "
+          f"threads: {prompt_len} prompt tokens + {new_tokens} new; median of {n_rounds} calls each\n")
+    labels = {"cache": "GPT.generate, key/value cache", "recompute": "recompute the sequence for every token",
+              "transformers": "transformers GPT2LMHeadModel.generate"}
+    print(f"{'generation':<48} {'s/call':>7} {'tokens/s':>9}")
+    for name, s in seconds.items():
+        print(f"{labels[name]:<48} {s:>7.3f} {new_tokens / s:>9.1f}")
+    ratios = [f"cache / {name} = {seconds[name] / seconds['cache']:.2f}x" for name in seconds if name != "cache"]
+    print(f"\ntokens/s {', '.join(ratios)}")
+    names = list(ids)
+    differ = [name for name in names[1:] if not torch.equal(ids[name].cpu(), ids["cache"].cpu())]
+    if differ:
+        raise RuntimeError(f"greedy token ids of {', '.join(differ)} differ from GPT.generate's: a bug in the cache, "
+                           "or two logits so close that float rounding picks either (test_generate.py tells which)")
+    print(f"token ids: the same {new_tokens} new tokens from all {len(names)} ({', '.join(names)})")
+
+
+# -----------------------------------------------------------------------------
 # Preference pairs of ordinary lengths, for `train.py --data`
 
 # Common English words that are each one GPT-2 token with the space before them, so that a
@@ -179,13 +263,18 @@ def write_pairs(path, n_pairs, same_length=False, seed=0):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description="Time the DPO step against the straightforward loop and the floor.")
+    parser = argparse.ArgumentParser(description="Time the DPO step against the straightforward loop and the floor; "
+                                                 "or, with --generation, greedy generation with and without a cache.")
     parser.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each phase, after two untimed ones (6)")
     parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step (2)")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (32)")
     parser.add_argument("--completion-len", type=int, default=32, help="tokens of each completion (32)")
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--generation", action="store_true",
+                        help="time greedy generation instead: the key/value cache, recomputing, transformers")
+    parser.add_argument("--new-tokens", type=int, default=128, help="with --generation: tokens generated (128)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --generation: timed calls of each way (3)")
     parser.add_argument("--write-pairs", nargs=2, metavar=("N", "PATH"),
                         help="write N preference pairs of ordinary lengths to PATH (.jsonl) and stop")
     parser.add_argument("--same-length", action="store_true", help="with --write-pairs: all pairs one length")
@@ -200,6 +289,10 @@ def main(argv=None):
         return None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
                                           "mps" if torch.backends.mps.is_available() else "cpu"))
+    if args.generation:
+        seconds, ids = time_generation(args.prompt_len, args.new_tokens, args.rounds, device)
+        print_generation(seconds, ids, args.prompt_len, args.new_tokens, args.rounds, device)
+        return seconds, ids
 
     peaks = dict.fromkeys(PHASES)  # none measured on MPS
     if device.type == "cpu" and args.peak_of is None:  # first, while this process holds no model

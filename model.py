@@ -5,7 +5,8 @@ The network is GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Mul
 Learners", Section 2.3): pre-LayerNorm transformer blocks (the block itself is Vaswani et
 al. 2017; Eq. 1 for attention), learned position embeddings, the tanh approximation of
 GELU, and an output head tied to the token embedding (Press & Wolf 2017). It is written in
-the order data meets it: attention, MLP, block, config, GPT.
+the order data meets it: attention, MLP, block, config, GPT. GPT.generate keeps a key/value cache
+(every layer's keys and values of the positions so far), so that a new token costs one position's work.
 
 After the network: the explicit mapping to and from GPT-2's checkpoints in the Hugging Face layout.
 The bytes themselves (.safetensors, config.json, the hub and its cache) are checkpoint.py's business.
@@ -39,13 +40,21 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        # softmax(q k^T / sqrt(hs)) v with a causal mask (Vaswani et al. 2017, Eq. 1);
-        # the fused kernel never materialises the (T, T) mask that GPT-2 checkpoints carry
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        if cache is not None:
+            # generation's key/value cache (see GPT.forward): a position's key and value depend only on the
+            # tokens up to it, so they never change once computed; keep them, compute only the new positions'
+            if cache:
+                k, v = torch.cat((cache["k"], k), dim=2), torch.cat((cache["v"], v), dim=2)  # (B, nh, T_seen, hs)
+            cache["k"], cache["v"] = k, v
+        # softmax(q k^T / sqrt(hs)) v (Vaswani et al. 2017, Eq. 1), with a causal mask when the queries are all
+        # the positions there are; one new token after the cached ones is the last position, and sees them all.
+        # The fused kernel never materialises the (T, T) mask that GPT-2 checkpoints carry.
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=k.size(2) == T)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -72,9 +81,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         # pre-LayerNorm residual blocks (GPT-2 paper, Section 2.3)
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -127,33 +136,53 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def forward(self, idx, logits_at=None):
+    def forward(self, idx, logits_at=None, cache=None):
         """Logits (B, T, vocab_size) for token ids idx (B, T); with logits_at, a (B, T) bool mask, only at
         those positions: (N, vocab_size), N = logits_at.sum(), in row-major order. DPO needs logits only for
-        a completion's tokens, and the output head is about a third of GPT-2 small's compute."""
+        a completion's tokens, and the output head is about a third of GPT-2 small's compute.
+
+        cache, for generation: one dict per layer, empty at first (new_cache()), in which each layer's
+        attention keeps the keys and values, "k" and "v" (B, nh, T_seen, hs), of every position it has seen.
+        idx then continues those positions: a prompt into an empty cache, then one token at a time."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than the model's context "
+        past = cache[0]["k"].size(2) if cache and cache[0] else 0  # positions already in the cache
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of length {past + T} is longer than the model's context "
                              f"(block_size {self.config.block_size}); shorten the prompt or completion")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        if past and T > 1:
+            raise ValueError(f"{T} tokens after {past} cached positions: after the prompt, a cache takes one token "
+                             "at a time (only the last position may see every cached one without a mask)")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,): after the cached ones
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache[i])
         x = self.transformer.ln_f(x)  # (B, T, C)
         if logits_at is not None:
             x = x[logits_at]  # (N, C)
         return self.lm_head(x)  # (B, T, vocab_size), or (N, vocab_size)
 
+    def new_cache(self):
+        """An empty key/value cache for forward: one dict per layer."""
+        return [{} for _ in self.transformer.h]
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Continue idx (B, T) by max_new_tokens tokens; temperature 0 is greedy."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop=None, generator=None):
+        """Continue idx (B, T) by max_new_tokens tokens; temperature 0 is greedy. stop, if given, is called
+        with the (B, n) tokens generated so far after each new one, and returning True ends generation there
+        (at <|endoftext|>, say); generator, a torch.Generator, makes sampling repeatable."""
+        n_prompt, cache = idx.size(1), None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]  # the context window slides
+            if cache is None or idx.size(1) > self.config.block_size:
+                # the prompt, or a window that slides: positions are absolute, so once the first token drops out
+                # every key and value changes and the last block_size tokens are computed afresh, a step each
+                cache, idx_cond = self.new_cache(), idx[:, -self.config.block_size:]
+            else:
+                idx_cond = idx[:, -1:]  # the tokens before it are in the cache
             last = torch.zeros(idx_cond.shape, dtype=torch.bool, device=idx.device)
             last[:, -1] = True  # only the last position predicts the next token: the head runs there alone
-            logits = self(idx_cond, logits_at=last)  # (B, vocab_size)
+            logits = self(idx_cond, logits_at=last, cache=cache)  # (B, vocab_size)
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
@@ -161,8 +190,10 @@ class GPT(nn.Module):
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
+            if stop is not None and stop(idx[:, n_prompt:]):
+                break
         return idx
 
     @classmethod
