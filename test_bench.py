@@ -18,7 +18,8 @@ import bench
 import dpo
 import train
 from model import GPTConfig
-from test_dpo import gpt2_tokenizer
+from test_dpo import gpt2_tokenizer, random_tokens
+from test_sample import lively_gpt, n_distinct
 
 BENCH_CONFIG = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
 
@@ -149,3 +150,28 @@ def test_written_pairs_load_as_data_with_the_token_counts_the_docstring_gives(tm
     assert {(len(p), len(c), len(r)) for p, c, r in same} == {(80, 78, 78)}
     assert len({tuple(c) for _, c, _ in same}) == 20  # one length, not one text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.jsonl", "other.jsonl", "pairs.jsonl", "same.jsonl"]
+
+
+# ---------------------------------------------------------------------------
+# bench.py --generation: greedy tokens with the cache, recomputing, and transformers.
+
+def test_bench_recompute_loop_gives_the_tokens_of_cached_generate():
+    """The loop bench.py times against the cache computes the same greedy tokens, also past
+    block_size (12 + 30 tokens > 32), so that it times the same work."""
+    model = lively_gpt()
+    prompt = torch.as_tensor(random_tokens(B=1, T=12, seed=5))
+    with torch.no_grad():
+        recomputed = bench.recompute_generate(model, prompt, 30)
+    assert recomputed.tolist() == model.generate(prompt, 30, temperature=0).tolist()
+    assert n_distinct(recomputed[:, 12:]) >= 5
+
+
+def test_bench_generation_rows_time_every_way_and_check_their_ids(monkeypatch, capsys):
+    """bench.py --generation on a tiny GPT (its sizes swapped in): one time per way (transformers'
+    only where installed), each way's ids the same, and a printed row for each."""
+    monkeypatch.setattr(bench, "GPTConfig", lambda: GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=16))
+    seconds, ids = bench.main(["--generation", "--prompt-len", "8", "--new-tokens", "6", "--rounds", "1",
+                               "--device", "cpu"])
+    assert set(seconds) == set(ids) and {"cache", "recompute"} <= set(ids)
+    assert all(t.shape == (1, 14) and torch.equal(t, ids["cache"]) for t in ids.values())
+    assert "tokens/s cache / recompute" in capsys.readouterr().out

@@ -520,10 +520,12 @@ def assert_left_as_it_was(earlier_out):
 
 def test_a_run_folder_holds_the_policy_its_tokenizer_the_reference_and_what_the_run_was(a_run):
     """--model tiny: run.json (the program, every option, the loss, where the reference is),
-    the policy in Hugging Face's layout with GPT-2's tokenizer files, metrics.jsonl, and the
-    reference's weights, which no GPT-2 name would load: they are the policy's before training."""
+    the policy in Hugging Face's layout with GPT-2's tokenizer files, metrics.jsonl, the answers
+    to the first held-out prompts, and the reference's weights, which no GPT-2 name would load:
+    they are the policy's before training."""
     out, summary = a_run
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt", "metrics.jsonl", "model.safetensors",
+    assert sorted(p.name for p in out.iterdir()) == ["answers.jsonl", "config.json", "merges.txt", "metrics.jsonl",
+                                                     "model.safetensors",
                                                      "reference.safetensors", "run.json", "tokenizer_config.json",
                                                      "vocab.json"]
     run = json.loads((out / "run.json").read_text())

@@ -136,7 +136,7 @@ def parse_args(argv=None):
         args.device = args.device or default_device()
         problem = next((message for wrong, message in out_problems(args.out) if wrong), None)
     else:
-        args = complete(given, DEFAULTS)
+        args = complete_options(given, DEFAULTS)
         problem = first_problem(args)
     if problem:
         parser.error(problem)
@@ -147,7 +147,7 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def complete(given, options):
+def complete_options(given, options):
     """The options given, and the rest from `options` (DEFAULTS, or a resumed run's)."""
     args = argparse.Namespace(**{**options, **given})
     args.lr = args.lr or (1e-3 if args.model == "tiny" else 5e-5)
@@ -568,6 +568,66 @@ def evaluate_held_out(args, policy, reference, pairs, autocast, log, step):
 
 
 # -----------------------------------------------------------------------------
+# Answers: what the policy and its reference say, and which DPO prefers
+
+@torch.no_grad()
+def complete(model, enc, prompt, max_new_tokens=64, temperature=0.0, top_k=None, num_samples=1, stop_strings=(),
+             generator=None):
+    """num_samples completions of the text prompt (model.generate; temperature 0 is greedy):
+    each up to <|endoftext|>, the first of stop_strings, or max_new_tokens tokens."""
+    ids = torch.tensor([enc.encode(prompt)] * num_samples, device=next(model.parameters()).device)
+
+    def cut(row):  # the text before <|endoftext|> and before any stop string
+        text = enc.decode(row[:row.index(enc.eot_token)] if enc.eot_token in row else row)
+        return min((text.split(s)[0] for s in stop_strings), key=len, default=text)
+
+    def ended(new):  # every row has ended: generation can stop
+        return all(enc.eot_token in row or cut(row) != enc.decode(row) for row in new.tolist())
+
+    new = model.generate(ids, max_new_tokens, temperature, top_k, stop=ended, generator=generator)[:, ids.size(1):]
+    return [cut(row) for row in new.tolist()]
+
+
+def compare(policy, reference, enc, prompt, loss, **sampling):
+    """The policy's and the reference's answers to the prompt (complete's sampling options), one
+    record per sample, each with DPO's verdict: the two answers scored as a pair, the policy's
+    chosen and the reference's rejected, whose rewards dpo_loss gives, beta (log pi(y|x) -
+    log pi_ref(y|x)) (DPO paper, Eq. 5) with the run's beta and sum or mean, by the trained
+    policy against its reference. Each answer is tokenised apart from the prompt and ended by
+    <|endoftext|>, as a completion in training is."""
+    answers = [complete(model, enc, prompt, **sampling) for model in (policy, reference)]
+    row = lambda text: enc.encode(text, disallowed_special=()) + [enc.eot_token]  # "<|endoftext|>" here is text
+    pairs = [(enc.encode(prompt), row(p), row(r)) for p, r in zip(*answers)]
+    logps = [dpo.pair_logps(model, pairs, average_logps=loss.average_logps) for model in (policy, reference)]
+    _, policy_rewards, reference_rewards = dpo.dpo_loss(*logps[0], *logps[1], beta=loss.beta)
+    return [{"prompt": prompt, "policy": p, "reference": r, "policy_reward": pr, "reference_reward": rr}
+            for p, r, pr, rr in zip(*answers, policy_rewards.tolist(), reference_rewards.tolist())]
+
+
+def print_comparison(record):
+    print(f"  {record['prompt']!r}")
+    for who in ("reference", "policy"):
+        print(f"    {who:<9}  reward {record[who + '_reward']:+8.3f}  {record[who]!r}")
+
+
+def answer_held_out(args, policy, reference, enc, train_pairs, eval_pairs):
+    """Greedy answers of both models to the first --answers held-out prompts (or training
+    prompts, without held-out pairs), printed and returned for answers.jsonl."""
+    source, pairs = ("held-out", eval_pairs) if eval_pairs.texts else ("training", train_pairs)
+    prompts = list(dict.fromkeys(pair["prompt"] for pair in pairs.texts))[:args.answers]
+    if not prompts or not is_first_process():
+        return []
+    print(f"answers to the first {len(prompts)} {source} prompts (greedy; reward = beta (log pi - log pi_ref) of "
+          "the answer, DPO paper, Eq. 5):")
+    records = []
+    for prompt in prompts:  # an HH-RLHF prompt ends at the assistant's turn: the answer ends at the next human's
+        stop = (HUMAN,) if prompt.endswith(ASSISTANT) else ()
+        records += compare(policy, reference, enc, prompt, loss_config(args), stop_strings=stop)
+        print_comparison(records[-1])
+    return records
+
+
+# -----------------------------------------------------------------------------
 # The run folder: --out, and --resume from it
 
 def run_record(out):
@@ -591,7 +651,7 @@ def resume_options(args):
     if changed:
         raise ValueError(f"--resume: these options differ from the run in {args.out}: {', '.join(changed)}. Leave "
                          "them out to take the run's, or start a new run in another --out")
-    vars(args).update(vars(complete({**vars(args), "resume": True}, options)))
+    vars(args).update(vars(complete_options({**vars(args), "resume": True}, options)))
     if problem := first_problem(args):
         raise ValueError(problem)
 
@@ -805,8 +865,8 @@ def run(args, status):
     model = policy if process_rank_and_count()[1] == 1 else DistributedDataParallel(
         policy, device_ids=[device.index] if device.type == "cuda" else None)
     n_steps = count_training_steps(len(train_pairs.tokens), args.batch_size, args.epochs)
-    run_json = describe_run("train.py", args, loss_config(args), reference_by_name(args))
-    keeps_reference = args.save_every or not reference_by_name(args)
+    keeps_reference = args.save_every or not reference_by_name(args)  # --resume needs it, or no name loads it
+    run_json = describe_run("train.py", args, loss_config(args), None if keeps_reference else reference_by_name(args))
     pairs_fingerprint = fingerprint(train_pairs, eval_pairs) if args.save_every else None  # once, not every save
 
     def save(step, records, answers=None, finished=False):
@@ -827,7 +887,7 @@ def run(args, status):
     evaluate_at_step(status["step"])
 
     # 4. answer: the first held-out prompts, greedily, by the reference and by the policy
-    answers = []
+    answers = answer_held_out(args, policy, reference, enc, train_pairs, eval_pairs)
 
     # 5. save: run.json, the trained policy, metrics.jsonl and the answers
     print(speed_line(speed, device))
