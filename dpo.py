@@ -106,6 +106,14 @@ def vocab_logprobs(model, input_ids, loss_mask):
     return at_least_float32(model(input_ids, logits_at=scoring_positions)).log_softmax(dim=-1)
 
 
+def sum_per_row(values, scored):
+    """Numbers at the N scored positions, (N,) in row-major order, summed per row, (B,): put
+    back in place in (B, T-1), then each row summed (not index_add_, whose CUDA sums are not
+    deterministic)."""
+    per_position = torch.zeros(scored.shape, dtype=values.dtype, device=values.device)
+    return per_position.masked_scatter(scored, values).sum(dim=-1)
+
+
 def logps_from_vocab_logprobs(vocab_logprobs, input_ids, loss_mask, average_logps=False):
     """sequence_logps from vocab_logprobs' (N, V) rows: each completion token's log-prob,
     summed per row, (B,)."""
@@ -114,14 +122,6 @@ def logps_from_vocab_logprobs(vocab_logprobs, input_ids, loss_mask, average_logp
     token_logps = vocab_logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)  # (N,)
     logps = sum_per_row(token_logps, scored)  # (B,)
     return logps / scored.sum(dim=-1) if average_logps else logps
-
-
-def sum_per_row(values, scored):
-    """Numbers at the N scored positions, (N,) in row-major order, summed per row, (B,): put
-    back in place in (B, T-1), then each row summed (not index_add_, whose CUDA sums are not
-    deterministic)."""
-    per_position = torch.zeros(scored.shape, dtype=values.dtype, device=values.device)
-    return per_position.masked_scatter(scored, values).sum(dim=-1)
 
 
 def completion_logps(model, input_ids, loss_mask, average_logps=False):
@@ -334,12 +334,11 @@ def over_batches(pairs, batches, compute, columns, progress=None):
 
 
 def pair_logps(model, pairs, batch_size=8, average_logps=False, autocast=contextlib.nullcontext(), batches=None,
-               combine=None, progress=None):
+               progress=None):
     """log pi(y_chosen|x) and log pi(y_rejected|x) of every encoded pair, (len(pairs),) each, on
-    the CPU, batch_size pairs at a time (batches_by_length, or the batches given), under
-    `autocast` (the training step's). No graph is kept, whatever the model's requires_grad.
-    combine, if given, is applied to the (2, len(pairs)) log-probs first (train.py adds up
-    what several processes computed, each on its own batches, zeros elsewhere).
+    the CPU, batch_size pairs at a time (batches_by_length; or only the pairs of `batches`,
+    the others 0), under `autocast` (the training step's). No graph is kept, whatever the
+    model's requires_grad.
 
     Run on the reference before training, this is everything DPO needs from it: the
     reference is frozen and the data do not change, so log pi_ref(y|x) is the same number
@@ -356,7 +355,7 @@ def pair_logps(model, pairs, batch_size=8, average_logps=False, autocast=context
     batches = batches_by_length(pairs, batch_size) if batches is None else batches
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     logps = over_batches(pairs, batches, compute, torch.zeros(2, len(pairs), dtype=dtype, device=device), progress)
-    chosen, rejected = (logps if combine is None else combine(logps)).cpu()
+    chosen, rejected = logps.cpu()
     return chosen, rejected
 
 
@@ -382,30 +381,32 @@ def make_batch(pairs, reference_logps, device):
     return batch
 
 
-def batch_losses(policy, batch, loss=LossConfig(), autocast=contextlib.nullcontext()):
+def batch_losses(policy, batch, loss_config=LossConfig(), autocast=contextlib.nullcontext()):
     """One forward pass of the policy over the batch's 2B rows, chosen and rejected together,
     and dpo_loss against the cached reference log-probs: (losses, chosen_rewards,
     rejected_rewards), (B,) each."""
     with autocast:
-        logps = completion_logps(policy, batch["input_ids"], batch["loss_mask"], loss.average_logps)  # (2B,)
+        logps = completion_logps(policy, batch["input_ids"], batch["loss_mask"], loss_config.average_logps)  # (2B,)
     policy_chosen_logps, policy_rejected_logps = chosen_and_rejected(logps)
     return dpo_loss(policy_chosen_logps, policy_rejected_logps, batch["reference_chosen_logps"],
-                    batch["reference_rejected_logps"], beta=loss.beta, loss_type=loss.loss_type,
-                    label_smoothing=loss.label_smoothing)
+                    batch["reference_rejected_logps"], beta=loss_config.beta, loss_type=loss_config.loss_type,
+                    label_smoothing=loss_config.label_smoothing)
 
 
-def dpo_step(policy, optimizer, batch, loss=LossConfig(), max_grad_norm=1.0, autocast=contextlib.nullcontext()):
+def dpo_step(policy, optimizer, batch, loss_config=LossConfig(), max_grad_norm=1.0,
+             autocast=contextlib.nullcontext()):
     """One optimizer step on one batch (make_batch's): the gradient of the mean loss over its
     pairs, clipped to max_grad_norm, then the update. Returns batch_metrics as floats, and
     grad_norm, the gradient's norm before clipping."""
     # last step's gradients go before the forward pass, not after it: they are
     # a model's worth of memory that would otherwise sit beside the activations
     optimizer.zero_grad(set_to_none=True)
-    losses, chosen_rewards, rejected_rewards = batch_losses(policy, batch, loss, autocast)
+    losses, chosen_rewards, rejected_rewards = batch_losses(policy, batch, loss_config, autocast)
     losses.mean().backward()
     # clipping: Pascanu et al. 2013, "On the difficulty of training recurrent neural networks"
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-    optimizer.step()
+    if torch.isfinite(grad_norm):  # an inf or nan gradient would make every weight nan: no step (check_finite)
+        optimizer.step()
     metrics = batch_metrics(losses, chosen_rewards, rejected_rewards)
     return {**{name: value.item() for name, value in metrics.items()}, "grad_norm": grad_norm.item()}
 
@@ -420,25 +421,27 @@ def check_finite(metrics, names=("loss", "grad_norm")):
 # -----------------------------------------------------------------------------
 # The training loop
 
-def train_dpo(policy, reference, pairs, optimizer, loss=LossConfig(), epochs=3, batch_size=2, seed=0,
+def train_dpo(policy, reference, pairs, optimizer, loss_config=LossConfig(), epochs=3, batch_size=2, seed=0,
               max_grad_norm=1.0, autocast=contextlib.nullcontext(), reference_logps=None, on_step=None):
     """DPO over encoded `pairs` (from encode_pairs), in the steps of training_steps.
 
     reference_logps: pair_logps(reference, pairs, ...) if the caller has it already (then
     reference may be None). Returns each step's metrics (dpo_step's, with "step" and
     "epoch"); on_step(metrics) is called after each step. A loss or gradient norm that is
-    not finite stops training with FloatingPointError; the policy then holds that step's weights."""
+    not finite stops training with FloatingPointError; the policy keeps its weights from
+    before that step."""
     # Dropout off in both models: with it, log pi would be noisy, the policy and the
     # reference would disagree at step 0 although they are the same network, and the
     # first loss would not be log 2. Eval mode turns dropout off without touching gradients.
     policy.eval()
     device = next(policy.parameters()).device
     if reference_logps is None:
-        reference_logps = pair_logps(reference.eval(), pairs, batch_size, loss.average_logps, autocast)
+        reference_logps = pair_logps(reference.eval(), pairs, batch_size, loss_config.average_logps, autocast)
     history = []
     for step, (epoch, indices) in enumerate(training_steps(pairs, batch_size, epochs, seed), start=1):
         batch = make_batch([pairs[i] for i in indices], [x[indices] for x in reference_logps], device)
-        metrics = {"step": step, "epoch": epoch, **dpo_step(policy, optimizer, batch, loss, max_grad_norm, autocast)}
+        metrics = {"step": step, "epoch": epoch,
+                   **dpo_step(policy, optimizer, batch, loss_config, max_grad_norm, autocast)}
         check_finite(metrics)
         history.append(metrics)
         if on_step is not None:
@@ -470,29 +473,39 @@ def logps_and_kl(policy, reference, batch, average_logps=False):
                         sum(chosen_and_rejected(kl_per_row)), sum(chosen_and_rejected(positions_per_row))])
 
 
-def evaluate(policy, reference, pairs, loss=LossConfig(), batch_size=8, autocast=contextlib.nullcontext(),
-             batches=None, combine=None, progress=None):
-    """The training step's numbers on encoded `pairs`, without a gradient, and the exact KL.
-
-    Returns batch_metrics over all the pairs, as floats, and kl, the mean over the
-    completion positions of both rows of every pair of KL(pi || pi_ref) = sum over the
-    vocabulary v of pi(v) log(pi(v) / pi_ref(v)), the exact divergence at that position
-    (not a one-sample estimate). Both models run on the same batches (batches_by_length, or
-    those given), so where they are equal every margin is exactly 0. combine as in pair_logps."""
+def evaluation_numbers(policy, reference, pairs, batches, average_logps=False, autocast=contextlib.nullcontext(),
+                       progress=None):
+    """logps_and_kl of every pair in `batches` (lists of pair indices), (6, len(pairs)); 0 for
+    pairs in no batch. Both models run on the same batches, so where they are equal every
+    margin is exactly 0."""
     def compute(batch):
         with autocast:
-            return logps_and_kl(policy, reference, batch, loss.average_logps)
+            return logps_and_kl(policy, reference, batch, average_logps)
 
     device = next(policy.parameters()).device
     dtype = torch.promote_types(next(policy.parameters()).dtype, torch.float32)
-    batches = batches_by_length(pairs, batch_size) if batches is None else batches
-    numbers = over_batches(pairs, batches, compute, torch.zeros(6, len(pairs), dtype=dtype, device=device), progress)
-    numbers = numbers if combine is None else combine(numbers)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(*numbers[:4], beta=loss.beta, loss_type=loss.loss_type,
-                                                        label_smoothing=loss.label_smoothing)
-    metrics = batch_metrics(losses, chosen_rewards, rejected_rewards)
+    return over_batches(pairs, batches, compute, torch.zeros(6, len(pairs), dtype=dtype, device=device), progress)
+
+
+def evaluation_metrics(numbers, loss_config=LossConfig()):
+    """The training step's numbers (batch_metrics, as floats) over all pairs of
+    evaluation_numbers' (6, len(pairs)), and kl, the mean over the completion positions of both
+    rows of every pair of KL(pi || pi_ref) = sum over the vocabulary v of
+    pi(v) log(pi(v) / pi_ref(v)), the exact divergence at that position (not a one-sample estimate)."""
+    losses, chosen_rewards, rejected_rewards = dpo_loss(*numbers[:4], beta=loss_config.beta,
+                                                        loss_type=loss_config.loss_type,
+                                                        label_smoothing=loss_config.label_smoothing)
     kl_sum, positions = numbers[4:].sum(dim=1)
+    metrics = batch_metrics(losses, chosen_rewards, rejected_rewards)
     return {**{name: value.item() for name, value in metrics.items()}, "kl": (kl_sum / positions).item()}
+
+
+def evaluate(policy, reference, pairs, loss_config=LossConfig(), batch_size=8, autocast=contextlib.nullcontext()):
+    """The training step's numbers on encoded `pairs`, without a gradient, and the exact KL
+    (evaluation_metrics), batch_size pairs at a time (batches_by_length)."""
+    numbers = evaluation_numbers(policy, reference, pairs, batches_by_length(pairs, batch_size),
+                                 loss_config.average_logps, autocast)
+    return evaluation_metrics(numbers, loss_config)
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,8 @@ gets its implicit reward beta (log pi(y|x) - log pi_ref(y|x)) (DPO paper, Eq. 5)
 run's beta and its sum or mean of log-probs (run.json). A reward above 0 is an answer the
 policy made more likely than the reference did.
 
-Read first: train.py (train.complete and train.compare do the work here).
+Read first: model.py (GPT.generate), dpo.py; train.py's "Answers" section (complete and
+compare) does the work here.
 """
 
 import argparse
@@ -43,8 +44,8 @@ def parse_args(argv=None):
     add("--prompt", action="append", default=[], help="a prompt (give several to ask several)")
     add("--prompts", metavar="FILE", help="a .jsonl (or .json, gzipped or not) whose objects have a \"prompt\"; a "
         "--data file works, each pair's prompt once")
-    add("--chat", action="store_true", help="wrap each --prompt as HH-RLHF's \"\\n\\nHuman: ...\\n\\nAssistant:\" and "
-        "stop an answer before the next \"\\n\\nHuman:\"")
+    add("--chat", action="store_true", help="wrap each --prompt as HH-RLHF's \"\\n\\nHuman: ...\\n\\nAssistant:\" "
+        "(a prompt that ends so, from --chat or a file, gets an answer that stops before the next \"\\n\\nHuman:\")")
     add("--compare", action="store_true", help="the reference's answer too, and DPO's implicit reward of both")
     add("--max-new-tokens", type=train.positive(int), default=64, help="tokens per answer at most (64)")
     add("--temperature", type=float, default=0.0, help="0 is greedy (the default); higher samples more freely")
@@ -69,14 +70,19 @@ def read_prompts(path):
     """Each distinct prompt of a file, in order: a "prompt" field (text, or TRL's messages), or
     the prompt of a pair in any shape train.py reads."""
     def prompt_of(record, where):
-        if "chosen" not in record and isinstance(record.get("prompt"), list):
-            return train.dialogue(record["prompt"]) + train.ASSISTANT
-        if "chosen" not in record:
-            if not isinstance(record.get("prompt"), str) or not record["prompt"]:
-                raise ValueError("no \"prompt\" text (a prompt, or a pair of chosen and rejected, is needed)")
-            return record["prompt"]
-        return train.pair_texts(record)[0]
-    return list(dict.fromkeys(checkpoint.read_records(path, prompt_of, "--prompts")))
+        if "chosen" in record:
+            prompt = train.pair_texts(record)[0]
+        elif isinstance(record.get("prompt"), list):
+            prompt = train.dialogue(record["prompt"]) + train.ASSISTANT
+        else:
+            prompt = record.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("no \"prompt\" text (a prompt, or a pair of chosen and rejected, is needed)")
+        return prompt
+    prompts = list(dict.fromkeys(checkpoint.read_records(path, prompt_of, "--prompts")))
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompt in the file")
+    return prompts
 
 
 def prompt_ids(enc, prompt):
@@ -124,15 +130,14 @@ def main(argv=None):
                                  f"{prompt[:40]!r}...")
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    generator = torch.Generator(args.device).manual_seed(args.seed)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    num_samples=args.num_samples, stop_strings=(train.HUMAN,) if args.chat else (),
-                    generator=generator)
+                    num_samples=args.num_samples, seed=args.seed)
     for prompt in prompts:
         if args.compare:
             records = train.compare(policy, reference, enc, prompt, loss, **sampling)
         else:
-            records = [{"prompt": prompt, "completion": c} for c in train.complete(policy, enc, prompt, **sampling)]
+            records = [{"prompt": prompt, "completion": enc.decode(ids)}
+                       for ids in train.complete(policy, enc, prompt, **sampling)]
         for record in records:
             if args.json:
                 print(json.dumps(record, ensure_ascii=False))

@@ -382,18 +382,6 @@ def test_load_safetensors_refuses_bytes_after_the_last_tensor(tmp_path, extra):
     assert load_safetensors(path)["a"].tolist() == [0.0, 1.0]  # loads
 
 
-def test_save_safetensors_replaces_the_file_atomically(tmp_path):
-    """Written to a temporary file, then os.replace'd: a reader that has the old file open
-    keeps reading the old bytes, and only the target file remains."""
-    path = tmp_path / "x.safetensors"
-    save_safetensors({"a": torch.ones(3)}, path)
-    old = path.read_bytes()
-    with open(path, "rb") as reader:
-        save_safetensors({"a": torch.zeros(300)}, path)
-        assert reader.read() == old
-    assert os.listdir(tmp_path) == ["x.safetensors"]
-
-
 def test_failed_save_safetensors_keeps_old_file_and_leaves_no_temp_files(tmp_path):
     """A save that dies half-way must not destroy the previous checkpoint or leave debris.
     A meta tensor has a dtype and a shape but no bytes, so writing it fails mid-file."""
@@ -816,13 +804,15 @@ RUN_FILES = {  # saver: (what it is given, the file read back without checkpoint
     "save_state": (checkpoint.save_state, {"step": 3, "lr": [1e-3, 5e-4], "x": torch.tensor([1.5, -2.0])},
                    lambda path: tensors_as_lists(torch.load(path, weights_only=True)),
                    {"step": 3, "lr": [1e-3, 5e-4], "x": [1.5, -2.0]}),
+    "save_safetensors": (save_safetensors, {"a": torch.zeros(300)}, lambda path: read_safetensors(path)[1]["a"].tolist(),
+                         [0.0] * 300),
 }
 
 
 @pytest.mark.parametrize("saver", RUN_FILES)
 def test_each_run_file_is_written_whole_and_renamed_over_the_old_one(tmp_path, saver):
-    """config.json (indented, as the hub's), metrics.jsonl (a line per record, each ended) and
-    resume.pt hold what they were given, and each is written beside its name and renamed over
+    """config.json (indented, as the hub's), metrics.jsonl (a line per record, each ended),
+    resume.pt and a .safetensors file hold what they were given, and each is written beside its name and renamed over
     it (write_atomically): a reader that had the old file open still reads the old bytes,
     which a file written in place would have changed under it."""
     save, value, read, expected = RUN_FILES[saver]

@@ -206,19 +206,20 @@ class Scripted(GPT):
 
 
 def test_complete_stops_at_endoftext_and_before_a_stop_string_and_no_later():
-    """complete's text is what comes before <|endoftext|>, or before a stop string, and
-    generation ends at the token that completes it (the model is asked for no more)."""
+    """complete's answer is the tokens before <|endoftext|>, or, after a prompt that ends at
+    HH-RLHF's assistant turn, the tokens before the one a "\n\nHuman:" begins in; generation
+    ends at the token that completes it (the model is asked for no more)."""
     enc = gpt2_tokenizer()
     words = enc.encode(" It is salty.\n\nHuman: Why?")
     model = Scripted(words + [enc.eot_token] + enc.encode(" More"))
-    assert train.complete(model, enc, "Hi", max_new_tokens=30) == [" It is salty.\n\nHuman: Why?"]
+    assert train.complete(model, enc, "Hi", max_new_tokens=30) == [words]
     assert model.calls == len(words) + 1  # up to <|endoftext|>, then no further
     model.calls = 0
-    stopped = train.complete(model, enc, "Hi", max_new_tokens=30, stop_strings=(train.HUMAN,))
-    assert stopped == [" It is salty."]
+    (stopped,) = train.complete(model, enc, "\n\nHuman: Hi\n\nAssistant:", max_new_tokens=30)  # an HH prompt
+    assert enc.decode(stopped) == " It is salty." and stopped == enc.encode(" It is salty.")
     assert model.calls == len(enc.encode(" It is salty.\n\nHuman:"))  # the token that completed the stop string
     model.calls = 0
-    assert train.complete(model, enc, "Hi", max_new_tokens=3) == [enc.decode(words[:3])] and model.calls == 3
+    assert train.complete(model, enc, "Hi", max_new_tokens=3) == [words[:3]] and model.calls == 3
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +245,7 @@ def test_compare_rewards_are_beta_times_the_log_ratio_of_each_answer_from_full_l
         (record,) = train.compare(policy, reference, enc, "Item 3: red green", loss, max_new_tokens=8)
         for who in ("policy", "reference"):
             prompt_ids, answer_ids = enc.encode("Item 3: red green"), enc.encode(record[who]) + [enc.eot_token]
+            assert enc.decode(answer_ids[:-1]) == record[who]  # these short answers re-encode to the same tokens
             ids = torch.tensor([prompt_ids + answer_ids])
             mask = torch.tensor([[0.0] * len(prompt_ids) + [1.0] * len(answer_ids)])
             with torch.no_grad():
@@ -285,9 +287,10 @@ def gpt2_in_the_hub_cache(cache_dir):
 def test_every_kind_of_run_folder_rebuilds_the_reference_it_trained_against(tmp_path, monkeypatch):
     """run.json says where the reference is, and sample.py's load rebuilds it: by name for a
     pretrained GPT-2 size (here 'gpt2' from an offline Hugging Face cache), from
-    reference.safetensors for the tiny model, --init random, --weights, the toy's SFT'd
-    model, and any run with --save-every. Each time it equals the policy before training,
-    which the run's first evaluation saw as the reference (its KL 0), here weight for weight."""
+    reference.safetensors for the tiny model, --weights, the toy's SFT'd model
+    (test_dpo.py's test_toy_metrics_file_has_every_step_and_a_summary), and any run with --save-every. Each time it equals the policy before training,
+    weight for weight. (--init random, GPT-2's shapes with random weights, takes the tiny
+    model's path: test_only_a_pretrained_gpt2_size_is_a_reference_by_name.)"""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     gpt2 = gpt2_in_the_hub_cache(tmp_path / "hub")
@@ -299,8 +302,7 @@ def test_every_kind_of_run_folder_rebuilds_the_reference_it_trained_against(tmp_
             "--weights": (["--model", "gpt2", "--weights", str(tmp_path / "hub" / "models--openai-community--gpt2" /
                                                            "snapshots" / "abc123")],
                           "reference.safetensors", gpt2.state_dict()),
-            "tiny": (["--model", "tiny"], "reference.safetensors", None),
-            "--init random": (["--model", "gpt2", "--init", "random"], "reference.safetensors", None)}
+            "tiny": (["--model", "tiny"], "reference.safetensors", None)}
     for name, (options, where, expected) in runs.items():
         out = tmp_path / name.replace(" ", "_")
         train.main([*common, *options, "--out", str(out)])
@@ -309,21 +311,18 @@ def test_every_kind_of_run_folder_rebuilds_the_reference_it_trained_against(tmp_
         _, reference, loss = sample.load(str(out), torch.device("cpu"), compare=True)
         if expected is None:  # random weights: the run's seed made them
             torch.manual_seed(0)
-            expected = train.load_policy(*(("tiny", None, "pretrained") if name == "tiny" else
-                                           ("gpt2", None, "random")), "cpu").state_dict()
+            expected = train.load_policy("tiny", None, "pretrained", "cpu").state_dict()
         assert all(torch.equal(reference.state_dict()[k], expected[k]) for k in expected), name
         assert loss == dpo.LossConfig()
 
 
-def test_the_toy_run_folder_rebuilds_its_sft_reference(tmp_path):
-    """train_toy.py --model tiny: the reference is the model after its SFT warm-up, which only
-    reference.safetensors holds; its log-probs are the table's 'before' numbers."""
-    import train_toy
-    from test_dpo import run_toy
-    summary = run_toy(tmp_path / "toy", "--model", "tiny", "--epochs", "1")
-    _, reference, loss = sample.load(str(tmp_path / "toy"), torch.device("cpu"), compare=True)
-    chosen, _ = dpo.pair_logps(reference, dpo.encode_pairs(gpt2_tokenizer(), train_toy.TOY_PAIRS), batch_size=2)
-    assert chosen.tolist() == summary["logps_before"]["chosen"] and loss == dpo.LossConfig("dpo", 0.1)
+@pytest.mark.parametrize("model, weights, init, name", [
+    ("gpt2", None, "pretrained", "gpt2"), ("gpt2-xl", None, "pretrained", "gpt2-xl"),
+    ("gpt2", "my/model.safetensors", "pretrained", None), ("gpt2", None, "random", None), ("tiny", None, "pretrained", None)])
+def test_only_a_pretrained_gpt2_size_is_a_reference_by_name(model, weights, init, name):
+    """Any other reference is weights that no name loads again: they are kept in the folder."""
+    args = train.complete_options({"model": model, "weights": weights, "init": init}, train.DEFAULTS)
+    assert train.reference_by_name(args) == name
 
 
 # ---------------------------------------------------------------------------
@@ -348,7 +347,7 @@ def test_sample_py_answers_prompts_from_the_command_line_and_from_a_data_file(a_
     assert [r["prompt"] for r in records] == [p["prompt"] for p in numbered_pairs(12)]
     enc = gpt2_tokenizer()
     policy = GPT.from_pretrained(out)
-    assert records[1]["completion"] == train.complete(policy, enc, "Item 1: red", max_new_tokens=6)[0]
+    assert records[1]["completion"] == enc.decode(train.complete(policy, enc, "Item 1: red", max_new_tokens=6)[0])
     assert line == f"'Item 1: red' -> {records[1]['completion']!r}"
     (chat,) = [json.loads(x) for x in run_sample(capsys, out, "--prompt", "Hi", "--chat", "--json",
                                                  "--max-new-tokens", "4").splitlines()]
@@ -426,4 +425,5 @@ def test_transformers_loads_a_run_folder_and_generates_sample_py_s_greedy_text(a
     generated = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                             pad_token_id=tokenizer.eos_token_id)[0, ids.size(1):].tolist()
     theirs = tokenizer.decode(generated[:generated.index(50256)] if 50256 in generated else generated)
-    assert theirs == train.complete(GPT.from_pretrained(out), gpt2_tokenizer(), prompt, max_new_tokens=12)[0]
+    ours = train.complete(GPT.from_pretrained(out), gpt2_tokenizer(), prompt, max_new_tokens=12)[0]
+    assert theirs == gpt2_tokenizer().decode(ours)

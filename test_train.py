@@ -49,9 +49,10 @@ from test_dpo import (ROOT, encoded_pairs, gpt2_tokenizer, perturb, plain_logps,
 
 
 def run_train(out, *args):
-    """train.py's main in this process (no second torch import), output captured by pytest."""
+    """train.py's main in this process (no second torch import), output captured by pytest; no
+    answers at the end unless asked for (test_sample.py tests them)."""
     gpt2_tokenizer()
-    return train.main(["--out", str(out), "--model", "tiny", *args])
+    return train.main(["--out", str(out), "--model", "tiny", "--answers", "0", *args])
 
 
 def folder_bytes(folder):
@@ -520,12 +521,10 @@ def assert_left_as_it_was(earlier_out):
 
 def test_a_run_folder_holds_the_policy_its_tokenizer_the_reference_and_what_the_run_was(a_run):
     """--model tiny: run.json (the program, every option, the loss, where the reference is),
-    the policy in Hugging Face's layout with GPT-2's tokenizer files, metrics.jsonl, the answers
-    to the first held-out prompts, and the reference's weights, which no GPT-2 name would load:
-    they are the policy's before training."""
+    the policy in Hugging Face's layout with GPT-2's tokenizer files, metrics.jsonl, and the
+    reference's weights, which no GPT-2 name would load: they are the policy's before training."""
     out, summary = a_run
-    assert sorted(p.name for p in out.iterdir()) == ["answers.jsonl", "config.json", "merges.txt", "metrics.jsonl",
-                                                     "model.safetensors",
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt", "metrics.jsonl", "model.safetensors",
                                                      "reference.safetensors", "run.json", "tokenizer_config.json",
                                                      "vocab.json"]
     run = json.loads((out / "run.json").read_text())
@@ -748,8 +747,7 @@ def test_ctrl_c_and_kill_during_training_and_saving_leave_the_earlier_out(a_run,
 
     out = tmp_path / "in-process" / "dpo"  # meanwhile, in this process
     shutil.copytree(a_run[0], out)
-    monkeypatch.setattr(signal, "SIGINT", signal.SIGINT)  # restored with the handler below
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # not ignored, as in a background job
     try:
         interrupt_at_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
         with pytest.raises(SystemExit) as stop:

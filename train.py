@@ -6,24 +6,26 @@ The DPO trainer for your own preference pairs: dpo.py's algorithm at real sizes.
     torchrun --standalone --nproc_per_node=8 train.py --data hh.jsonl.gz ...   # eight GPUs
     python train.py --resume --out out/dpo                                     # continue a stopped run
 
-What it adds to dpo.py, a section each, in this order: data files as preference data sets
-come (JSON Lines or a JSON array, gzipped or not; the standard, HH-RLHF and TRL's
-conversational shapes), with the pairs that cannot be trained on left out and counted;
-the model (a GPT-2 size, a local file, random weights, or a tiny stand-in); several
-processes under torchrun; a step split into micro-batches (--grad-accum), under bfloat16 or
-float16 autocast, with a learning-rate schedule; the run folder (--out), saved whole or not
-at all, and --resume, which ends bit-identical to a run that was never stopped. run(), at
-the end, reads top to bottom: prepare, measure, train, answer, save.
+What it adds to dpo.py, a section each, in this order: the options; data files as
+preference data sets come (JSON Lines or a JSON array, gzipped or not; the standard,
+HH-RLHF and TRL's conversational shapes), with the pairs that cannot be trained on left out
+and counted; the model (a GPT-2 size, a local file, random weights, or a tiny stand-in);
+several processes under torchrun; printing; a step split into micro-batches (--grad-accum),
+under bfloat16 or float16 autocast, with a learning-rate schedule; the passes without a
+gradient, shared out among the processes; answers to held-out prompts, with DPO's verdict on
+them; the run folder (--out), saved whole or not at all, and --resume, which ends
+bit-identical to a run that was never stopped. run(), at the end, reads top to bottom:
+prepare, measure, train, answer, save.
 
-Read first: dpo.py. train_toy.py runs the flipped-preference experiment with this file's
-helpers; sample.py talks to what a run saved.
+Read first: dpo.py, train_toy.py (which uses this file's model, printing and run folder).
+Read next: sample.py, which talks to what a run saved.
 """
 
 import os
 
 # Same seed, same numbers, in every process: on x86 CPUs PyTorch's matrix products go through
 # MKL, which now and then takes another code path in a new process unless told to be strict;
-# on CUDA, cuBLAS needs a fixed workspace for deterministic products (start_processes asks
+# on CUDA, cuBLAS needs a fixed workspace for deterministic products (device_for asks
 # PyTorch for deterministic kernels there). Both are read when the libraries start, hence here.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -126,25 +128,12 @@ def make_parser():
     return parser
 
 
-def parse_args(argv=None):
-    """The options given, completed with the defaults and checked; with --resume, only those
-    given (and the device): the rest is the run's, which resume_options reads from --out."""
-    parser = make_parser()
-    given = vars(parser.parse_args(argv))
-    if given.get("resume"):
-        args = argparse.Namespace(**{"out": DEFAULTS["out"], "device": None, **given})
-        args.device = args.device or default_device()
-        problem = next((message for wrong, message in out_problems(args.out) if wrong), None)
-    else:
-        args = complete_options(given, DEFAULTS)
-        problem = first_problem(args)
-    if problem:
-        parser.error(problem)
-    return args
-
-
 def default_device():
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def default_dtype(device):
+    return "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 
 
 def complete_options(given, options):
@@ -152,8 +141,29 @@ def complete_options(given, options):
     args = argparse.Namespace(**{**options, **given})
     args.lr = args.lr or (1e-3 if args.model == "tiny" else 5e-5)
     args.device = args.device or default_device()
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    args.dtype = args.dtype or default_dtype(args.device)
     return args
+
+
+def out_problems(out_option):
+    """(wrong, message) for an --out that cannot be a run's folder, for parse_args' checks."""
+    out = Path(out_option).absolute()
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    return [(not existing.is_dir(), f"--out {out_option}: {existing} is a file; --out must be a folder (created if "
+                                    "missing)"),
+            (Path.cwd().resolve().is_relative_to(out.resolve()), f"--out {out_option} is the folder you are in, or "
+                                                                 "holds it; give a folder of its own, such as out/run1")]
+
+
+def model_problems(args):
+    """(wrong, message) for the model options and the device, which train_toy.py shares."""
+    return [(args.model == "tiny" and (args.weights or args.init == "random"),
+             "--model tiny is always built here; --weights and --init are for the GPT-2 sizes"),
+            (args.weights and args.init == "random", "--weights loads weights and --init random makes new ones: "
+                                                     "pick one"),
+            (args.device == "cuda" and not torch.cuda.is_available(),
+             "--device cuda: this torch sees no CUDA GPU (a CPU-only build, or no driver)"),
+            (args.device == "mps" and not torch.backends.mps.is_available(), "--device mps: MPS is not available here")]
 
 
 def first_problem(args):
@@ -184,14 +194,21 @@ def first_problem(args):
     return None
 
 
-def out_problems(out_option):
-    """(wrong, message) for an --out that cannot be a run's folder, for parse_args' checks."""
-    out = Path(out_option).absolute()
-    existing = next(p for p in [out, *out.parents] if p.exists())
-    return [(not existing.is_dir(), f"--out {out_option}: {existing} is a file; --out must be a folder (created if "
-                                    "missing)"),
-            (Path.cwd().resolve().is_relative_to(out.resolve()), f"--out {out_option} is the folder you are in, or "
-                                                                 "holds it; give a folder of its own, such as out/run1")]
+def parse_args(argv=None):
+    """The options given, completed with the defaults and checked; with --resume, only those
+    given (and the device): the rest is the run's, which resume_options reads from --out."""
+    parser = make_parser()
+    given = vars(parser.parse_args(argv))
+    if given.get("resume"):
+        args = argparse.Namespace(**{"out": DEFAULTS["out"], "device": None, **given})
+        args.device = args.device or default_device()
+        problem = next((message for wrong, message in out_problems(args.out) if wrong), None)
+    else:
+        args = complete_options(given, DEFAULTS)
+        problem = first_problem(args)
+    if problem:
+        parser.error(problem)
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -394,21 +411,27 @@ def reference_by_name(args):
 # tensors are added up (all_reduce): adding zeros is exact, so the numbers are the ones one
 # process would get.
 
+def device_for(name, index=None):
+    """The device; on CUDA, with deterministic kernels: same seed, same numbers (some CUDA
+    kernels add up in any order otherwise)."""
+    device = torch.device(name, index)
+    if device.type == "cuda":
+        torch.use_deterministic_algorithms(True)
+        if index is not None:
+            torch.cuda.set_device(device)
+    return device
+
+
 def start_processes(device_name):
     """The device, and under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE) this
     process's place among the others: nccl between GPUs, one GPU a process; gloo between
     CPUs. Only process 0 prints: the others' stdout goes to os.devnull."""
-    device = torch.device(device_name)
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        if dist.get_rank() != 0:
-            sys.stdout = open(os.devnull, "w")
-    if device.type == "cuda":  # same seed, same numbers: some CUDA kernels add up in any order otherwise
-        torch.use_deterministic_algorithms(True)
-    return device
+    if "RANK" not in os.environ:
+        return device_for(device_name)
+    dist.init_process_group("nccl" if device_name == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device_for(device_name, int(os.environ["LOCAL_RANK"]) if device_name == "cuda" else None)
 
 
 def process_rank_and_count():
@@ -420,17 +443,77 @@ def is_first_process():
     return process_rank_and_count()[0] == 0
 
 
-def batches_of_this_process(batches):
-    """This process's share of the batches of a pass without a gradient: every count-th, from its rank on."""
-    rank, count = process_rank_and_count()
-    return batches[rank::count]
-
-
 def sum_over_processes(x):
     """x added up over the processes, in place (x itself without torchrun)."""
     if dist.is_initialized():
         dist.all_reduce(x)
     return x
+
+
+# -----------------------------------------------------------------------------
+# Printing and timing
+
+def log_to(records, record, line=None):
+    """Keep record for metrics.jsonl; print line, if any."""
+    records.append(record)
+    if line:
+        print("  " + line, flush=True)
+
+
+def progress_printer(label, every_s=10.0):
+    """A progress(done, total) callback for long phases: a line at most every every_s seconds."""
+    start = last = time.perf_counter()
+
+    def progress(done, total):
+        nonlocal last
+        if time.perf_counter() - last >= every_s:
+            last = time.perf_counter()
+            print(f"  {label}: {done:,}/{total:,} pairs, {last - start:.0f} s", flush=True)
+    return progress
+
+
+def format_metrics(m):
+    return (f"loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.2f} | margin {m['margin']:+.3f} | "
+            f"chosen {m['chosen_reward']:+.3f} | rejected {m['rejected_reward']:+.3f}")
+
+
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def speed_line(speed, device):
+    memory = "CUDA" if device.type == "cuda" else "process RSS"
+    return (f"training: {speed['train_s']:.2f} s, {speed['train_tokens'] / speed['train_s']:,.0f} tokens/s, "
+            f"{1 - speed['train_tokens'] / speed['train_positions']:.0%} padding; peak memory "
+            f"{peak_memory_bytes(device) / 2**20:,.0f} MiB ({memory})")
+
+
+def eval_line(step, metrics):
+    return (f"eval at step {step:3d} (held out) | " + format_metrics(metrics)
+            + f" | kl {max(metrics['kl'], 0.0):.4f}")  # >= 0, but rounding can give -1e-9
+
+
+def ipo_target(beta, average_logps):
+    """What IPO's beta means (IPO paper, Eq. 17: the loss is zero at h = 1/(2 beta))."""
+    unit = "nats per token" if average_logps else "nats"
+    return (f"; IPO's target h = 1/(2 beta) = {1 / (2 * beta):g} {unit}: the loss is 0 where log pi(chosen) - "
+            "log pi(rejected) is that far above the reference's")
+
+
+def describe_training(args, n_train, n_eval, n_steps):
+    """The line that says what is about to be trained, and how."""
+    processes = process_rank_and_count()[1]
+    schedule = (f", warmup {args.warmup_steps} steps" if args.warmup_steps else "") + (
+        ", then linear decay to 0" if args.lr_decay == "linear" else "")
+    line = (f"{args.loss.upper()} on {n_train:,} pairs, {n_eval:,} held out (beta {args.beta}, lr {args.lr}{schedule}, "
+            f"batch {args.batch_size}, {args.epochs} epoch{'s' if args.epochs > 1 else ''} = {n_steps:,} steps, "
+            f"seed {args.seed}" + (", log-probs averaged over tokens" if args.average_logps else "")
+            + (f", {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
+            + (f", {processes} processes" if processes > 1 else "") + ")")
+    return line + (ipo_target(args.beta, args.average_logps) if args.loss == "ipo" else "")
 
 
 # -----------------------------------------------------------------------------
@@ -464,7 +547,11 @@ def micro_batches_of_this_process(indices, grad_accum):
     return [(part, 1.0) for part in parts if part] or [(indices[:1], 0.0)]
 
 
-def train_step(model, optimizer, micro_batches, n_pairs, loss, autocast, scaler=None, max_grad_norm=1.0):
+def loss_config_of(args):
+    return dpo.LossConfig(args.loss, args.beta, args.label_smoothing, args.average_logps)
+
+
+def train_step(model, optimizer, micro_batches, n_pairs, loss_config, autocast, scaler=None, max_grad_norm=1.0):
     """dpo.dpo_step for a step of n_pairs pairs, of which this process holds micro_batches
     (dpo.make_batch's, each with a "weight"); returns the step's metrics over all n_pairs.
 
@@ -476,14 +563,15 @@ def train_step(model, optimizer, micro_batches, n_pairs, loss, autocast, scaler=
     multiplied by their number to turn that average into the sum, and the gradients are
     synced once, at the last micro-batch (no_sync before it). With float16, `scaler`
     (torch.amp.GradScaler) scales the loss up so that small gradients do not round to 0, and
-    back down before clipping; it skips a step whose scaled gradient overflowed."""
+    back down before clipping; it skips a step whose scaled gradient overflowed (loss scaling:
+    Micikevicius et al. 2018, "Mixed Precision Training")."""
     optimizer.zero_grad(set_to_none=True)
     _, processes = process_rank_and_count()
     sums = 0
     for i, batch in enumerate(micro_batches):
         syncs = i == len(micro_batches) - 1 or processes == 1
         with contextlib.nullcontext() if syncs else model.no_sync():
-            losses, chosen_rewards, rejected_rewards = dpo.batch_losses(model, batch, loss, autocast)
+            losses, chosen_rewards, rejected_rewards = dpo.batch_losses(model, batch, loss_config, autocast)
             step_loss = batch["weight"] * losses.sum() * processes / n_pairs
             (step_loss if scaler is None else scaler.scale(step_loss)).backward()
         n = batch["weight"] * len(losses)
@@ -493,7 +581,8 @@ def train_step(model, optimizer, micro_batches, n_pairs, loss, autocast, scaler=
         scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     if scaler is None:
-        optimizer.step()
+        if torch.isfinite(grad_norm):  # as in dpo.dpo_step: no step with an inf or nan gradient
+            optimizer.step()
     else:
         scaler.step(optimizer)
         scaler.update()
@@ -512,23 +601,21 @@ def train(args, model, optimizer, scaler, pairs, reference_logps, start_step, au
     dpo.training_steps. between_steps(step) runs after each step (held-out evaluations,
     checkpoints) and is not timed as training. Returns the training seconds, and the tokens
     and the positions (tokens + padding) it ran on."""
-    n_steps = count_training_steps(len(pairs.tokens), args.batch_size, args.epochs)
-    print_every = 1 if n_steps <= 30 else math.ceil(n_steps / 20)
+    steps = dpo.training_steps(pairs.tokens, args.batch_size, args.epochs, args.seed)
+    print_every = 1 if len(steps) <= 30 else math.ceil(len(steps) / 20)
     _, processes = process_rank_and_count()
     device = next(model.parameters()).device
-    loss = loss_config(args)
     speed = {"train_tokens": 0, "train_positions": 0, "train_s": 0.0}
-    steps = dpo.training_steps(pairs.tokens, args.batch_size, args.epochs, args.seed)
     for step, (epoch, indices) in enumerate(steps[start_step:], start=start_step + 1):
         start = time.perf_counter()
-        lr = learning_rate(step, args.lr, args.warmup_steps, args.lr_decay, n_steps)
+        lr = learning_rate(step, args.lr, args.warmup_steps, args.lr_decay, len(steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = [{**dpo.make_batch([pairs.tokens[i] for i in part], [x[part] for x in reference_logps],
                                            device), "weight": weight}
                          for part, weight in micro_batches_of_this_process(indices, args.grad_accum)]
         metrics = {"step": step, "epoch": epoch, "lr": lr,
-                   **train_step(model, optimizer, micro_batches, len(indices), loss, autocast, scaler)}
+                   **train_step(model, optimizer, micro_batches, len(indices), loss_config_of(args), autocast, scaler)}
         dpo.check_finite(metrics, ("loss",) if scaler else ("loss", "grad_norm"))  # the scaler skips inf gradients
         if device.type == "cuda":
             torch.cuda.synchronize()  # the step is done, not only queued, when the clock stops
@@ -536,72 +623,91 @@ def train(args, model, optimizer, scaler, pairs, reference_logps, start_step, au
         speed["train_tokens"] += sum(2 * len(p) + len(c) + len(r) for p, c, r in (pairs.tokens[i] for i in indices))
         speed["train_positions"] += sum(2 * len(part) * max(dpo.longest_row(pairs.tokens[i]) for i in part)
                                         for part in split_step(indices, processes * args.grad_accum) if part)
-        shown = step % print_every == 0 or step in (1, n_steps)
-        log({"phase": "dpo", **metrics}, f"step {step:3d}/{n_steps} (epoch {epoch}) | lr {lr:.2e} | "
-            + format_metrics(metrics) if shown else None)
+        line = f"step {step:3d}/{len(steps)} (epoch {epoch}) | lr {lr:.2e} | " + format_metrics(metrics)
+        log({"phase": "dpo", **metrics}, line if step % print_every == 0 or step in (1, len(steps)) else None)
         between_steps(step)
     return speed
 
 
 # -----------------------------------------------------------------------------
 # The passes without a gradient, shared out among the processes
+#
+# Each process takes every count-th batch, of as many pairs as a micro-batch holds (so that
+# their memory is a training step's), and the processes add up what they computed.
 
-def loss_config(args):
-    return dpo.LossConfig(args.loss, args.beta, args.label_smoothing, args.average_logps)
+def batches_of_this_process(args, pairs):
+    """This process's share of the batches of a pass without a gradient over the pairs."""
+    rank, count = process_rank_and_count()
+    per_batch = max(1, args.batch_size // (args.grad_accum * count))
+    return dpo.batches_by_length(pairs.tokens, per_batch)[rank::count]
 
 
-def measure(model, pairs, args, autocast):
-    """(log pi(y_chosen|x), log pi(y_rejected|x)) of every pair, (len(pairs),) each, on the CPU."""
-    batches = batches_of_this_process(dpo.batches_by_length(pairs.tokens, args.batch_size))
-    return dpo.pair_logps(model, pairs.tokens, average_logps=args.average_logps, autocast=autocast, batches=batches,
-                          combine=sum_over_processes, progress=progress_printer("log-probs"))
+def reference_logps_of(reference, pairs, args, autocast):
+    """The reference's (log pi_ref(y_chosen|x), log pi_ref(y_rejected|x)) of every pair, (len(pairs),)
+    each, on the CPU: what every training step subtracts."""
+    chosen, rejected = dpo.pair_logps(reference, pairs.tokens, average_logps=args.average_logps, autocast=autocast,
+                                      batches=batches_of_this_process(args, pairs),
+                                      progress=progress_printer("log-probs"))
+    device = next(reference.parameters()).device  # nccl adds up tensors on the GPU
+    both = sum_over_processes(torch.stack([chosen, rejected]).to(device)).cpu()
+    return both[0], both[1]
 
 
 def evaluate_held_out(args, policy, reference, pairs, autocast, log, step):
     """dpo.evaluate on the held-out pairs, if there are any, logged as an "eval" record."""
     if pairs.texts:
-        batches = batches_of_this_process(dpo.batches_by_length(pairs.tokens, args.batch_size))
-        metrics = dpo.evaluate(policy, reference, pairs.tokens, loss_config(args), autocast=autocast, batches=batches,
-                               combine=sum_over_processes, progress=progress_printer("evaluating"))
-        log({"phase": "eval", "step": step, **metrics}, f"eval at step {step:3d} (held out) | "
-            + format_metrics(metrics) + f" | kl {max(metrics['kl'], 0.0):.4f}")  # >= 0, but rounding can give -1e-9
+        numbers = dpo.evaluation_numbers(policy, reference, pairs.tokens, batches_of_this_process(args, pairs),
+                                         args.average_logps, autocast, progress_printer("evaluating"))
+        metrics = dpo.evaluation_metrics(sum_over_processes(numbers), loss_config_of(args))
+        log({"phase": "eval", "step": step, **metrics}, eval_line(step, metrics))
 
 
 # -----------------------------------------------------------------------------
 # Answers: what the policy and its reference say, and which DPO prefers
 
-@torch.no_grad()
-def complete(model, enc, prompt, max_new_tokens=64, temperature=0.0, top_k=None, num_samples=1, stop_strings=(),
-             generator=None):
-    """num_samples completions of the text prompt (model.generate; temperature 0 is greedy):
-    each up to <|endoftext|>, the first of stop_strings, or max_new_tokens tokens."""
-    ids = torch.tensor([enc.encode(prompt)] * num_samples, device=next(model.parameters()).device)
+def stop_strings_for(prompt):
+    """An HH-RLHF prompt ends at the assistant's turn: its answer ends where the human's next one begins."""
+    return (HUMAN,) if prompt.endswith(ASSISTANT) else ()
 
-    def cut(row):  # the text before <|endoftext|> and before any stop string
-        text = enc.decode(row[:row.index(enc.eot_token)] if enc.eot_token in row else row)
-        return min((text.split(s)[0] for s in stop_strings), key=len, default=text)
+
+@torch.no_grad()
+def complete(model, enc, prompt, max_new_tokens=64, temperature=0.0, top_k=None, num_samples=1, seed=0):
+    """num_samples answers to the text prompt (model.generate; temperature 0 is greedy), as
+    token ids: each up to <|endoftext|>, the start of a stop string (stop_strings_for), or
+    max_new_tokens tokens. The same seed samples the same answers."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([enc.encode(prompt)] * num_samples, device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    stop_strings = stop_strings_for(prompt)
+
+    def cut(row):  # the tokens before <|endoftext|>, and before the token a stop string begins in
+        row = row[:row.index(enc.eot_token)] if enc.eot_token in row else row
+        text = enc.decode(row)
+        end = min((text.index(s) for s in stop_strings if s in text), default=len(text))
+        while len(enc.decode(row)) > end:
+            row = row[:-1]
+        return row
 
     def ended(new):  # every row has ended: generation can stop
-        return all(enc.eot_token in row or cut(row) != enc.decode(row) for row in new.tolist())
+        return all(len(cut(row)) < len(row) for row in new.tolist())
 
     new = model.generate(ids, max_new_tokens, temperature, top_k, stop=ended, generator=generator)[:, ids.size(1):]
     return [cut(row) for row in new.tolist()]
 
 
-def compare(policy, reference, enc, prompt, loss, **sampling):
+def compare(policy, reference, enc, prompt, loss_config, **sampling):
     """The policy's and the reference's answers to the prompt (complete's sampling options), one
     record per sample, each with DPO's verdict: the two answers scored as a pair, the policy's
     chosen and the reference's rejected, whose rewards dpo_loss gives, beta (log pi(y|x) -
     log pi_ref(y|x)) (DPO paper, Eq. 5) with the run's beta and sum or mean, by the trained
-    policy against its reference. Each answer is tokenised apart from the prompt and ended by
+    policy against its reference. Each answer is scored as the tokens generated, ended by
     <|endoftext|>, as a completion in training is."""
     answers = [complete(model, enc, prompt, **sampling) for model in (policy, reference)]
-    row = lambda text: enc.encode(text, disallowed_special=()) + [enc.eot_token]  # "<|endoftext|>" here is text
-    pairs = [(enc.encode(prompt), row(p), row(r)) for p, r in zip(*answers)]
-    logps = [dpo.pair_logps(model, pairs, average_logps=loss.average_logps) for model in (policy, reference)]
-    _, policy_rewards, reference_rewards = dpo.dpo_loss(*logps[0], *logps[1], beta=loss.beta)
-    return [{"prompt": prompt, "policy": p, "reference": r, "policy_reward": pr, "reference_reward": rr}
-            for p, r, pr, rr in zip(*answers, policy_rewards.tolist(), reference_rewards.tolist())]
+    pairs = [(enc.encode(prompt), p + [enc.eot_token], r + [enc.eot_token]) for p, r in zip(*answers)]
+    logps = [dpo.pair_logps(model, pairs, average_logps=loss_config.average_logps) for model in (policy, reference)]
+    _, policy_rewards, reference_rewards = dpo.dpo_loss(*logps[0], *logps[1], beta=loss_config.beta)
+    return [{"prompt": prompt, "policy": enc.decode(p), "reference": enc.decode(r), "policy_reward": pr,
+             "reference_reward": rr} for p, r, pr, rr in zip(*answers, policy_rewards.tolist(), reference_rewards.tolist())]
 
 
 def print_comparison(record):
@@ -610,9 +716,10 @@ def print_comparison(record):
         print(f"    {who:<9}  reward {record[who + '_reward']:+8.3f}  {record[who]!r}")
 
 
-def answer_held_out(args, policy, reference, enc, train_pairs, eval_pairs):
+def answer_held_out(args, policy, reference, enc, train_pairs, eval_pairs, max_new_tokens=64):
     """Greedy answers of both models to the first --answers held-out prompts (or training
-    prompts, without held-out pairs), printed and returned for answers.jsonl."""
+    prompts, without held-out pairs), printed and returned for answers.jsonl. An answer is
+    as long as the model's context leaves room for, with its <|endoftext|>."""
     source, pairs = ("held-out", eval_pairs) if eval_pairs.texts else ("training", train_pairs)
     prompts = list(dict.fromkeys(pair["prompt"] for pair in pairs.texts))[:args.answers]
     if not prompts or not is_first_process():
@@ -620,10 +727,12 @@ def answer_held_out(args, policy, reference, enc, train_pairs, eval_pairs):
     print(f"answers to the first {len(prompts)} {source} prompts (greedy; reward = beta (log pi - log pi_ref) of "
           "the answer, DPO paper, Eq. 5):")
     records = []
-    for prompt in prompts:  # an HH-RLHF prompt ends at the assistant's turn: the answer ends at the next human's
-        stop = (HUMAN,) if prompt.endswith(ASSISTANT) else ()
-        records += compare(policy, reference, enc, prompt, loss_config(args), stop_strings=stop)
-        print_comparison(records[-1])
+    for prompt in prompts:
+        room = policy.config.block_size - len(enc.encode(prompt)) - 1
+        if room > 0:
+            records += compare(policy, reference, enc, prompt, loss_config_of(args), max_new_tokens=min(max_new_tokens,
+                                                                                                      room))
+            print_comparison(records[-1])
     return records
 
 
@@ -631,7 +740,7 @@ def answer_held_out(args, policy, reference, enc, train_pairs, eval_pairs):
 # The run folder: --out, and --resume from it
 
 def run_record(out):
-    """run.json of the run folder out, if this project wrote it; else a ValueError saying why not."""
+    """run.json of the run folder out, if this project wrote it; else an error saying why not."""
     path = Path(out) / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"{out} holds no run.json, so it is no run of this project's (or one of an earlier "
@@ -679,10 +788,10 @@ def check_out(out, resume=False):
     return created
 
 
-def describe_run(program, args, loss, reference_name):
+def describe_run(program, args, loss_config, reference_name):
     """run.json: which program wrote the folder, with which options, the loss (sample.py's
     rewards) and where its reference is: a GPT-2 name, or reference.safetensors."""
-    return {"program": program, "options": vars(args), "loss": dataclasses.asdict(loss),
+    return {"program": program, "options": vars(args), "loss": dataclasses.asdict(loss_config),
             "reference": reference_name or "reference.safetensors"}
 
 
@@ -722,64 +831,6 @@ def resume_from(out, device):
     state["policy"] = GPT.from_pretrained(out, device=device)
     state["reference"] = dpo.make_reference(GPT.from_pretrained(out / "reference.safetensors", device=device))
     return state
-
-
-# -----------------------------------------------------------------------------
-# Printing and timing
-
-def log_to(records, record, line=None):
-    """Keep record for metrics.jsonl; print line, if any."""
-    records.append(record)
-    if line:
-        print("  " + line, flush=True)
-
-
-def progress_printer(label, every_s=10.0):
-    """A progress(done, total) callback for long phases: a line at most every every_s seconds."""
-    start = last = time.perf_counter()
-
-    def progress(done, total):
-        nonlocal last
-        if time.perf_counter() - last >= every_s:
-            last = time.perf_counter()
-            print(f"  {label}: {done:,}/{total:,} pairs, {last - start:.0f} s", flush=True)
-    return progress
-
-
-def format_metrics(m):
-    return (f"loss {m['loss']:.4f} | reward acc {m['reward_accuracy']:.2f} | margin {m['margin']:+.3f} | "
-            f"chosen {m['chosen_reward']:+.3f} | rejected {m['rejected_reward']:+.3f}")
-
-
-def peak_memory_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-def speed_line(speed, device):
-    memory = "CUDA" if device.type == "cuda" else "process RSS"
-    return (f"training: {speed['train_s']:.2f} s, {speed['train_tokens'] / speed['train_s']:,.0f} tokens/s, "
-            f"{1 - speed['train_tokens'] / speed['train_positions']:.0%} padding; peak memory "
-            f"{peak_memory_bytes(device) / 2**20:,.0f} MiB ({memory})")
-
-
-def describe_training(args, n_train, n_eval, n_steps):
-    """The line that says what is about to be trained, and how."""
-    processes = process_rank_and_count()[1]
-    schedule = (f", warmup {args.warmup_steps} steps" if args.warmup_steps else "") + (
-        ", then linear decay to 0" if args.lr_decay == "linear" else "")
-    line = (f"{args.loss.upper()} on {n_train:,} pairs, {n_eval:,} held out (beta {args.beta}, lr {args.lr}{schedule}, "
-            f"batch {args.batch_size}, {args.epochs} epoch{'s' if args.epochs > 1 else ''} = {n_steps:,} steps, "
-            f"seed {args.seed}" + (", log-probs averaged over tokens" if args.average_logps else "")
-            + (f", {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
-            + (f", {processes} processes" if processes > 1 else "") + ")")
-    if args.loss == "ipo":  # IPO paper, Eq. 17: the loss is zero at h = 1/(2 beta)
-        unit = "nats per token" if args.average_logps else "nats"
-        line += (f"; IPO's target h = 1/(2 beta) = {1 / (2 * args.beta):g} {unit}: "
-                 "the loss is 0 where log pi(chosen) - log pi(rejected) is that far above the reference's")
-    return line
 
 
 # -----------------------------------------------------------------------------
@@ -856,7 +907,7 @@ def run(args, status):
     evaluate_at_step = functools.partial(evaluate_held_out, args, policy, reference, eval_pairs, autocast, log)
 
     # 2. measure: the reference's log-probs of the training pairs, which every step subtracts
-    reference_logps = resumed["reference_logps"] if resumed else measure(reference, train_pairs, args, autocast)
+    reference_logps = resumed["reference_logps"] if resumed else reference_logps_of(reference, train_pairs, args, autocast)
     if not resumed:
         evaluate_at_step(0)
 
@@ -866,7 +917,7 @@ def run(args, status):
         policy, device_ids=[device.index] if device.type == "cuda" else None)
     n_steps = count_training_steps(len(train_pairs.tokens), args.batch_size, args.epochs)
     keeps_reference = args.save_every or not reference_by_name(args)  # --resume needs it, or no name loads it
-    run_json = describe_run("train.py", args, loss_config(args), None if keeps_reference else reference_by_name(args))
+    run_json = describe_run("train.py", args, loss_config_of(args), None if keeps_reference else reference_by_name(args))
     pairs_fingerprint = fingerprint(train_pairs, eval_pairs) if args.save_every else None  # once, not every save
 
     def save(step, records, answers=None, finished=False):

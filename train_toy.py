@@ -14,10 +14,11 @@ to ask whether the model learned a preference or memorised four pairs.
 
 run() at the end of this file is the experiment: prepare, measure which completion the
 model prefers, train (dpo.train_dpo), measure again with the same function, report, save.
-Loading the model, the run folder (--out) and the printing of a step come from train.py,
-the trainer for your own pairs.
+A few helpers come from train.py, the trainer for your own pairs: loading the model, the
+printed lines of a step and of an evaluation, answering a prompt, the run folder (--out),
+and main, which turns a failure or Ctrl-C into one line.
 
-Read first: model.py, dpo.py. Read next: test_dpo.py.
+Read first: model.py, dpo.py. Read next: test_dpo.py, then train.py.
 """
 
 import argparse
@@ -61,57 +62,6 @@ DEFAULTS = {
 BATCH_SIZE = 2  # pairs per step: two steps an epoch
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Per-model defaults: " + "; ".join(
-            f"{k}: lr {v['lr']}, {v['epochs']} epochs, beta {v['beta']['dpo']} (dpo) / {v['beta']['ipo']} (ipo)"
-            for k, v in DEFAULTS.items())
-        + f" (gpt2-medium/large/xl as gpt2); tiny first runs {SFT_STEPS} SFT steps at lr {SFT_LR}.")
-    add = parser.add_argument
-    add("--model", default="gpt2", choices=[*GPT2_MODELS, "tiny"],
-        help="GPT-2 size to load, or 'tiny' for the small stand-in (default gpt2)")
-    add("--weights", help="a local model.safetensors (or a folder with one) to load instead of downloading")
-    add("--init", default="pretrained", choices=["pretrained", "random"],
-        help="'random': the --model's shapes with random weights (times the real sizes offline)")
-    add("--loss", default="dpo", choices=["dpo", "ipo"], help="DPO (Eq. 7) or IPO (Eq. 17)")
-    add("--beta", type=train.positive(float), help="strength of the pull towards the reference (see below)")
-    add("--lr", type=train.positive(float), help="AdamW's learning rate (see below)")
-    add("--epochs", type=train.positive(int), help="passes over the four training pairs (see below)")
-    add("--seed", type=int, default=0, help="same seed, device and threads: same numbers (0)")
-    add("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if there is one, else mps, else cpu")
-    add("--dtype", choices=list(train.DTYPES), help="the forward passes' precision under autocast (default: "
-        "bfloat16 on a GPU that has it, else float32)")
-    add("--eval-every", type=train.positive(int), help="evaluate the held-out pairs every N steps (default: at "
-        "the start and the end only)")
-    add("--out", default="out/toy-dpo", help="the run's folder (out/toy-dpo): the trained policy, metrics.jsonl, "
-        "run.json and, when it cannot be loaded by name, the reference. It must be missing, empty or this "
-        "project's; other files are refused")
-    add("--plot", help="save loss and reward curves to this .png (needs matplotlib)")
-    args = parser.parse_args(argv)
-    defaults = DEFAULTS["tiny" if args.model == "tiny" else "gpt2"]
-    args.lr = args.lr or defaults["lr"]
-    args.epochs = args.epochs or defaults["epochs"]
-    args.beta = args.beta or defaults["beta"][args.loss]
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else
-                                  "mps" if torch.backends.mps.is_available() else "cpu")
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" and torch.cuda.is_bf16_supported() else "float32")
-    for wrong, message in [
-        (args.model == "tiny" and (args.weights or args.init == "random"),
-         "--model tiny is always built here; --weights and --init are for the GPT-2 sizes"),
-        (args.weights and args.init == "random", "--weights loads weights and --init random makes new ones: pick one"),
-        (args.device == "cuda" and not torch.cuda.is_available(),
-         "--device cuda: this torch sees no CUDA GPU (a CPU-only build, or no driver)"),
-        (args.device == "mps" and not torch.backends.mps.is_available(), "--device mps: MPS is not available here"),
-        *train.out_problems(args.out),
-        (args.plot and Path(args.plot).absolute().is_relative_to(Path(args.out).absolute()),
-         "--plot must be outside --out, which holds the run's own files only"),
-    ]:
-        if wrong:
-            parser.error(message)
-    return args
-
-
 # -----------------------------------------------------------------------------
 # The tiny stand-in for pretrained GPT-2
 #
@@ -150,6 +100,54 @@ def sft_warmup(model, tokens, seed, log):
 
 
 # -----------------------------------------------------------------------------
+# Options
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Per-model defaults: " + "; ".join(
+            f"{k}: lr {v['lr']}, {v['epochs']} epochs, beta {v['beta']['dpo']} (dpo) / {v['beta']['ipo']} (ipo)"
+            for k, v in DEFAULTS.items())
+        + f" (gpt2-medium/large/xl as gpt2); tiny first runs {SFT_STEPS} SFT steps at lr {SFT_LR}.")
+    add = parser.add_argument
+    add("--model", default="gpt2", choices=[*GPT2_MODELS, "tiny"],
+        help="GPT-2 size to load, or 'tiny' for the small stand-in (default gpt2)")
+    add("--weights", help="a local model.safetensors (or a folder with one) to load instead of downloading")
+    add("--init", default="pretrained", choices=["pretrained", "random"],
+        help="'random': the --model's shapes with random weights (times the real sizes offline)")
+    add("--loss", default="dpo", choices=["dpo", "ipo"], help="DPO (Eq. 7) or IPO (Eq. 17)")
+    add("--beta", type=train.positive(float), help="strength of the pull towards the reference (see below)")
+    add("--lr", type=train.positive(float), help="AdamW's learning rate (see below)")
+    add("--epochs", type=train.positive(int), help="passes over the four training pairs (see below)")
+    add("--seed", type=int, default=0, help="same seed, device and threads: same numbers (0)")
+    add("--device", choices=["cpu", "cuda", "mps"], help="default: cuda if there is one, else mps, else cpu")
+    add("--dtype", choices=["float32", "bfloat16"], help="the forward passes' precision under autocast (default: "
+        "bfloat16 on a GPU that has it, else float32)")
+    add("--eval-every", type=train.positive(int), help="evaluate the held-out pairs every N steps (default: at "
+        "the start and the end only)")
+    add("--out", default="out/toy-dpo", help="the run's folder (out/toy-dpo): the trained policy, metrics.jsonl, "
+        "run.json and, when it cannot be loaded by name, the reference. It must be missing, empty or this "
+        "project's; other files are refused")
+    add("--plot", help="save loss and reward curves to this .png (needs matplotlib)")
+    args = parser.parse_args(argv)
+    defaults = DEFAULTS["tiny" if args.model == "tiny" else "gpt2"]
+    args.lr = args.lr or defaults["lr"]
+    args.epochs = args.epochs or defaults["epochs"]
+    args.beta = args.beta or defaults["beta"][args.loss]
+    args.device = args.device or train.default_device()
+    args.dtype = args.dtype or train.default_dtype(args.device)
+    for wrong, message in [
+        *train.model_problems(args),
+        *train.out_problems(args.out),
+        (args.plot and Path(args.plot).absolute().is_relative_to(Path(args.out).absolute()),
+         "--plot must be outside --out, which holds the run's own files only"),
+    ]:
+        if wrong:
+            parser.error(message)
+    return args
+
+
+# -----------------------------------------------------------------------------
 # Measuring and reporting
 
 def measure(model, tokens, autocast):
@@ -164,15 +162,9 @@ def count_preferred(logps):
     return int((chosen > rejected).sum())
 
 
-@torch.no_grad()
 def greedy_completions(model, enc, pairs, max_new_tokens=12):
     """What the model says after each prompt: greedy, up to <|endoftext|> or 12 tokens."""
-    completions = []
-    for pair in pairs:
-        ids = torch.tensor([enc.encode(pair["prompt"])], device=next(model.parameters()).device)
-        out = model.generate(ids, max_new_tokens, temperature=0)[0, ids.size(1):].tolist()
-        completions.append(enc.decode(out[:out.index(enc.eot_token)] if enc.eot_token in out else out))
-    return completions
+    return [enc.decode(train.complete(model, enc, pair["prompt"], max_new_tokens)[0]) for pair in pairs]
 
 
 def print_table(title, pairs, before, after, beta):
@@ -188,10 +180,10 @@ def print_table(title, pairs, before, after, beta):
 
 
 def report(args, before, after, completions):
-    """The two tables, the headline and the greedy completions."""
-    for title, pairs, b, a in (("training pair", TOY_PAIRS, *before[:1], *after[:1]),
-                               ("held-out pair", TOY_EVAL_PAIRS, *before[1:], *after[1:])):
-        print_table(title, pairs, b, a, args.beta)
+    """The two tables, the headline and the greedy completions; before and after are the
+    training pairs' log-probs and the held-out pairs'."""
+    print_table("training pair", TOY_PAIRS, before[0], after[0], args.beta)
+    print_table("held-out pair", TOY_EVAL_PAIRS, before[1], after[1], args.beta)
     counts = [f"{count_preferred(b)}/4 -> {count_preferred(a)}/4" for b, a in zip(before, after)]
     print(f"\nchosen preferred: training pairs {counts[0]}, held-out pairs {counts[1]}\n")
     print("greedy completions (before -> after):")
@@ -250,10 +242,10 @@ def make_summary(args, device, records, speed, before, after, completions):
 
 def run(args, status):
     """The whole experiment; returns the summary that ends metrics.jsonl. status as train.main's."""
-    device = train.start_processes(args.device)
+    device = train.device_for(args.device)
     autocast = contextlib.nullcontext() if args.dtype == "float32" else torch.autocast(device.type,
                                                                                      train.DTYPES[args.dtype])
-    loss = dpo.LossConfig(args.loss, args.beta)
+    loss_config = dpo.LossConfig(args.loss, args.beta)
     records = []
     log = functools.partial(train.log_to, records)
 
@@ -274,19 +266,16 @@ def run(args, status):
     reference = dpo.make_reference(policy)
     steps = dpo.training_steps(pairs, BATCH_SIZE, args.epochs, args.seed)
     print(f"{args.loss.upper()} on 4 pairs, 4 held out (beta {args.beta}, lr {args.lr}, batch {BATCH_SIZE}, "
-          f"{args.epochs} epochs, seed {args.seed})" + (f"; IPO's target h = 1/(2 beta) = {1 / (2 * args.beta):g} "
-          "nats: the loss is 0 where log pi(chosen) - log pi(rejected) is that far above the reference's"
-                                                        if args.loss == "ipo" else ""))
+          f"{args.epochs} epochs, seed {args.seed})" + (train.ipo_target(args.beta, False) if args.loss == "ipo" else ""))
 
     # 2. measure: which completion the untouched model prefers (the reference is that model, frozen)
     before = [measure(reference, tokens, autocast) for tokens in (pairs, held_out)]
     completions = [greedy_completions(reference, enc, TOY_PAIRS + TOY_EVAL_PAIRS)]
 
-    def evaluate(step):
-        metrics = dpo.evaluate(policy, reference, held_out, loss, autocast=autocast)
-        log({"phase": "eval", "step": step, **metrics}, f"eval at step {step:3d} (held out) | "
-            + train.format_metrics(metrics) + f" | kl {max(metrics['kl'], 0.0):.4f}")  # rounding can give -1e-9
-    evaluate(0)
+    def evaluate_at_step(step):
+        metrics = dpo.evaluate(policy, reference, held_out, loss_config, autocast=autocast)
+        log({"phase": "eval", "step": step, **metrics}, train.eval_line(step, metrics))
+    evaluate_at_step(0)
 
     # 3. train: one forward pass of the policy per batch, the reference's log-probs (before) cached
     eval_seconds = []
@@ -296,19 +285,19 @@ def run(args, status):
             + train.format_metrics(metrics))
         if args.eval_every and metrics["step"] % args.eval_every == 0 and metrics["step"] < len(steps):
             start = time.perf_counter()
-            evaluate(metrics["step"])
+            evaluate_at_step(metrics["step"])
             eval_seconds.append(time.perf_counter() - start)
 
     optimizer = dpo.make_optimizer(policy, args.lr)
     start = time.perf_counter()
-    dpo.train_dpo(policy, reference, pairs, optimizer, loss, args.epochs, BATCH_SIZE, args.seed, autocast=autocast,
-                  reference_logps=tuple(before[0]), on_step=on_step)
+    dpo.train_dpo(policy, reference, pairs, optimizer, loss_config, args.epochs, BATCH_SIZE, args.seed,
+                  autocast=autocast, reference_logps=tuple(before[0]), on_step=on_step)
     train_s = time.perf_counter() - start - sum(eval_seconds)
 
     # 4. measure again, with the same functions
     after = [measure(policy, tokens, autocast) for tokens in (pairs, held_out)]
     completions.append(greedy_completions(policy, enc, TOY_PAIRS + TOY_EVAL_PAIRS))
-    evaluate(len(steps))
+    evaluate_at_step(len(steps))
 
     # 5. report
     report(args, before, after, completions)
@@ -319,7 +308,7 @@ def run(args, status):
     # 6. save: the trained policy (and the reference, unless a GPT-2 name loads it), metrics.jsonl
     summary = make_summary(args, device, records, speed, before, after, completions)
     name = train.reference_by_name(args)
-    train.save_run(args.out, policy, train.describe_run("train_toy.py", args, loss, name), [*records, summary],
+    train.save_run(args.out, policy, train.describe_run("train_toy.py", args, loss_config, name), [*records, summary],
                    reference if name is None else None, replaced=lambda: status.update(saved=len(steps), finished=True))
     if args.plot:
         save_plot(records, args.plot, args.loss)
