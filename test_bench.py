@@ -119,8 +119,8 @@ def test_steps_take_turns_through_every_order():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc/self/status")
 def test_cpu_peak_is_in_bytes():
-    """ru_maxrss is in KiB on Linux; train.peak_memory_bytes, which bench reports, is in bytes: the process's high-water mark, which
-    /proc/self/status also gives as VmHWM (in kB), times 1024."""
+    """ru_maxrss is in KiB on Linux; train.peak_memory_bytes, which bench reports, is in bytes:
+    the process's high-water mark, which /proc/self/status also gives as VmHWM (in kB), times 1024."""
     with open("/proc/self/status") as f:
         vm_hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     peak = train.peak_memory_bytes(torch.device("cpu"))

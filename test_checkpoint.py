@@ -40,8 +40,8 @@ import torch
 import checkpoint
 from checkpoint import SAFETENSORS_DTYPES, hub_cache_dir, load_safetensors, save_safetensors, write_atomically
 from model import GPT
-from test_dpo import (TINY, TINY_CONFIG, assert_matches_numpy, hub_config, model_logits, needs_cuda, numpy_greedy,
-                      numpy_logits, random_gpt2_params, random_tokens, tiny)  # noqa: F401 (tiny: a fixture)
+from test_dpo import (TINY, TINY_CONFIG, assert_matches_numpy, gpt2_tokenizer, hub_config, model_logits, needs_cuda,
+                      numpy_greedy, numpy_logits, random_gpt2_params, random_tokens, tiny)  # noqa: F401 (tiny: a fixture)
 
 
 # ---------------------------------------------------------------------------
@@ -1394,13 +1394,7 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 
 @pytest.fixture(scope="module")
 def enc():
-    """tiktoken's GPT-2 encoding, or a skip that says how to make it load offline."""
-    try:
-        import tiktoken
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # no tiktoken, or no cached BPE files and no network
-        pytest.skip(f"GPT-2 tokenizer not loadable ({type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder "
-                    "holding tiktoken's gpt2 files (README.md, 'Offline')")
+    return gpt2_tokenizer()
 
 
 @pytest.fixture(scope="module")

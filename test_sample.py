@@ -287,10 +287,11 @@ def gpt2_in_the_hub_cache(cache_dir):
 def test_every_kind_of_run_folder_rebuilds_the_reference_it_trained_against(tmp_path, monkeypatch):
     """run.json says where the reference is, and sample.py's load rebuilds it: by name for a
     pretrained GPT-2 size (here 'gpt2' from an offline Hugging Face cache), from
-    reference.safetensors for the tiny model, --weights, the toy's SFT'd model
-    (test_dpo.py's test_toy_metrics_file_has_every_step_and_a_summary), and any run with --save-every. Each time it equals the policy before training,
-    weight for weight. (--init random, GPT-2's shapes with random weights, takes the tiny
-    model's path: test_only_a_pretrained_gpt2_size_is_a_reference_by_name.)"""
+    reference.safetensors for the tiny model, --weights, and any run with --save-every (the
+    toy's SFT'd model: test_dpo.py's test_toy_metrics_file_has_every_step_and_a_summary).
+    Each time it equals the policy before training, weight for weight. (--init random, GPT-2's
+    shapes with random weights, takes the tiny model's path:
+    test_only_a_pretrained_gpt2_size_is_a_reference_by_name.)"""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     gpt2 = gpt2_in_the_hub_cache(tmp_path / "hub")
@@ -318,7 +319,8 @@ def test_every_kind_of_run_folder_rebuilds_the_reference_it_trained_against(tmp_
 
 @pytest.mark.parametrize("model, weights, init, name", [
     ("gpt2", None, "pretrained", "gpt2"), ("gpt2-xl", None, "pretrained", "gpt2-xl"),
-    ("gpt2", "my/model.safetensors", "pretrained", None), ("gpt2", None, "random", None), ("tiny", None, "pretrained", None)])
+    ("gpt2", "my/model.safetensors", "pretrained", None), ("gpt2", None, "random", None),
+    ("tiny", None, "pretrained", None)])
 def test_only_a_pretrained_gpt2_size_is_a_reference_by_name(model, weights, init, name):
     """Any other reference is weights that no name loads again: they are kept in the folder."""
     args = train.complete_options({"model": model, "weights": weights, "init": init}, train.DEFAULTS)

@@ -847,8 +847,10 @@ def test_resume_takes_the_run_s_options_and_refuses_options_or_pairs_that_would_
              (["--average-logps"], "--average-logps False -> True."), (["--lr", "0.002"], "--lr 0.001 -> 0.002."),
              (["--epochs", "2"], "--epochs 1 -> 2."), (["--batch-size", "4"], "--batch-size 2 -> 4."),
              (["--seed", "1"], "--seed 0 -> 1."), (["--dtype", "bfloat16"], "--dtype float32 -> bfloat16."),
-             (["--warmup-steps", "1"], "--warmup-steps 0 -> 1."), (["--lr-decay", "linear"], "--lr-decay none -> linear."),
-             (["--max-length", "100"], "--max-length None -> 100."), (["--eval-fraction", "0.5"], "--eval-fraction None -> 0.5."),
+             (["--warmup-steps", "1"], "--warmup-steps 0 -> 1."),
+             (["--lr-decay", "linear"], "--lr-decay none -> linear."),
+             (["--max-length", "100"], "--max-length None -> 100."),
+             (["--eval-fraction", "0.5"], "--eval-fraction None -> 0.5."),
              (["--data", str(other_pairs)], "these are not the pairs of the run")]
     for change, message in cases:
         with pytest.raises(SystemExit) as stop:

@@ -122,9 +122,11 @@ def make_parser():
     add("--out", help="the run's folder (out/dpo); it must be missing, empty or this project's, whose files each "
         "save replaces all at once")
     add("--save-every", type=positive(int), help="save what --resume needs every N steps (and at the end)")
-    add("--answers", type=int, help="held-out prompts answered greedily at the end by both models (4)")
+    add("--answers", type=int, help="held-out prompts answered greedily at the end by both models, up to 64 "
+        "tokens each, with DPO's rewards (4)")
     add("--resume", action="store_true", help="continue the run saved in --out, with its options; --grad-accum, "
-        "--device, --eval-every, --save-every and the number of processes may change")
+        "--device, --eval-every, --save-every, --answers, the number of processes and where --data and --eval-data "
+        "are may change")
     return parser
 
 
@@ -171,9 +173,7 @@ def first_problem(args):
     processes = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
     for wrong, message in [
         (not args.data, "--data is required: a file of preference pairs (python train_toy.py runs the toy pairs)"),
-        (args.model == "tiny" and (args.weights or args.init == "random"),
-         "--model tiny is always built here; --weights and --init are for the GPT-2 sizes"),
-        (args.weights and args.init == "random", "--weights loads weights and --init random makes new ones: pick one"),
+        *model_problems(args),
         (not 0 <= args.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}"),
         (args.loss == "ipo" and args.label_smoothing, "--label-smoothing is for --loss dpo; IPO is already robust "
                                                       "to noisy labels"),
@@ -184,9 +184,6 @@ def first_problem(args):
         (args.grad_accum * processes > args.batch_size,
          f"--grad-accum {args.grad_accum} x {processes} process(es) is more micro-batches than the --batch-size "
          f"{args.batch_size} pairs of a step: some would be empty; lower --grad-accum or raise --batch-size"),
-        (args.device == "cuda" and not torch.cuda.is_available(),
-         "--device cuda: this torch sees no CUDA GPU (a CPU-only build, or no driver)"),
-        (args.device == "mps" and not torch.backends.mps.is_available(), "--device mps: MPS is not available here"),
         *out_problems(args.out),
     ]:
         if wrong:
@@ -850,7 +847,8 @@ def prepare(args, device, log):
     for pairs in (train_pairs, eval_pairs):
         if pairs.left_out:
             n = sum(map(len, pairs.left_out.values()))
-            print(f"left out {n:,} of {n + len(pairs.tokens):,} pairs of {pairs.source}: {describe_left_out(pairs.left_out)}")
+            print(f"left out {n:,} of {n + len(pairs.tokens):,} pairs of {pairs.source}: "
+                  + describe_left_out(pairs.left_out))
     if not args.resume:  # a resumed run has this record already
         log({"phase": "data", "pairs": len(train_pairs.tokens), "held_out": len(eval_pairs.tokens),
              "left_out": {why: len(wheres) for why, wheres in train_pairs.left_out.items()},
@@ -907,7 +905,8 @@ def run(args, status):
     evaluate_at_step = functools.partial(evaluate_held_out, args, policy, reference, eval_pairs, autocast, log)
 
     # 2. measure: the reference's log-probs of the training pairs, which every step subtracts
-    reference_logps = resumed["reference_logps"] if resumed else reference_logps_of(reference, train_pairs, args, autocast)
+    reference_logps = (resumed["reference_logps"] if resumed else
+                       reference_logps_of(reference, train_pairs, args, autocast))
     if not resumed:
         evaluate_at_step(0)
 
