@@ -723,6 +723,25 @@ def test_prepare_run_folder_makes_the_missing_parents_and_leaves_nothing_else(tm
                               "runs/may/theirs.txt": b"x"}
 
 
+def test_prepare_run_folder_that_cannot_try_a_save_says_where_and_removes_the_folders_it_made(tmp_path, monkeypatch):
+    """The folders on the way to --out are made first, then a folder beside --out is tried; if
+    that cannot be made (a read-only disk; here mkdir fails as it would), the OSError says where,
+    and the folders made for it are gone again: a run refused at once leaves no trace."""
+    real = Path.mkdir
+
+    def no_folder_beside_out(path, *args, **kwargs):
+        if path.name.startswith(".out."):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", no_folder_beside_out)
+    out = tmp_path / "runs" / "may" / "out"
+    with pytest.raises(OSError) as err:
+        checkpoint.prepare_run_folder(out, OURS, RUN)
+    assert str(err.value) == f"{RUN}: cannot write in {out.parent.resolve()} (Read-only file system)"
+    assert tree(tmp_path) == {}
+
+
 @pytest.mark.skipif(os.name != "posix", reason="needs /, which is a mount point on POSIX systems")
 @pytest.mark.parametrize("through_a_link", [False, True], ids=["/", "a link to /"])
 def test_prepare_run_folder_refuses_a_mount_point_even_through_a_link(tmp_path, through_a_link):

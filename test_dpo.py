@@ -316,6 +316,23 @@ def test_reward_accuracy_counts_a_tie_as_half_right():
                                          rejected_reward=0.25), abs=1e-12)
 
 
+def test_dpo_step_with_label_smoothing_trains_on_the_conservative_dpo_loss():
+    """dpo_step with LossConfig(label_smoothing=0.2), the step train.py's --label-smoothing takes:
+    its loss is conservative DPO's, dpo_loss with eps = 0.2 of the plain definition's
+    log-probs, which differs from plain DPO's here."""
+    policy = tiny_policy(dtype=torch.float64)
+    reference = dpo.make_reference(policy)
+    perturb(policy)
+    batch = reference_batch(reference, encoded_pairs())
+    with torch.no_grad():
+        logps = [*plain_logps(policy, batch), *plain_logps(reference, batch)]
+        conservative = dpo.dpo_loss(*logps, beta=0.5, label_smoothing=0.2)[0].mean().item()
+        plain = dpo.dpo_loss(*logps, beta=0.5)[0].mean().item()
+    metrics = one_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, beta=0.5, label_smoothing=0.2)
+    assert metrics["loss"] == pytest.approx(conservative, rel=1e-10)
+    assert abs(conservative - plain) > 1e-4
+
+
 # -----------------------------------------------------------------------------
 # Sum or mean over the completion's tokens
 
@@ -906,6 +923,19 @@ def test_train_dpo_stops_at_the_first_step_whose_loss_is_not_finite(policy, refe
         dpo.train_dpo(policy, dpo.make_reference(policy), encoded_pairs(), dpo.make_optimizer(policy, lr=1e-3))
 
 
+def test_dpo_step_with_an_inf_or_nan_gradient_leaves_the_weights_and_the_optimizer_as_they_were(policy, reference):
+    """A finite loss with a gradient that is not (every gradient of ln_f's weight times inf):
+    dpo_step reports the norm, which stops train_dpo, and does not apply the gradient, which
+    would make AdamW's every weight nan; the weights are the ones before the step, to the bit."""
+    policy.transformer.ln_f.weight.register_hook(lambda grad: grad * float("inf"))
+    before = [p.detach().clone() for p in policy.parameters()]
+    optimizer = dpo.make_optimizer(policy, lr=1e-2)
+    metrics = one_step(policy, optimizer, reference_batch(reference, encoded_pairs()))
+    assert math.isfinite(metrics["loss"]) and not math.isfinite(metrics["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert optimizer.state_dict()["state"] == {}  # AdamW never stepped
+
+
 def test_cached_reference_log_probs_keep_the_model_precision():
     """A float64 reference gives float64 cached log-probs, equal to a direct computation."""
     reference = tiny_policy().double()
@@ -987,6 +1017,38 @@ def test_evaluate_equals_dpo_loss_and_kl_computed_pair_by_pair_from_full_logits(
     assert m["reward_accuracy"] == pytest.approx(np.mean([x > 0 for x in margins]))
     assert min(abs(x) for x in margins) > 0  # no tie here: the tie rule has its own test
     assert m["kl"] == pytest.approx(np.mean(kls), rel=1e-9)
+
+
+@pytest.mark.parametrize("loss_type, label_smoothing, loss", [("dpo", 0.1, (0.41326168751822286 + 1.5514132779827524) / 2),
+                                                             ("ipo", 0.0, (1.0 + 16.0) / 2)])
+def test_evaluation_metrics_are_the_loss_asked_for_over_the_pairs_and_the_kl_over_all_positions(loss_type,
+                                                                                              label_smoothing, loss):
+    """evaluation_metrics of evaluation_numbers' six rows, written here: FIXED's log-probs (beta
+    0.5), each pair's KL summed over its positions, and their number. The loss is the mean of
+    the loss asked for (cDPO's or IPO's hand-computed values above); margins 1 and -1.5; the KL
+    is the sum over all positions over their number, (0.3 + 0.9) / (2 + 4) = 0.2, not the mean of
+    each pair's mean (0.15 + 0.225) / 2 = 0.1875."""
+    numbers = torch.tensor([FIXED[k] for k in ("pc", "pr", "rc", "rr")] + [[0.3, 0.9], [2.0, 4.0]],
+                           dtype=torch.float64)
+    metrics = dpo.evaluation_metrics(numbers, dpo.LossConfig(loss_type, beta=0.5, label_smoothing=label_smoothing))
+    assert metrics == pytest.approx(dict(loss=loss, reward_accuracy=0.5, margin=-0.25, chosen_reward=-0.25,
+                                         rejected_reward=0.0, kl=0.2), rel=1e-12)
+
+
+def test_pair_logps_scores_only_the_pairs_of_the_batches_given_and_counts_them_as_it_goes():
+    """pair_logps with batches (a process's share under torchrun): the pairs in them get the
+    plain definition's log-probs, the others 0 (the processes' shares are added up); progress
+    is told the pairs done of the pairs in those batches."""
+    model = tiny_policy(dtype=torch.float64)
+    pairs = encoded_pairs()
+    seen = []
+    chosen, rejected = dpo.pair_logps(model, pairs, batches=[[0, 3], [4]], progress=lambda *done: seen.append(done))
+    with torch.no_grad():
+        expected = plain_logps(model, dpo.collate(pairs))
+    for got, plain in zip((chosen, rejected), expected):
+        assert torch.allclose(got[[0, 3, 4]], plain[[0, 3, 4]], rtol=0, atol=1e-12)
+        assert got[[1, 2]].tolist() == [0.0, 0.0]
+    assert seen == [(2, 3), (3, 3)]
 
 
 def test_kl_is_taken_in_the_direction_kl_policy_to_reference():

@@ -222,6 +222,17 @@ def test_complete_stops_at_endoftext_and_before_a_stop_string_and_no_later():
     assert train.complete(model, enc, "Hi", max_new_tokens=3) == [words[:3]] and model.calls == 3
 
 
+def test_only_a_prompt_that_ends_at_the_assistant_s_turn_stops_before_the_human_s_next_one():
+    """A prompt with an assistant's turn inside it that does not end at one (here the start of
+    the assistant's answer, to be continued) is no HH-RLHF prompt waiting for an answer: its
+    answer runs on through "\n\nHuman:" to <|endoftext|>, as after any text."""
+    enc = gpt2_tokenizer()
+    words = enc.encode(" It is salty.\n\nHuman: Why?")
+    model = Scripted(words + [enc.eot_token])
+    assert train.complete(model, enc, "\n\nHuman: Is the sea salty?\n\nAssistant: Yes.", max_new_tokens=30) == [
+        words]
+
+
 @pytest.fixture(scope="module")
 def a_run(tmp_path_factory):
     """A train.py run of the tiny model with held-out pairs: (its folder, the data file)."""
@@ -253,6 +264,57 @@ def test_compare_rewards_are_beta_times_the_log_ratio_of_each_answer_from_full_l
                          for model in (policy, reference)]
             assert record[who + "_reward"] == pytest.approx(loss.beta * (logps[0] - logps[1]), rel=1e-5, abs=1e-6)
         assert record["policy_reward"] != 0.0  # the policy did move
+
+
+def test_compare_scores_the_tokens_generated_not_their_text_encoded_again(a_run, monkeypatch):
+    """Answers whose tokens do not come back from their text (" " then "a", which encodes
+    as the one token " a"; "c" then "at", which is "cat"): each reward is beta (log pi - log
+    pi_ref) of exactly the tokens generated and <|endoftext|>, by each model's full forward
+    pass, as training scores a completion; the text encoded again would be another sequence."""
+    out, _ = a_run
+    enc = gpt2_tokenizer()
+    policy, reference, loss = sample.load(str(out), torch.device("cpu"), compare=True)
+    generated = {policy: [enc.encode(" ")[0], enc.encode("a")[0]], reference: enc.encode("c") + enc.encode("at")}
+    assert all(enc.encode(enc.decode(tokens)) != tokens for tokens in generated.values())
+    monkeypatch.setattr(train, "complete", lambda model, enc, prompt, **sampling: [generated[model]])
+    (record,) = train.compare(policy, reference, enc, "Item 3: red green", loss, max_new_tokens=8)
+    assert (record["policy"], record["reference"]) == (" a", "cat")
+    prompt_ids = enc.encode("Item 3: red green")
+    for who, model in (("policy", policy), ("reference", reference)):
+        answer_ids = generated[model] + [enc.eot_token]
+        ids = torch.tensor([prompt_ids + answer_ids])
+        mask = torch.tensor([[0.0] * len(prompt_ids) + [1.0] * len(answer_ids)])
+        with torch.no_grad():
+            logps = [dpo.sequence_logps(m(ids), ids, mask).item() for m in (policy, reference)]
+        assert record[who + "_reward"] == pytest.approx(loss.beta * (logps[0] - logps[1]), rel=1e-5, abs=1e-6)
+
+
+def test_answers_at_the_end_are_to_the_first_distinct_held_out_prompts_each_as_long_as_the_context_allows(
+        monkeypatch):
+    """answer_held_out with --answers 3, a GPT of block_size 80 and GPT-2's tokenizer: the first
+    three distinct held-out prompts, not training prompts; each asked for min(64, 80 - prompt - 1)
+    new tokens, so that the answer and its <|endoftext|> fit the context to be scored (a prompt
+    of 4 tokens gets 64, one of 76 gets 3), and a prompt that leaves no room (79 tokens) is skipped."""
+    enc = gpt2_tokenizer()
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(block_size=80, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
+    reference = dpo.make_reference(policy)
+    long, too_long = "Item 6:" + " a" * 73, "Item 7:" + " a" * 76  # " a" is one token, "Item 6:" three
+    assert [len(enc.encode(p)) for p in ("Item 5: red", long, too_long)] == [4, 76, 79]
+    held_out = train.Pairs([{"prompt": p} for p in ("Item 5: red", "Item 5: red", too_long, long, "Item 8")], [],
+                           "eval.jsonl")
+    training = train.Pairs([{"prompt": "Item 0: red"}], [], "pairs.jsonl")
+    args = train.complete_options({"model": "tiny", "answers": 3}, train.DEFAULTS)
+    asked, real = [], train.compare
+
+    def compare(policy, reference, enc, prompt, loss_config, **sampling):
+        asked.append((prompt, sampling["max_new_tokens"]))
+        return real(policy, reference, enc, prompt, loss_config, **sampling)
+
+    monkeypatch.setattr(train, "compare", compare)
+    records = train.answer_held_out(args, policy, reference, enc, training, held_out)
+    assert asked == [("Item 5: red", 64), (long, 3)]
+    assert [r["prompt"] for r in records] == ["Item 5: red", long]
 
 
 def test_a_run_answers_held_out_prompts_and_keeps_the_answers(a_run, capsys):
@@ -354,6 +416,43 @@ def test_sample_py_answers_prompts_from_the_command_line_and_from_a_data_file(a_
     (chat,) = [json.loads(x) for x in run_sample(capsys, out, "--prompt", "Hi", "--chat", "--json",
                                                  "--max-new-tokens", "4").splitlines()]
     assert chat["prompt"] == "\n\nHuman: Hi\n\nAssistant:"
+
+
+def test_prompts_of_a_file_are_each_distinct_prompt_once_whatever_the_shape_of_its_record(tmp_path):
+    """read_prompts, against the prompts written out by hand: a pair's prompt and a bare
+    "prompt" are the same prompt, and so are TRL's messages and the HH dialogues that begin
+    with them (which end at the assistant's turn, "\n\nAssistant:"); each comes once, in the
+    order of its first line."""
+    ask = {"role": "user", "content": "Is the sea salty?"}
+    hh = "\n\nHuman: Is the sea salty?\n\nAssistant:"
+    path = write_pairs(tmp_path / "prompts.jsonl", [
+        {"prompt": "Hello", "chosen": " a", "rejected": " b"}, {"prompt": "Hello"}, {"prompt": [ask]},
+        {"chosen": hh + " Yes.", "rejected": hh + " No."}, {"prompt": [ask], "chosen": [{"role": "assistant",
+                                                                                       "content": "Yes."}],
+                                                             "rejected": [{"role": "assistant", "content": "No."}]},
+        {"prompt": "Bye"}])
+    assert sample.read_prompts(path) == ["Hello", hh, "Bye"]
+
+
+def test_sample_py_refuses_a_prompt_and_answer_one_token_longer_than_the_context(a_run, capsys, monkeypatch):
+    """A prompt of 100 tokens (" a" is one) in a context of 1024: an answer of up to 923 tokens
+    and its <|endoftext|>, which --compare scores with it, fit exactly; 924 do not, and are
+    refused before anything is generated (generation is replaced here: it is not what is tested)."""
+    out, _ = a_run
+    monkeypatch.setattr(train, "complete", lambda model, enc, prompt, **sampling: [[]])
+    assert run_sample(capsys, out, "--prompt", " a" * 100, "--max-new-tokens", "923") == f"{' a' * 100!r} -> ''\n"
+    with pytest.raises(SystemExit) as stop:
+        run_sample(capsys, out, "--prompt", " a" * 100, "--max-new-tokens", "924")
+    assert str(stop.value).startswith("error: a prompt of 100 tokens and --max-new-tokens 924 do not fit the model's "
+                                      "context of 1024 tokens")
+
+
+def test_sample_py_json_keeps_text_that_is_not_ascii_as_it_is(a_run, capsys):
+    """--json writes UTF-8 as it is, readable in a terminal ("café", not "caf\\u00e9"), and
+    json.loads gives the same text back."""
+    out, _ = a_run
+    (line,) = run_sample(capsys, out, "--prompt", "Un café", "--max-new-tokens", "2", "--json").splitlines()
+    assert '"prompt": "Un café"' in line and json.loads(line)["prompt"] == "Un café"
 
 
 def test_sample_py_sampling_repeats_with_its_seed(a_run, capsys):

@@ -25,9 +25,11 @@ Index: claim -> the test that proves it.
     -> test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one
 """
 
+import argparse
 import errno
 import gzip
 import json
+import math
 import os
 import re
 import shutil
@@ -173,6 +175,21 @@ def test_a_step_is_shared_out_among_processes_and_micro_batches_every_pair_once(
     assert shares([10, 11, 12], 2, 2) == [[([10], 1.0)], [([11], 1.0), ([12], 1.0)]]
 
 
+def test_passes_without_a_gradient_take_batches_of_a_micro_batch_s_size_shared_out_among_processes(monkeypatch):
+    """batches_of_this_process, as process r of `count` sees it (process_rank_and_count replaced
+    here): batches of at most --batch-size / (--grad-accum x processes) pairs, what a micro-batch
+    of a step holds (so that a pass without a gradient needs no more memory than training), and
+    at least 1; over all processes every pair in exactly one batch."""
+    pairs = train.Pairs([{}] * 11, [([1] * (1 + i % 5), [2], [3]) for i in range(11)], "pairs.jsonl")
+    for count, grad_accum, size in [(1, 1, 8), (1, 2, 4), (2, 2, 2), (4, 2, 1)]:
+        shares = []
+        for rank in range(count):
+            monkeypatch.setattr(train, "process_rank_and_count", lambda rank=rank: (rank, count))
+            shares.append(train.batches_of_this_process(argparse.Namespace(batch_size=8, grad_accum=grad_accum), pairs))
+        assert max(len(batch) for share in shares for batch in share) == size, (count, grad_accum)
+        assert sorted(i for share in shares for batch in share for i in batch) == list(range(11)), (count, grad_accum)
+
+
 def test_a_micro_batch_of_weight_0_changes_neither_the_gradient_nor_the_metrics():
     """The placeholder a process without pairs runs (weight 0) adds exactly nothing."""
     policy, pairs, reference_logps = moved_policy_and_pairs()
@@ -180,6 +197,22 @@ def test_a_micro_batch_of_weight_0_changes_neither_the_gradient_nor_the_metrics(
     with_placeholder = step_gradient(policy, pairs[:2], [x[:2] for x in reference_logps], [[0, 1], [1]], [1.0, 0.0])
     assert alone[1] == with_placeholder[1]
     assert all(torch.equal(a, b) for a, b in zip(alone[0], with_placeholder[0]))
+
+
+def test_a_step_with_an_inf_or_nan_gradient_leaves_the_weights_and_the_optimizer_as_they_were():
+    """As dpo.dpo_step: a gradient that is not finite (here every gradient of ln_f's weight
+    times inf) is not applied, or AdamW would turn every weight nan; the step reports its
+    norm, which check_finite then stops the run on. Compared with the weights before, to the bit."""
+    policy, pairs, reference_logps = moved_policy_and_pairs()
+    policy.transformer.ln_f.weight.register_hook(lambda grad: grad * float("inf"))
+    before = [p.detach().clone() for p in policy.parameters()]
+    optimizer = dpo.make_optimizer(policy, lr=1e-2)
+    batch = {**dpo.make_batch(pairs, reference_logps, "cpu"), "weight": 1.0}
+    metrics = train.train_step(policy, optimizer, [batch], len(pairs), dpo.LossConfig(beta=0.5),
+                               torch.autocast("cpu", enabled=False))
+    assert math.isfinite(metrics["loss"]) and not math.isfinite(metrics["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert optimizer.state_dict()["state"] == {}  # AdamW never stepped
 
 
 @pytest.mark.parametrize("decay", ["none", "linear"])
@@ -312,6 +345,16 @@ def test_a_record_that_is_no_pair_says_what_is_wrong(record, message):
         train.pair_texts(record)
 
 
+def test_an_implicit_prompt_stops_one_message_short_where_one_conversation_begins_the_other_as_trl_does():
+    """As TRL's extract_prompt splits an implicit prompt: its loop `for idx in range(min(len(chosen),
+    len(rejected)))` ends without a break when the shorter conversation is all shared, leaving
+    idx = min - 1, so the last shared message starts both completions. Here the shared part is
+    [ASK, YES]: the prompt is [ASK], and the pair trains (taking [ASK, YES] as the prompt would
+    leave the rejected conversation starting with the human's turn, not an answer)."""
+    assert train.pair_texts({"chosen": [ASK, YES], "rejected": [ASK, YES, WHY, FISH]}) == (
+        "\n\nHuman: Is the sea salty?\n\nAssistant:", " Yes.", " Yes.\n\nHuman: Why?\n\nAssistant: Because of the fish.")
+
+
 def hh_lines(n):
     """n pairs as HH-RLHF's two whole dialogues, and the same pairs with their prompt given."""
     dialogues = [{"chosen": f"\n\nHuman: Question {i}?\n\nAssistant: A kind answer {i}, café.",
@@ -432,6 +475,37 @@ def test_eval_fraction_holds_out_a_seeded_disjoint_part_of_the_data():
         train.split_off_eval(train.Pairs(texts[:3], [0, 1, 2], "x"), 0.1, seed=0)
 
 
+@pytest.mark.parametrize("n_pairs, fraction, n_held_out", [(9, 0.3, 3), (7, 0.1, 1), (10, 0.14, 1), (50, 0.2, 10)])
+def test_eval_fraction_holds_out_the_nearest_whole_number_of_pairs(n_pairs, fraction, n_held_out):
+    """round(fraction * N), worked out by hand: 9 x 0.3 = 2.7 holds out 3 (not 2, as cutting
+    off the fraction would), 7 x 0.1 = 0.7 holds out 1 (not 0, which would be refused), 10 x
+    0.14 = 1.4 holds out 1."""
+    pairs = train.Pairs(numbered_pairs(n_pairs), [(i,) for i in range(n_pairs)], "pairs.jsonl")
+    training, held_out = train.split_off_eval(pairs, fraction, seed=0)
+    assert (len(training.tokens), len(held_out.tokens)) == (n_pairs - n_held_out, n_held_out)
+
+
+def test_pairs_left_out_of_a_file_are_counted_with_its_training_part_not_again_with_the_held_out_part():
+    """--eval-fraction splits the pairs of --data that were kept: the pairs left out of that file
+    are counted once, with the training part (the line the run prints, metrics.jsonl's
+    "left_out"); the held-out part has none of its own ("eval_left_out" counts --eval-data's)."""
+    left_out = {"same_text": ["line 2", "line 5"], "too_long": ["line 9"]}
+    pairs = train.Pairs(numbered_pairs(8), [(i,) for i in range(8)], "pairs.jsonl", left_out)
+    training, held_out = train.split_off_eval(pairs, 0.25, seed=0)
+    assert training.left_out == {"same_text": ["line 2", "line 5"], "too_long": ["line 9"]}
+    assert held_out.left_out == {}
+
+
+def test_left_out_pairs_are_described_by_their_first_three_places_and_dots_only_when_there_are_more():
+    """describe_left_out, against the lines written out by hand: three places are all shown,
+    without "..."; of four, the first three and "..."."""
+    assert train.describe_left_out({"same_text": ["line 1", "line 2", "line 3"]}) == (
+        "3 with chosen and rejected the same text (line 1, line 2, line 3)")
+    assert train.describe_left_out({"too_long": ["item 1", "item 2", "item 3", "item 4"],
+                                    "empty_completion": ["item 9"]}) == (
+        "4 with a row longer than --max-length (item 1, item 2, item 3, ...), 1 with an empty completion (item 9)")
+
+
 def test_data_run_trains_on_the_training_part_only_and_pads_little(tmp_path):
     """--data with --eval-fraction: the held-out pairs are evaluated, never trained on (the
     steps' real tokens add up to the training pairs alone), and batches of similar lengths
@@ -447,6 +521,21 @@ def test_data_run_trains_on_the_training_part_only_and_pads_little(tmp_path):
     assert summary["train_tokens"] == sum(2 * len(p) + len(c) + len(r) for p, c, r in training.tokens)
     assert 1 - summary["train_tokens"] / summary["train_positions"] < 1 / 3
     assert [r["step"] for r in read_metrics(tmp_path / "out") if r.get("phase") == "eval"] == [0, 8]
+
+
+def test_average_logps_run_averages_the_policy_s_log_probs_as_it_averaged_the_reference_s(tmp_path, data):
+    """--average-logps reaches every place pairs are scored: the reference's cached log-probs,
+    the held-out evaluation and each training step. At step 1 and at the evaluation before it the
+    policy is still the reference, so the loss is log 2 (Eq. 7 at h = 0) only if the policy's
+    log-probs are averaged too: a mean against a sum gives another loss. run.json records it."""
+    run_train(tmp_path / "out", "--data", str(data), "--average-logps", "--epochs", "1", "--eval-fraction", "0.25",
+              "--dtype", "float32")
+    records = read_metrics(tmp_path / "out")
+    first_step = next(r for r in records if r.get("phase") == "dpo")
+    first_eval = next(r for r in records if r.get("phase") == "eval")
+    assert first_step["loss"] == pytest.approx(math.log(2), abs=1e-6) and first_eval["step"] == 0
+    assert first_eval["loss"] == pytest.approx(math.log(2), abs=1e-6) and first_eval["margin"] == 0.0
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["loss"]["average_logps"] is True
 
 
 def test_eval_data_and_eval_every(tmp_path):
@@ -583,12 +672,44 @@ def test_an_earlier_runs_out_is_replaced_by_the_new_run(earlier_out, data):
     assert [p.name for p in out.parent.iterdir()] == [out.name]
 
 
+def test_a_folder_in_which_a_run_left_answers_a_checkpoint_and_the_reference_is_ours_to_replace(tmp_path, data):
+    """Every file a run writes is one that --out may hold: a folder in which a run left
+    answers.jsonl, resume.pt and reference.safetensors is taken by the next run (check_out, what
+    a run asks of --out before anything loads), with or without --resume, not refused as
+    holding files this project did not write."""
+    out = tmp_path / "out"
+    run_train(out, "--data", str(data), "--epochs", "1", "--eval-fraction", "0.25", "--answers", "1",
+              "--save-every", "100")
+    assert {"answers.jsonl", "resume.pt", "reference.safetensors"} <= {p.name for p in out.iterdir()}
+    assert train.check_out(str(out)) == train.check_out(str(out), resume=True) == []  # no folder made for it
+
+
 def test_a_diverging_run_stops_names_the_step_and_keeps_the_earlier_out(earlier_out, data):
     """--lr 1e30: the loss stops being finite at step 2; the run exits with a one-line error
     naming the step and a smaller learning rate, and the earlier --out is left as it was."""
     with pytest.raises(SystemExit) as stop:
         run_train(earlier_out[0], "--data", str(data), "--lr", "1e30")
     assert "diverged at step 2" in str(stop.value) and "learning rate" in str(stop.value)
+    assert_left_as_it_was(earlier_out)
+
+
+def test_a_run_whose_gradient_is_not_finite_stops_at_that_step_and_keeps_the_earlier_out(earlier_out, data,
+                                                                                          monkeypatch):
+    """A finite loss with a gradient that is not (every gradient of ln_f's weight times inf),
+    in float32, where no gradient scaler skips such steps: the step is not applied, and the run
+    stops there, naming the step and the norm, rather than go on skipping every step; the
+    earlier --out is left as it was."""
+    real = train.load_policy
+
+    def with_an_inf_gradient(*args):
+        policy = real(*args)
+        policy.transformer.ln_f.weight.register_hook(lambda grad: grad * float("inf"))
+        return policy
+
+    monkeypatch.setattr(train, "load_policy", with_an_inf_gradient)
+    with pytest.raises(SystemExit) as stop:
+        run_train(earlier_out[0], "--data", str(data), "--dtype", "float32")
+    assert re.match(r"error: training diverged at step 1: loss 0\.69\d*, gradient norm (inf|nan); ", str(stop.value))
     assert_left_as_it_was(earlier_out)
 
 
@@ -871,6 +992,23 @@ def test_resume_takes_the_run_s_options_and_refuses_options_or_pairs_that_would_
         train.main(["--out", str(out), "--resume"])
 
 
+@pytest.mark.parametrize("missing", ["resume.pt", "reference.safetensors", "model.safetensors"])
+def test_resume_names_the_file_missing_from_the_run_folder_before_anything_loads(tmp_path, monkeypatch, missing):
+    """--resume needs the policy, the reference and resume.pt: a run folder of this project's
+    (its run.json) without one of them is refused naming it, before anything is read (the
+    other files here hold no model at all, and loading the tokenizer would fail)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"program": "train.py", "options": train.DEFAULTS}))
+    for name in {"resume.pt", "reference.safetensors", "model.safetensors"} - {missing}:
+        (out / name).write_bytes(b"not read")
+    monkeypatch.setattr(checkpoint, "load_gpt2_encoding", None)  # loading anything would be a TypeError instead
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--out", str(out), "--resume"])
+    assert str(stop.value) == (f"error: --resume: {out} holds no {missing}, so there is nothing to resume "
+                               "(--save-every N saves what --resume needs)")
+
+
 def test_resume_names_every_option_that_differs_in_one_line(tmp_path, data):
     out = tmp_path / "out"
     run_train(out, "--data", str(data), "--epochs", "1", "--save-every", "2")
@@ -878,6 +1016,31 @@ def test_resume_names_every_option_that_differs_in_one_line(tmp_path, data):
         train.main(["--out", str(out), "--resume", "--lr", "0.5", "--seed", "3", "--grad-accum", "2"])
     assert str(stop.value) == (f"error: --resume: these options differ from the run in {out}: --lr 0.001 -> 0.5, "
                                "--seed 0 -> 3. Leave them out to take the run's, or start a new run in another --out")
+
+
+def test_resume_may_move_the_folder_and_change_the_device_evaluations_saves_answers_and_micro_batches(tmp_path):
+    """What --resume may change (train.RESUME_MAY_CHANGE), against a run.json written here: a
+    run made in runs/old on another device, resumed from the folder it was moved to on this
+    machine's device, with other --eval-every, --save-every, --answers and --grad-accum, takes
+    those and the run's other options. A change that a new run's checks would refuse
+    (--grad-accum 4 for steps of 2 pairs) is refused when resuming too."""
+    other_device = "cuda" if train.default_device() != "cuda" else "cpu"
+    options = {**train.DEFAULTS, "model": "tiny", "data": "pairs.jsonl", "eval_fraction": 0.25, "eval_every": 2,
+               "save_every": 1, "lr": 1e-3, "dtype": "float32", "device": other_device, "out": "runs/old"}
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "run.json").write_text(json.dumps({"program": "train.py", "options": options}))
+    args = train.parse_args(["--resume", "--out", str(moved), "--eval-every", "3", "--save-every", "5", "--answers",
+                             "1", "--grad-accum", "2"])
+    train.resume_options(args)
+    assert (args.out, args.device, args.eval_every, args.save_every, args.answers, args.grad_accum) == (
+        str(moved), train.default_device(), 3, 5, 1, 2)
+    assert (args.model, args.data, args.eval_fraction, args.lr, args.batch_size, args.seed, args.resume) == (
+        "tiny", "pairs.jsonl", 0.25, 1e-3, 2, 0, True)
+    args = train.parse_args(["--resume", "--out", str(moved), "--grad-accum", "4"])
+    with pytest.raises(ValueError, match=re.escape("--grad-accum 4 x 1 process(es) is more micro-batches than the "
+                                                   "--batch-size 2 pairs")):
+        train.resume_options(args)
 
 
 TORCHRUN_SCRIPT = """
@@ -977,3 +1140,13 @@ def test_data_is_required_and_resume_needs_a_run_of_this_project(tmp_path, capsy
     assert str(stop.value) == f"error: --resume: {tmp_path / 'out'} holds no resume.pt, so there is nothing to " \
                               "resume (--save-every N saves what --resume needs)"
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_folder_that_is_not_there_leaves_no_folder_it_made(tmp_path):
+    """main's promise: "A run that fails leaves --out as it was, and no folder it made for it".
+    --resume --out runs/may/out, a path that is not there (a typo): prepare_run_folder makes runs/
+    and runs/may/, then check_out refuses (no resume.pt) before run() has stored the folders it
+    made in status["created"], so main's finally cannot remove them."""
+    with pytest.raises(SystemExit, match="holds no resume.pt"):
+        train.main(["--out", str(tmp_path / "runs" / "may" / "out"), "--resume"])
+    assert list(tmp_path.iterdir()) == []

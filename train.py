@@ -274,11 +274,13 @@ def dialogue(messages):
 def conversation(prompt, chosen, rejected):
     """TRL's conversational pair as texts: the prompt's dialogue and then "\n\nAssistant:", each
     completion what the assistant says after it. An implicit prompt is the messages chosen and
-    rejected share at their start, as TRL's extract_prompt splits them."""
+    rejected share at their start, as TRL's extract_prompt splits them: where one conversation
+    is all shared, its last message is its answer, not part of the prompt."""
     if prompt is None:
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        shortest, n = min(len(chosen), len(rejected)), 0
+        while n < shortest and chosen[n] == rejected[n]:
             n += 1
+        n = max(n - 1, 0) if n == shortest else n
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     texts = [dialogue(messages) for messages in (prompt, chosen, rejected)]
     for name, text in zip(("chosen", "rejected"), texts[1:]):
@@ -780,6 +782,7 @@ def check_out(out, resume=False):
     names = checkpoint.refuse_others(out, OUT_FILES, is_run_folder, option)
     missing = [name for name in ("resume.pt", "reference.safetensors", "model.safetensors") if name not in names]
     if resume and missing:
+        checkpoint.remove_empty_folders(created)  # --out was not there: a typo, say; leave no trace of it
         raise FileNotFoundError(f"--resume: {out} holds no {missing[0]}, so there is nothing to resume "
                                 "(--save-every N saves what --resume needs)")
     return created
