@@ -15,9 +15,9 @@ The bytes: every file this project reads or writes, and nothing about GPT.
 
 model.py uses 1 to 3 for GPT-2's checkpoints (config.json, the weights, the hub) and 5 to
 save the tokenizer beside them; train.py and train_toy.py use 1 for the run folder (--out:
-run.json, the policy, metrics.jsonl, and what --resume needs), 4 for --data and
-metrics.jsonl, and 5 for the tokenizer. Read model.py and dpo.py first: this file is for
-when you want to know how the bytes move.
+run.json, the policy, metrics.jsonl, and what --resume needs) and 5 for the tokenizer;
+train.py and sample.py use 4 for the data files, and train.py for metrics.jsonl on --resume.
+Read model.py and dpo.py first: this file is for when you want to know how the bytes move.
 """
 
 import functools

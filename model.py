@@ -2,11 +2,12 @@
 GPT-2 in one file, in the style of nanoGPT, able to load the real GPT-2 weights.
 
 The network is GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask
-Learners", Section 2.3): pre-LayerNorm transformer blocks (the block itself is Vaswani et
-al. 2017; Eq. 1 for attention), learned position embeddings, the tanh approximation of
-GELU, and an output head tied to the token embedding (Press & Wolf 2017). It is written in
-the order data meets it: attention, MLP, block, config, GPT. GPT.generate keeps a key/value cache
-(every layer's keys and values of the positions so far), so that a new token costs one position's work.
+Learners", Section 2.3): pre-LayerNorm (Ba et al. 2016) transformer blocks (the block itself
+is Vaswani et al. 2017; Eq. 1 for attention), learned position embeddings, the tanh
+approximation of GELU (Hendrycks & Gimpel 2016), and an output head tied to the token
+embedding (Press & Wolf 2017). It is written in the order data meets it: attention, MLP,
+block, config, GPT. GPT.generate keeps a key/value cache (every layer's keys and values of
+the positions so far), so that a new token costs one position's work.
 
 After the network: the explicit mapping to and from GPT-2's checkpoints in the Hugging Face layout.
 The bytes themselves (.safetensors, config.json, the hub and its cache) are checkpoint.py's business.

@@ -281,8 +281,8 @@ def run(args, status):
     eval_seconds = []
 
     def on_step(metrics):
-        log({"phase": "dpo", **metrics}, f"step {metrics['step']:3d}/{len(steps)} (epoch {metrics['epoch']}) | "
-            + train.format_metrics(metrics))
+        log({"phase": "dpo", **metrics, "lr": args.lr}, f"step {metrics['step']:3d}/{len(steps)} (epoch "
+            f"{metrics['epoch']}) | " + train.format_metrics(metrics))
         if args.eval_every and metrics["step"] % args.eval_every == 0 and metrics["step"] < len(steps):
             start = time.perf_counter()
             evaluate_at_step(metrics["step"])
