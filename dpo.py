@@ -319,11 +319,14 @@ def make_reference(policy):
 
 
 @torch.no_grad()
-def over_batches(pairs, batches, compute, columns, progress=None):
+def over_batches(model, pairs, batches, compute, n_rows, progress=None):
     """The skeleton of every pass without a gradient: for each batch of pair indices in
-    `batches`, compute(collated batch) gives (K, B) numbers, written into those pairs' columns
-    of `columns`, (K, len(pairs)); returns it. progress(pairs done, pairs to do), if given, is
-    called after each batch."""
+    `batches`, compute(collated batch) gives (n_rows, B) numbers, written into those pairs'
+    columns of an (n_rows, len(pairs)) tensor of zeros (in the model's precision, at least
+    float32, on its device), which is returned. progress(pairs done, pairs to do), if given,
+    is called after each batch."""
+    p = next(model.parameters())
+    columns = torch.zeros(n_rows, len(pairs), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
     done, total = 0, sum(map(len, batches))
     for indices in batches:
         columns[:, indices] = compute(collate([pairs[i] for i in indices]))
@@ -353,9 +356,7 @@ def pair_logps(model, pairs, batch_size=8, average_logps=False, autocast=context
         return logps.view(2, -1)  # collate's chosen rows, then its rejected rows
 
     batches = batches_by_length(pairs, batch_size) if batches is None else batches
-    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
-    logps = over_batches(pairs, batches, compute, torch.zeros(2, len(pairs), dtype=dtype, device=device), progress)
-    chosen, rejected = logps.cpu()
+    chosen, rejected = over_batches(model, pairs, batches, compute, 2, progress).cpu()
     return chosen, rejected
 
 
@@ -483,9 +484,7 @@ def evaluation_numbers(policy, reference, pairs, batches, average_logps=False, a
         with autocast:
             return logps_and_kl(policy, reference, batch, average_logps)
 
-    device = next(policy.parameters()).device
-    dtype = torch.promote_types(next(policy.parameters()).dtype, torch.float32)
-    return over_batches(pairs, batches, compute, torch.zeros(6, len(pairs), dtype=dtype, device=device), progress)
+    return over_batches(policy, pairs, batches, compute, 6, progress)
 
 
 def evaluation_metrics(numbers, loss_config=LossConfig()):

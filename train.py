@@ -589,6 +589,13 @@ def train_step(model, optimizer, micro_batches, n_pairs, loss_config, autocast, 
     return {**dict(zip(metrics, (sums[:-1] / sums[-1]).tolist())), "grad_norm": grad_norm.item()}
 
 
+def tokens_and_positions(tokens, parts):
+    """(real tokens, positions the policy runs on) of micro-batches `parts` (lists of pair
+    indices), each padded to its own longest row: the padding is what separates the two."""
+    real = sum(2 * len(p) + len(c) + len(r) for part in parts for p, c, r in (tokens[i] for i in part))
+    return real, sum(2 * len(part) * max(dpo.longest_row(tokens[i]) for i in part) for part in parts)
+
+
 def count_training_steps(n_pairs, batch_size, epochs):
     """len(dpo.training_steps(...)), without building them: every chunk of dpo.epoch_batches
     holds a whole number of batches, so an epoch is ceil(n_pairs / batch_size) batches."""
@@ -619,9 +626,10 @@ def train(args, model, optimizer, scaler, pairs, reference_logps, start_step, au
         if device.type == "cuda":
             torch.cuda.synchronize()  # the step is done, not only queued, when the clock stops
         speed["train_s"] += time.perf_counter() - start
-        speed["train_tokens"] += sum(2 * len(p) + len(c) + len(r) for p, c, r in (pairs.tokens[i] for i in indices))
-        speed["train_positions"] += sum(2 * len(part) * max(dpo.longest_row(pairs.tokens[i]) for i in part)
-                                        for part in split_step(indices, processes * args.grad_accum) if part)
+        real, positions = tokens_and_positions(pairs.tokens, [part for part in split_step(
+            indices, processes * args.grad_accum) if part])
+        speed["train_tokens"] += real
+        speed["train_positions"] += positions
         line = f"step {step:3d}/{len(steps)} (epoch {epoch}) | lr {lr:.2e} | " + format_metrics(metrics)
         log({"phase": "dpo", **metrics}, line if step % print_every == 0 or step in (1, len(steps)) else None)
         between_steps(step)

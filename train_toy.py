@@ -301,8 +301,8 @@ def run(args, status):
 
     # 5. report
     report(args, before, after, completions)
-    speed = {"train_s": train_s, "train_tokens": sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs) * args.epochs,
-             "train_positions": sum(2 * len(i) * max(dpo.longest_row(pairs[j]) for j in i) for _, i in steps)}
+    real, positions = train.tokens_and_positions(pairs, [indices for _, indices in steps])
+    speed = {"train_s": train_s, "train_tokens": real, "train_positions": positions}
     print("\n" + train.speed_line(speed, device))
 
     # 6. save: the trained policy (and the reference, unless a GPT-2 name loads it), metrics.jsonl
